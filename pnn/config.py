@@ -254,7 +254,8 @@ def validate(cfg: DictConfig) -> None:
     )
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1) (got {cfg.model.dropout})")
-    if cfg.model.name in ("resnet18", "perturb_resnet18", "noiseresnet18") and spec.image_size != 32:
+    resnets = ("resnet18", "perturb_resnet18", "noiseresnet18")
+    if cfg.model.name in resnets and spec.image_size != 32:
         raise ConfigError(
             f"model.name={cfg.model.name} needs 32x32 inputs; dataset.name={cfg.dataset.name} "
             f"has {spec.image_size}x{spec.image_size}. Use model=cifarnet or model=lenet"

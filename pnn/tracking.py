@@ -1,0 +1,236 @@
+"""MLflow: where runs go, how they are named, and what they hold.
+
+Layout (``analyze.py`` and the MLflow UI rely on it):
+
+- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep`` and ``pnn.sweep_id``;
+- one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
+  ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
+  ``pnn.overrides``, ``git_commit`` and, on failure, ``pnn.failure``; run name
+  ``<experiment>-seed<seed>``;
+- child params: the flattened resolved config; metrics per epoch with step = epoch (from 1);
+  final metrics at step 0.
+
+Every write goes through :func:`retry`: many jobs share one SQLite file, and SQLite answers
+"database is locked" while another process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
+    "PNN_TRACKING_URI",
+    "PNN_PARENT_RUN_ID",
+    "PNN_SWEEP_ID",
+    "PNN_SWEEP_JOBS",
+)
+# Keys that change how a job runs or where it logs, not what it computes: a rerun that only
+# changes these is the same job (it is skipped, or resumed).
+VOLATILE_KEYS = (
+    "tracking",
+    "sweep",
+    "dry_run",
+    "train.device",
+    "train.fast",
+    "train.progress",
+    "train.checkpoint_dir",
+    "dataset.root",
+    "dataset.download",
+)
+
+
+def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.0) -> T:
+    """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``)."""
+    delay, end = 0.05, time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
+            text = str(err).lower()
+            transient = "locked" in text or "busy" in text or "connection refused" in text
+            if not transient or time.monotonic() > end:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
+def resolve_uri(cfg: DictConfig, launch_dir: Path) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``<launch dir>/mlflow.db``."""
+    uri = cfg.tracking.uri or os.environ.get(ENV_URI) or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # A relative SQLite path means relative to where the sweep was launched, for every job.
+        return f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
+    return uri
+
+
+def get_experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = retry(lambda: client.get_experiment_by_name(name))
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the database instead of in whatever directory we started in.
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return retry(lambda: client.create_experiment(name, artifact_location=location))
+    except Exception:  # another process created it first
+        experiment = retry(lambda: client.get_experiment_by_name(name))
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as dotted keys and string values (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = json.dumps(node) if isinstance(node, list) else str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    walk(container, "")
+    return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a job: the resolved config without the keys in VOLATILE_KEYS."""
+    flat = flatten(cfg)
+    kept = {
+        k: v
+        for k, v in flat.items()
+        if not any(k == vk or k.startswith(vk + ".") for vk in VOLATILE_KEYS)
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The parent run (one per sweep.py invocation), created by the sweeper in the main process
+# --------------------------------------------------------------------------------------------
+
+
+def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> str:
+    uri = resolve_uri(cfg, Path.cwd())
+    client = MlflowClient(uri)
+    experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
+    sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+    tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
+    tags["pnn.command"] = command or "(no arguments)"
+    tags["mlflow.note.content"] = f"sweep.py {command}".strip()
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    run = retry(
+        lambda: client.create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep_id[:15]}")
+    )
+    os.environ.update(
+        {
+            ENV_URI: uri,
+            ENV_PARENT: run.info.run_id,
+            ENV_SWEEP: sweep_id,
+            ENV_JOBS: str(n_jobs),
+        }
+    )
+    return run.info.run_id
+
+
+def end_sweep(failed: int) -> None:
+    run_id, uri = os.environ.get(ENV_PARENT), os.environ.get(ENV_URI)
+    if run_id and uri:
+        status = "FAILED" if failed else "FINISHED"
+        retry(lambda: MlflowClient(uri).set_terminated(run_id, status))
+
+
+# --------------------------------------------------------------------------------------------
+# Child runs (one per job)
+# --------------------------------------------------------------------------------------------
+
+
+def find_job_runs(client: MlflowClient, experiment_id: str, chash: str) -> list:
+    return retry(
+        lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.`pnn.config_hash` = '{chash}'"
+        )
+    )
+
+
+def create_job_run(
+    client: MlflowClient, experiment_id: str, cfg: DictConfig, chash: str, overrides: str
+) -> str:
+    tags = {
+        "pnn.role": "job",
+        "pnn.config_hash": chash,
+        "pnn.overrides": overrides,
+        "experiment": str(cfg.experiment),
+        "description": str(cfg.description),
+        "published_test_acc": "" if cfg.published_test_acc is None else str(cfg.published_test_acc),
+        "mlflow.note.content": str(cfg.description),
+    }
+    if os.environ.get(ENV_PARENT):
+        tags["mlflow.parentRunId"] = os.environ[ENV_PARENT]
+    if os.environ.get(ENV_SWEEP):
+        tags["pnn.sweep_id"] = os.environ[ENV_SWEEP]
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    name = f"{cfg.experiment}-seed{cfg.train.seed}"
+    run = retry(lambda: client.create_run(experiment_id, tags=tags, run_name=name))
+    run_id = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        chunk = params[start : start + 100]
+        retry(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
+    return run_id
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    retry(lambda: client.log_batch(run_id, metrics=batch))
+
+
+def logged_steps(client: MlflowClient, run_id: str, keys: Iterable[str]) -> dict[str, set[int]]:
+    return {
+        key: {m.step for m in retry(lambda key=key: client.get_metric_history(run_id, key))}
+        for key in keys
+    }
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    batch = [RunTag(k, v) for k, v in tags.items()]
+    retry(lambda: client.log_batch(run_id, tags=batch))
