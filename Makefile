@@ -1,0 +1,51 @@
+# pnn-sweep: the everyday commands. Needs Python 3.10+ (`make PYTHON=python3.12 ...` to pick one).
+# Every target that runs code first makes sure .venv exists and matches pyproject.toml.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Written after a successful install; pip runs again whenever pyproject.toml is newer.
+STAMP := $(VENV)/.installed
+
+# On the project's machines pip finds these two on local disk; elsewhere it downloads them.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: help venv test sweep demo ui lint clean-venv
+
+help:
+	@echo "make demo    smoke sweep of the eight experiments on synthetic data, then the table"
+	@echo "make test    the test suite (includes the browser test of the MLflow UI)"
+	@echo "make sweep   the eight experiments on CIFAR-10 (downloaded to data/), logged to mlflow.db"
+	@echo "make ui      MLflow UI for mlflow.db at http://127.0.0.1:5000"
+	@echo "make lint    ruff check and ruff format --check"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "pnn-sweep needs Python 3.10+; $(PYTHON) is $$($(PYTHON) -V 2>&1)." \
+		       "Try: make PYTHON=python3.11 $(MAKECMDGOALS)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -ra
+
+sweep: venv
+	$(BIN)/python sweep.py
+
+demo: venv
+	$(BIN)/python sweep.py profile=smoke
+	$(BIN)/python analyze.py
+
+ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)
