@@ -1,0 +1,79 @@
+"""Rebuild the result tables and figures from the MLflow runs that sweep.py logged.
+
+    python analyze.py                               # every finished run in ./mlflow.db
+    python analyze.py --sweep latest                # only the most recent sweep.py invocation
+    python analyze.py --by masks.nmasks             # one row per experiment and nmasks value
+    python analyze.py --run <run id>                # that run in the reported-vs-actual figure
+
+Writes results.md/.csv/.tex, reported_vs_actual.csv, reported_vs_actual_summary.csv,
+curves.csv, three PNG figures and a self-contained report.html under --out (default results/).
+The store is --tracking-uri if given, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
+Exit status 1, with a one-line message, when there is nothing to analyse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="analyze.py",
+        description="Rebuild the PNN result tables and figures from MLflow.",
+        epilog="Store precedence: --tracking-uri > $MLFLOW_TRACKING_URI > sqlite:///./mlflow.db",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: see below)")
+    parser.add_argument("--experiment-name", default="pnn", help="MLflow experiment (pnn)")
+    parser.add_argument(
+        "--sweep",
+        metavar="ID|latest",
+        help="only the job runs a sweep created: a parent run id, a pnn.sweep_id, or 'latest' "
+        "(jobs it skipped as already finished belong to the earlier sweep)",
+    )
+    parser.add_argument(
+        "--by",
+        action="append",
+        metavar="KEY",
+        help="config key(s) to group by besides the experiment, e.g. masks.nmasks "
+        "(repeatable or comma-separated)",
+    )
+    parser.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="run for the reported-vs-actual figure (default: the largest reported-actual gap)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    from pnn.report import write_report
+    from pnn.results import parse_by
+    from pnn.store import AnalysisError, resolve_tracking_uri
+
+    try:
+        report, text = write_report(
+            tracking_uri=resolve_tracking_uri(args.tracking_uri),
+            experiment_name=args.experiment_name,
+            sweep=args.sweep,
+            by=parse_by(args.by),
+            run_id=args.run,
+            out=args.out,
+        )
+    except AnalysisError as err:
+        print(f"analyze.py: {err}", file=sys.stderr)
+        return 1
+    print(text)
+    print("Wrote " + ", ".join(str(p) for p in report.written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

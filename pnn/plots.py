@@ -1,0 +1,139 @@
+"""The reproduction's figures, drawn from the per-epoch curves of :func:`pnn.results.load_curves`.
+
+Uses matplotlib's object-oriented API (``Figure`` + Agg canvas), never pyplot, so no display
+or global backend is involved. Each ``plot_*`` returns a Figure, or raises :class:`SkipFigure`
+with a one-line reason when its data is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from pnn.results import RESNET18_LIKE
+
+DPI = 120
+
+
+class SkipFigure(Exception):
+    """A figure that cannot be drawn from the data at hand; the message says why."""
+
+
+def _band(ax, curves: pd.DataFrame, label: str, color: str | None = None) -> None:
+    """Mean test accuracy per epoch over the runs in ``curves``, with a ±1 std band."""
+    stats = curves.groupby("epoch")["test_acc"].agg(["mean", "std", "count"]).reset_index()
+    (line,) = ax.plot(
+        stats["epoch"],
+        stats["mean"],
+        marker="o" if len(stats) <= 20 else None,
+        markersize=4,
+        label=label,
+        color=color,
+    )
+    spread = stats[stats["count"] >= 2]
+    if len(spread):
+        ax.fill_between(
+            spread["epoch"],
+            spread["mean"] - spread["std"],
+            spread["mean"] + spread["std"],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+
+
+def _epoch_axis(ax, curves: pd.DataFrame) -> None:
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    if curves["epoch"].max() <= 10:
+        ax.set_xticks(range(1, int(curves["epoch"].max()) + 1))
+
+
+def _group_labels(runs: pd.DataFrame, by: list[str]) -> pd.Series:
+    labels = runs["experiment"].astype(str)
+    for key in by:
+        labels = labels + f", {key}=" + runs[f"config.{key}"].fillna("—").astype(str)
+    return labels
+
+
+def plot_accuracy_curves(curves: pd.DataFrame, runs: pd.DataFrame, by: list[str]) -> Figure:
+    """Figure 1: test accuracy per epoch of every experiment, mean ± std over seeds."""
+    curves = curves.dropna(subset=["test_acc"])
+    if curves.empty:
+        raise SkipFigure("no per-epoch test_acc logged")
+    groups = pd.Series(_group_labels(runs, by).values, index=runs["run_id"])
+    curves = curves.assign(group=curves["run_id"].map(groups))
+    order = list(dict.fromkeys(_group_labels(runs, by)))  # runs arrive in table order
+    fig = Figure(figsize=(10, 6), dpi=DPI)
+    ax = fig.add_subplot()
+    for group in order:
+        part = curves[curves["group"] == group]
+        if len(part):
+            _band(ax, part, f"{group} (n={part['run_id'].nunique()})")
+    _epoch_axis(ax, curves)
+    ax.set_title("Actual test accuracy per epoch (mean ± std over seeds)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="experiment")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reported_vs_actual(curves: pd.DataFrame, run: pd.Series) -> Figure:
+    """Figure 2: one run's accuracy as the original code reported it, and as it is."""
+    own = curves[curves["run_id"] == run["run_id"]].sort_values("epoch")
+    if own["test_acc"].isna().all() or own["test_acc_reported"].isna().all():
+        raise SkipFigure(f"run {run['run_id']} has no per-epoch test_acc and test_acc_reported")
+    fig = Figure(figsize=(8, 5), dpi=DPI)
+    ax = fig.add_subplot()
+    marker = "o" if len(own) <= 20 else None
+    ax.plot(
+        own["epoch"],
+        own["test_acc_reported"],
+        marker=marker,
+        markersize=4,
+        color="tab:red",
+        label="reported (original code: smoothed per batch), "
+        f"best {run['best_test_acc_reported']:.2f}%",
+    )
+    ax.plot(
+        own["epoch"],
+        own["test_acc"],
+        marker=marker,
+        markersize=4,
+        color="tab:blue",
+        label=f"actual (correct / total), best {run['best_test_acc']:.2f}%",
+    )
+    _epoch_axis(ax, own)
+    ax.set_title(f"Reported vs actual test accuracy: {run['run_name']}")
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_resnet18_like(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
+    """Figure 3: baseline ResNet-18 (e1), 1x1 convs without noise (e4), PNN (e7)."""
+    present = [e for e in RESNET18_LIKE if (curves["experiment"] == e).any()]
+    if not present:
+        raise SkipFigure(f"none of {', '.join(RESNET18_LIKE)} has per-epoch test_acc")
+    fig = Figure(figsize=(8, 5), dpi=DPI)
+    ax = fig.add_subplot()
+    for experiment in present:
+        mine = runs[runs["experiment"] == experiment]
+        size = mine["params"].mean() / 1e6
+        label = f"{experiment} ({size:.2f}M params, n={len(mine)})"
+        _band(ax, curves[curves["experiment"] == experiment].dropna(subset=["test_acc"]), label)
+    _epoch_axis(ax, curves[curves["experiment"].isin(present)])
+    missing = [e for e in RESNET18_LIKE if e not in present]
+    title = "ResNet-18-like models: actual test accuracy (mean ± std over seeds)"
+    ax.set_title(title + (f"\nnot in the store: {', '.join(missing)}" if missing else ""))
+    ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

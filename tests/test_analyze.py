@@ -1,0 +1,364 @@
+"""analyze.py: MLflow store -> results tables, reported-vs-actual, figures, report.html.
+
+Most tests read a store logged here with the mlflow API exactly as pnn/tracking.py writes it;
+the slow test fills one with the real sweep.py and checks every number against MlflowClient.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+README_ORDER = [
+    "e1_baseline_resnet18",
+    "e2_original_noiseresnet18",
+    "e3_original_first3x3",
+    "e4_conv1x1_no_noise",
+    "e5_pnn_all_layers",
+    "e6_pnn_unique_masks_mix_maps",
+    "e7_pnn_shared_masks",
+    "e8_pnn_trained_masks",
+]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("test_acc_per_epoch.png", "reported_vs_actual.png", "resnet18_like_models.png")
+
+
+def _load_analyze():
+    spec = importlib.util.spec_from_file_location("analyze_cli", REPO / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+analyze = _load_analyze()
+
+
+# --------------------------------------------------------------------------------------------
+# A store written per the tracking contract
+# --------------------------------------------------------------------------------------------
+
+
+class FakeSweep:
+    """Logs a parent run and child job runs the way pnn/tracking.py and pnn/job.py do."""
+
+    def __init__(self, uri: str, experiment_name: str = "pnn") -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment_name)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment_name)
+        )
+        self.sweep_id = f"20260101-000000-{len(self.client.search_runs([self.experiment_id])):04x}"
+        parent = self.client.create_run(
+            self.experiment_id,
+            tags={"pnn.role": "sweep", "pnn.sweep_id": self.sweep_id},
+            run_name=f"sweep-{self.sweep_id[:15]}",
+        )
+        self.parent_id = parent.info.run_id
+
+    def job(
+        self,
+        experiment: str,
+        seed: int,
+        test_acc: list[float],
+        gap: float = 4.0,
+        status: str = "FINISHED",
+        failure: str = "",
+        config: dict[str, str] | None = None,
+        params: float = 5.5e6,
+        published: str = "",
+    ) -> str:
+        from mlflow.entities import Metric, Param
+
+        flat = {
+            "experiment": experiment,
+            "model.name": "perturb_resnet18",
+            "masks.nmasks": "64",
+            "train.seed": str(seed),
+            "train.epochs": str(len(test_acc)),
+            **(config or {}),
+        }
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            "pnn.role": "job",
+            "pnn.sweep_id": self.sweep_id,
+            "experiment": experiment,
+            "description": f"{experiment} as logged",
+            "published_test_acc": published,
+            "pnn.config_hash": str(abs(hash(tuple(sorted(flat.items()))))),
+            "pnn.overrides": f"experiment={experiment} train.seed={seed}",
+        }
+        if failure:
+            tags["pnn.failure"] = failure
+        run = self.client.create_run(
+            self.experiment_id, tags=tags, run_name=f"{experiment}-seed{seed}"
+        )
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        counts = {"params": params, "mask_values": 1.2e5, "trainable": params}
+        metrics = [Metric(k, v, now, 0) for k, v in counts.items()]
+        for epoch, acc in enumerate(test_acc, start=1):
+            metrics += [
+                Metric("test_acc", acc, now, epoch),
+                Metric("test_acc_reported", acc + gap, now, epoch),
+                Metric("train_loss", 1.0 / epoch, now, epoch),
+            ]
+        if status == "FINISHED":
+            final = {
+                "best_test_acc": max(test_acc),
+                "best_epoch": float(test_acc.index(max(test_acc)) + 1),
+                "final_test_acc": test_acc[-1],
+                "best_test_acc_reported": max(test_acc) + gap,
+            }
+            metrics += [Metric(k, v, now, 0) for k, v in final.items()]
+        self.client.log_batch(
+            run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()]
+        )
+        if status != "RUNNING":
+            self.client.set_terminated(run_id, status)
+        return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    first = FakeSweep(uri)
+    ids = {
+        "e1_s1": first.job("e1_baseline_resnet18", 1, [60.0, 70.0, 68.0], published="91.8"),
+        "e1_s2": first.job("e1_baseline_resnet18", 2, [62.0, 71.0, 72.0], published="91.8"),
+        "e2_s1": first.job("e2_original_noiseresnet18", 1, [50.0, 55.0, 58.0], gap=6.0),
+        "e4_old": first.job("e4_conv1x1_no_noise", 1, [40.0, 41.0, 42.0]),
+        "e5_failed": first.job(
+            "e5_pnn_all_layers", 1, [10.0], status="FAILED", failure="loss is nan at epoch 2"
+        ),
+        "e6_running": first.job("e6_pnn_unique_masks_mix_maps", 1, [30.0], status="RUNNING"),
+        "zz_custom": first.job("custom", 1, [20.0, 25.0, 24.0]),
+    }
+    second = FakeSweep(uri)  # the latest sweep: a rerun of e4 and an --by-able e7 pair
+    ids["e4_new"] = second.job("e4_conv1x1_no_noise", 1, [43.0, 44.0, 45.0])
+    ids["e7_m64"] = second.job("e7_pnn_shared_masks", 1, [50.0, 52.0, 53.0])
+    ids["e7_m8"] = second.job(
+        "e7_pnn_shared_masks", 1, [45.0, 47.0, 46.0], config={"masks.nmasks": "8"}
+    )
+    return {"uri": uri, "root": root, "ids": ids, "latest": second.parent_id}
+
+
+def run_analyze(store: dict, out: Path, *extra: str) -> int:
+    return analyze.main(["--tracking-uri", store["uri"], "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def analysed(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("results")
+    assert run_analyze(store, out) == 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The results table
+# --------------------------------------------------------------------------------------------
+
+
+def test_results_csv_numbers(analysed: Path) -> None:
+    table = pd.read_csv(analysed / "results.csv").set_index("experiment")
+    e1 = table.loc["e1_baseline_resnet18"]
+    assert e1["n_runs"] == 2
+    assert e1["final_test_acc_mean"] == pytest.approx(70.0)
+    assert e1["final_test_acc_std"] == pytest.approx(pd.Series([68.0, 72.0]).std())
+    assert e1["best_test_acc_mean"] == pytest.approx(71.0)
+    assert e1["best_test_acc_std"] == pytest.approx(pd.Series([70.0, 72.0]).std())
+    assert e1["best_test_acc_reported_mean"] == pytest.approx(75.0)
+    assert e1["published_test_acc"] == pytest.approx(91.8)
+    assert e1["diff_vs_published"] == pytest.approx(71.0 - 91.8)
+    assert e1["params_M"] == pytest.approx(5.5)
+    assert e1["mask_values_M"] == pytest.approx(0.12)
+    # published_test_acc tag empty -> the experiment's YAML; description from the tag.
+    assert table.loc["e2_original_noiseresnet18", "published_test_acc"] == pytest.approx(85.7)
+    assert table.loc["e2_original_noiseresnet18", "description"].endswith("as logged")
+
+
+def test_single_run_std_is_blank_everywhere(analysed: Path) -> None:
+    table = pd.read_csv(analysed / "results.csv").set_index("experiment")
+    assert math.isnan(table.loc["e2_original_noiseresnet18", "best_test_acc_std"])
+    raw = (analysed / "results.csv").read_text()
+    e2_line = next(line for line in raw.splitlines() if line.startswith("e2_"))
+    assert ",," in e2_line  # an empty std cell, not 0.0
+    md = (analysed / "results.md").read_text()
+    e2_row = next(line for line in md.splitlines() if line.startswith("| e2_"))
+    assert "58.00" in e2_row and "±" not in e2_row
+
+
+def test_row_order_and_missing_experiments(analysed: Path) -> None:
+    table = pd.read_csv(analysed / "results.csv")
+    assert list(table["experiment"]) == [*README_ORDER, "custom"]
+    missing = table.set_index("experiment").loc["e3_original_first3x3"]
+    assert missing["n_runs"] == 0 and math.isnan(missing["best_test_acc_mean"])
+    assert missing["published_test_acc"] == pytest.approx(86.2)
+    md = (analysed / "results.md").read_text()
+    e3_row = next(line for line in md.splitlines() if line.startswith("| e3_"))
+    cells = [c.strip() for c in e3_row.strip("|").split("|")]
+    assert cells[2:8] == ["—"] * 6 and cells[8] == "86.2" and cells[9] == "—"
+
+
+def test_rerun_supersedes_older_run_of_same_config(analysed: Path, store: dict) -> None:
+    table = pd.read_csv(analysed / "results.csv").set_index("experiment")
+    assert table.loc["e4_conv1x1_no_noise", "n_runs"] == 1
+    assert table.loc["e4_conv1x1_no_noise", "best_test_acc_mean"] == pytest.approx(45.0)
+    md = (analysed / "results.md").read_text()
+    assert f"re-run as {store['ids']['e4_new']}" in md
+
+
+def test_mixed_configs_flagged(analysed: Path, store: dict, tmp_path: Path) -> None:
+    note = "e7_pnn_shared_masks averages runs that differ in masks.nmasks besides the seed"
+    assert note in (analysed / "results.md").read_text()
+    assert run_analyze(store, tmp_path, "--by", "masks.nmasks") == 0
+    assert "averages runs that differ" not in (tmp_path / "results.md").read_text()
+
+
+def test_excluded_runs_in_footer(analysed: Path) -> None:
+    md = (analysed / "results.md").read_text()
+    assert "1 FAILED" in md and "1 RUNNING" in md and "1 SUPERSEDED" in md
+    assert "e5_pnn_all_layers-seed1" in md and "loss is nan at epoch 2" in md
+    table = pd.read_csv(analysed / "results.csv").set_index("experiment")
+    assert table.loc["e5_pnn_all_layers", "n_runs"] == 0
+
+
+def test_reported_vs_actual(analysed: Path) -> None:
+    per_run = pd.read_csv(analysed / "reported_vs_actual.csv").set_index("run_name")
+    assert per_run.loc["e2_original_noiseresnet18-seed1", "gap"] == pytest.approx(6.0)
+    assert per_run.loc["e1_baseline_resnet18-seed2", "best_test_acc"] == pytest.approx(72.0)
+    summary = pd.read_csv(analysed / "reported_vs_actual_summary.csv").set_index("experiment")
+    assert summary.loc["e1_baseline_resnet18", "gap_mean"] == pytest.approx(4.0)
+    assert "## Reported versus actual, per run" in (analysed / "results.md").read_text()
+
+
+def test_latex_table(analysed: Path) -> None:
+    tex = (analysed / "results.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"e1\_baseline\_resnet18" in tex and r"$\pm$" in tex
+
+
+# --------------------------------------------------------------------------------------------
+# Figures and report.html
+# --------------------------------------------------------------------------------------------
+
+
+def _check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, path
+
+
+def test_figures_and_html(analysed: Path) -> None:
+    for name in FIGURES:
+        _check_png(analysed / name)
+    page = (analysed / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "</html>" in page
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) == len(FIGURES)
+    assert all(base64.b64decode(img)[:8] == PNG_SIGNATURE for img in images)
+    # Default figure 2: the largest gap, e2 here.
+    assert "Reported vs actual test accuracy of e2_original_noiseresnet18-seed1" in page
+
+
+def test_missing_figure_data_is_skipped(store: dict, tmp_path: Path) -> None:
+    # The latest sweep has e4 and e7 but no e1: figure 3 is still drawn from what exists.
+    assert run_analyze(store, tmp_path, "--sweep", "latest", "--run", store["ids"]["e7_m8"]) == 0
+    _check_png(tmp_path / "resnet18_like_models.png")
+    assert "e7_pnn_shared_masks-seed1" in (tmp_path / "report.html").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+
+def test_sweep_latest_and_by(store: dict, tmp_path: Path) -> None:
+    assert run_analyze(store, tmp_path, "--sweep", "latest", "--by", "masks.nmasks") == 0
+    table = pd.read_csv(tmp_path / "results.csv", dtype={"masks.nmasks": str})
+    present = table[table["n_runs"] > 0]
+    assert set(present["experiment"]) == {"e4_conv1x1_no_noise", "e7_pnn_shared_masks"}
+    e7 = present[present["experiment"] == "e7_pnn_shared_masks"]
+    assert list(e7["masks.nmasks"]) == ["8", "64"]  # numeric order
+    assert list(e7["best_test_acc_mean"]) == pytest.approx([47.0, 53.0])
+    assert store["latest"] in (tmp_path / "results.md").read_text()
+
+
+def test_sweep_by_id_excludes_other_sweeps(store: dict, tmp_path: Path) -> None:
+    assert run_analyze(store, tmp_path, "--sweep", store["latest"]) == 0
+    table = pd.read_csv(tmp_path / "results.csv").set_index("experiment")
+    assert table.loc["e1_baseline_resnet18", "n_runs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--by", "masks.nmask"], "--by masks.nmask: no such config key"),
+        (["--run", "0123abcd"], "--run 0123abcd: no finished job run"),
+        (["--sweep", "nope"], "no sweep run 'nope'"),
+        (["--experiment-name", "other"], "no MLflow experiment 'other'"),
+    ],
+)
+def test_bad_options_exit_1(
+    store: dict, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    assert run_analyze(store, tmp_path / "out", *args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI in a subprocess: store precedence, missing store
+# --------------------------------------------------------------------------------------------
+
+
+def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [PYTHON, str(REPO / "analyze.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_missing_store_exit_1_and_not_created(tmp_path: Path) -> None:
+    result = _cli(tmp_path)
+    assert result.returncode == 1
+    assert "no MLflow store at" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_empty_store_exit_1(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("pnn")
+    result = _cli(tmp_path)
+    assert result.returncode == 1
+    assert "no job runs in experiment 'pnn'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_env_uri_used_and_flag_wins(store: dict, tmp_path: Path) -> None:
+    env = {"MLFLOW_TRACKING_URI": store["uri"]}
+    result = _cli(tmp_path, "--out", "r", env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r" / "results.csv").exists()
+    result = _cli(tmp_path, "--tracking-uri", f"sqlite:///{tmp_path}/none.db", env=env)
+    assert result.returncode == 1 and "none.db" in result.stderr
