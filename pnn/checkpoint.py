@@ -1,0 +1,85 @@
+"""Checkpoints: atomic writes, loading, and every random stream a run draws from.
+
+A checkpoint is a plain dict written with ``torch.save`` and read back with
+``weights_only=True``; :func:`pnn.engine.train` decides what goes in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` so that ``path`` always holds a whole checkpoint: a temporary file in
+    the same directory, flushed to disk, then renamed over the old one (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (tensors on the CPU), or None if there is none.
+
+    Keys: ``epoch`` (last finished, 1-based), ``model``, ``optimizer``, ``rng``,
+    ``reported_ema``, ``history`` (one metrics dict per finished epoch), ``extra_state``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    # weights_only: a checkpoint is plain containers, numbers, strings and tensors.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_states(generator: torch.Generator) -> dict[str, Any]:
+    """Every random stream a run draws from, so that a resumed run continues it exactly."""
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "python": random.getstate(),
+        "numpy": None,
+        "data": generator.get_state(),
+        "data_device": generator.device.type,
+    }
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        kind, keys, position, has_gauss, cached = np.random.get_state()
+        keys = torch.from_numpy(keys.astype("int64"))
+        states["numpy"] = (kind, keys, position, has_gauss, cached)
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
+    if states["numpy"] is not None:
+        import numpy as np
+
+        kind, keys, position, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), position, has_gauss, cached))
+    if states["data_device"] == generator.device.type:
+        generator.set_state(states["data"])
+    else:
+        # CPU and CUDA generators keep different states and cannot take each other's.
+        warnings.warn(
+            f"checkpoint's data generator was on {states['data_device']}, this run's is on "
+            f"{generator.device.type}: shuffling and augmentation restart from the seed, so "
+            "the data order differs from an uninterrupted run",
+            stacklevel=2,
+        )

@@ -1,0 +1,409 @@
+"""Training: optimizer, lr schedule, the train step, both accuracies, checkpoint and resume.
+
+The step loop never waits for the host: losses, correct counts and the first non-finite loss
+are accumulated in device tensors (:class:`StepTotals`) and read once per epoch. The step
+itself (:func:`make_train_step`: forward, backward, optimizer step, accumulation) is one
+function of tensors, so it can later be wrapped in ``torch.compile`` or captured in a CUDA
+graph without touching the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from pnn.data import DeviceData
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# Evaluation batches are this many training batches: no gradients are kept, so the peak
+# memory stays near the training step's while the test pass needs ~8x fewer launches.
+EVAL_BATCHES_PER_STEP = 8
+
+__all__ = [
+    "NonFiniteLossError",
+    "StepTotals",
+    "TrainResult",
+    "batch_accuracies",
+    "build_optimizer",
+    "evaluate",
+    "load_checkpoint",
+    "lr_for_epoch",
+    "make_train_step",
+    "reported_accuracy",
+    "seed_everything",
+    "train",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot go on."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (if present) and torch (CPU and every CUDA device).
+
+    Call it before ``build_model`` so that the initial weights and masks follow from the seed.
+    Seed 0 is a seed like any other.
+    """
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The reference's optimizers, over only the parameters that require gradients.
+
+    Fixed masks are parameters with ``requires_grad=False``: leaving them out keeps weight
+    decay and momentum off them, as in the reference.
+    """
+    opt = cfg.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=opt.lr,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+            nesterov=opt.nesterov,
+        )
+    if opt.name == "adam":
+        return torch.optim.Adam(
+            params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay
+        )
+    if opt.name == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+        )
+    raise ValueError(f"optimizer.name must be one of {{sgd, adam, rmsprop}} (got {opt.name!r})")
+
+
+def lr_for_epoch(cfg: DictConfig, epoch: int) -> float:
+    """Learning rate for the 1-based ``epoch``: base x gamma^(milestones m with epoch >= m).
+
+    The reference calls ``learning_rate(e + 1)`` with the 0-based epoch ``e`` and decays when
+    that argument is ``>= m``; ``e + 1`` is our 1-based epoch, so with milestone 60 the 60th
+    epoch (not the 61st) is the first at the lower rate.
+    """
+    reached = sum(1 for milestone in cfg.dataset.lr_milestones if epoch >= milestone)
+    return cfg.optimizer.lr * cfg.dataset.lr_gamma**reached
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTotals:
+    """Per-epoch sums kept on the device, so that no step has to wait for the host."""
+
+    loss_sum: torch.Tensor  # sum over samples of the (batch-mean) loss x batch size
+    correct: torch.Tensor
+    steps: torch.Tensor
+    first_bad_step: torch.Tensor  # 1-based step of the first non-finite loss, -1 if none
+    first_bad_loss: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> StepTotals:
+        def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(value, dtype=dtype, device=device)
+
+        return cls(
+            loss_sum=scalar(0.0, torch.float32),
+            correct=scalar(0, torch.int64),
+            steps=scalar(0, torch.int64),
+            first_bad_step=scalar(-1, torch.int64),
+            first_bad_loss=scalar(0.0, torch.float32),
+        )
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        # In-place updates only: a captured CUDA graph keeps pointing at the same tensors.
+        loss = loss.detach().float()
+        self.steps += 1
+        first = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(first, self.steps, self.first_bad_step))
+        self.first_bad_loss.copy_(torch.where(first, loss, self.first_bad_loss))
+        self.loss_sum += loss * labels.shape[0]
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, precision: str, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor, StepTotals], None]:
+    """Forward, backward, optimizer step and accumulation for one batch; no host sync."""
+
+    def step(inputs: torch.Tensor, labels: torch.Tensor, totals: StepTotals) -> None:
+        with _autocast(precision, device):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals.add(loss, logits, labels)
+
+    return step
+
+
+def use_fast_path(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether ``train.fast`` asks for the GPU speed-ups ("auto": on CUDA only; CPU stays eager)."""
+    return device.type == "cuda" and cfg.train.fast in ("auto", "on")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and the two accuracies
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss (a device scalar) and per-sample correctness (bool, len(labels)) in eval mode.
+
+    Keeping per-sample correctness lets the caller group it into batches of any size: eval-mode
+    outputs do not depend on how the test set is batched.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=inputs.device)
+    correct = torch.empty(len(labels), dtype=torch.bool, device=inputs.device)
+    for start in range(0, len(labels), batch_size):
+        batch_labels = labels[start : start + batch_size]
+        with _autocast(precision, inputs.device):
+            logits = model(inputs[start : start + batch_size])
+        loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum")
+        correct[start : start + batch_size] = logits.argmax(1) == batch_labels
+    model.train(was_training)
+    return loss_sum, correct
+
+
+def batch_accuracies(correct: torch.Tensor, batch_size: int) -> list[float]:
+    """Per-batch accuracies (%) of consecutive batches of ``batch_size``; a last, smaller batch
+    is left out, as the original authors' smoothing skipped it."""
+    full = len(correct) // batch_size
+    counts = correct[: full * batch_size].view(full, batch_size).sum(1).tolist()
+    return [count * 100.0 / batch_size for count in counts]
+
+
+def reported_accuracy(previous: float, accuracies: Iterable[float]) -> float:
+    """The original authors' "accuracy": an EMA over per-batch accuracies, carried over from
+    ``previous`` (0 before the first epoch; never reset between epochs)."""
+    smoothed = previous
+    for accuracy in accuracies:
+        # 0.3 written out: 1 - 0.7 is 0.30000000000000004 in floating point.
+        smoothed = 0.7 * smoothed + 0.3 * accuracy
+    return smoothed
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_test_acc: float = math.nan  # honest accuracy, %
+    best_epoch: int = 0  # 1-based; 0 when no epoch ran
+    best_test_acc_reported: float = math.nan
+    final_test_acc: float = math.nan
+    resumed_from_epoch: int = 0  # the checkpoint's last finished epoch; 0 for a fresh run
+
+    @classmethod
+    def from_history(cls, history: list[dict[str, float]], resumed_from_epoch: int) -> TrainResult:
+        if not history:
+            return cls(resumed_from_epoch=resumed_from_epoch)
+        # max() keeps the first of equal values: the earliest epoch that reached the best.
+        best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
+        return cls(
+            history=history,
+            best_test_acc=history[best]["test_acc"],
+            best_epoch=best + 1,
+            best_test_acc_reported=max(m["test_acc_reported"] for m in history),
+            final_test_acc=history[-1]["test_acc"],
+            resumed_from_epoch=resumed_from_epoch,
+        )
+
+    def summary(self) -> dict[str, float]:
+        """The run-level numbers, for MLflow."""
+        return {
+            "best_test_acc": self.best_test_acc,
+            "best_epoch": float(self.best_epoch),
+            "best_test_acc_reported": self.best_test_acc_reported,
+            "final_test_acc": self.final_test_acc,
+        }
+
+
+def train(
+    cfg: DictConfig,
+    model: nn.Module,
+    data: DeviceData,
+    *,
+    device: torch.device,
+    checkpoint_path: Path,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    extra_state: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``cfg.train.epochs`` epochs, resuming from ``checkpoint_path`` if it exists.
+
+    After every epoch a checkpoint is written atomically, then ``on_epoch(epoch, metrics)`` is
+    called. ``extra_state`` is stored in each checkpoint; when resuming with ``extra_state``
+    None, the checkpoint's is kept.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    generator = torch.Generator(device=data.device)
+    generator.manual_seed(cfg.train.seed)
+    batch_size = cfg.train.batch_size
+    history: list[dict[str, float]] = []
+    reported = 0.0
+    start_epoch = 1
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_states(checkpoint["rng"], generator)
+        history = list(checkpoint["history"])
+        reported = checkpoint["reported_ema"]
+        start_epoch = checkpoint["epoch"] + 1
+        if extra_state is None:
+            extra_state = checkpoint["extra_state"]
+    extra_state = dict(extra_state or {})  # always a dict in the checkpoint, for callers' .get
+    resumed_from = start_epoch - 1
+
+    if use_fast_path(cfg, device):
+        # Later work plugs torch.compile / a CUDA-graphed step in here; for now the fast path
+        # only lets cuDNN pick the fastest kernels for the fixed shapes.
+        torch.backends.cudnn.benchmark = True
+    step = make_train_step(model, optimizer, cfg.train.precision, device)
+    steps_per_epoch = data.steps_per_epoch(batch_size, cfg.train.max_steps_per_epoch)
+    show = _Progress(cfg.train.epochs, steps_per_epoch) if progress else None
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        # A Python float in param_group["lr"] (set between epochs): the eager optimizers read
+        # it without a host sync. A CUDA-graphed step bakes it in, so it must be re-captured
+        # when the lr changes (once per milestone) or hold the lr in a tensor instead.
+        lr = lr_for_epoch(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        started = time.perf_counter()
+        inputs, labels = data.training_epoch(batch_size, generator, cfg.train.max_steps_per_epoch)
+        totals = StepTotals.zeros(device)
+        for index, begin in enumerate(range(0, len(labels), batch_size)):
+            step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
+            if show is not None:
+                show.step(epoch, index + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - started
+        _raise_if_non_finite(totals, epoch)
+
+        test_loss_sum, correct = evaluate(
+            model,
+            data.test_inputs,
+            data.test_labels,
+            batch_size * EVAL_BATCHES_PER_STEP,
+            cfg.train.precision,
+        )
+        reported = reported_accuracy(reported, batch_accuracies(correct, batch_size))
+        seen = len(labels)
+        metrics = {
+            "train_loss": totals.loss_sum.item() / seen,
+            "train_acc": totals.correct.item() * 100.0 / seen,
+            "test_loss": test_loss_sum.item() / len(correct),
+            "test_acc": correct.sum().item() * 100.0 / len(correct),
+            "test_acc_reported": reported,
+            "lr": lr,
+            # Train + test pass; the checkpoint is written after, so that it can hold this.
+            "epoch_time_s": time.perf_counter() - started,
+            "train_img_per_s": seen / train_seconds,
+        }
+        history.append(metrics)
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_states(generator),
+                "reported_ema": reported,
+                "history": history,
+                "extra_state": extra_state,
+            },
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if show is not None:
+            show.epoch_done(epoch, metrics)
+
+    return TrainResult.from_history(history, resumed_from)
+
+
+def _raise_if_non_finite(totals: StepTotals, epoch: int) -> None:
+    bad_step = int(totals.first_bad_step.item())
+    if bad_step >= 0:
+        value = totals.first_bad_loss.item()
+        kind = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        raise NonFiniteLossError(f"loss became {kind} at epoch {epoch} step {bad_step}")
+
+
+class _Progress:
+    """One self-overwriting line per epoch on stderr; a few updates per epoch, not per step."""
+
+    def __init__(self, epochs: int, steps: int) -> None:
+        self.epochs, self.steps = epochs, steps
+        self.every = max(1, steps // 20)
+
+    def step(self, epoch: int, done: int) -> None:
+        if done % self.every == 0 or done == self.steps:
+            filled = 20 * done // self.steps
+            bar = "#" * filled + "." * (20 - filled)
+            line = f"\repoch {epoch}/{self.epochs} [{bar}] {done}/{self.steps}"
+            print(line, end="", file=sys.stderr, flush=True)
+
+    def epoch_done(self, epoch: int, m: dict[str, float]) -> None:
+        print(
+            f"\repoch {epoch}/{self.epochs}  loss {m['train_loss']:.4f}  "
+            f"train {m['train_acc']:.2f}%  test {m['test_acc']:.2f}%  "
+            f"(reported {m['test_acc_reported']:.2f}%)  lr {m['lr']:.2e}  "
+            f"{m['epoch_time_s']:.1f}s  {m['train_img_per_s']:.0f} img/s",
+            file=sys.stderr,
+            flush=True,
+        )
