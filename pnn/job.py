@@ -143,8 +143,9 @@ def _train_and_log(
     open_runs: set[str],
 ) -> dict[str, Any]:
     from pnn import tracking
+    from pnn.checkpoint import load_checkpoint
     from pnn.data import load_data
-    from pnn.engine import NonFiniteLossError, load_checkpoint, seed_everything, train
+    from pnn.engine import NonFiniteLossError, seed_everything, train
     from pnn.models import build_model, count_parameters
 
     ckpt_path = ckpt_dir / "last.pt"

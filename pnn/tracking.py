@@ -205,6 +205,9 @@ def create_job_run(
         tags["mlflow.parentRunId"] = os.environ[ENV_PARENT]
     if os.environ.get(ENV_SWEEP):
         tags["pnn.sweep_id"] = os.environ[ENV_SWEEP]
+    # Which GPU (or CPU slot) the launcher gave this job, for debugging a crowded machine.
+    tags["pnn.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
+    tags["pnn.slot"] = os.environ.get("PNN_SLOT", "in-process")
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit

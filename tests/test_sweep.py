@@ -1,0 +1,343 @@
+"""sweep.py end to end: real subprocesses, real MLflow stores (SQLite and a local server)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = REPO / "sweep.py"
+EPOCH_METRICS = (
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "test_acc_reported",
+    "lr",
+    "epoch_time_s",
+    "train_img_per_s",
+)
+FINAL_METRICS = (
+    "best_test_acc",
+    "best_epoch",
+    "final_test_acc",
+    "best_test_acc_reported",
+    "params",
+    "mask_values",
+    "trainable",
+)
+# Small and quick on CPU: the logic under test is the sweep's, not the model's.
+TINY = ["profile=smoke", "model.nfilters=8", "dataset.train_size=64", "dataset.test_size=40"]
+
+pytestmark = pytest.mark.slow
+
+
+def sweep(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    # The tests choose their store; a developer's own MLFLOW_TRACKING_URI must not leak in.
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(SWEEP), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def store(path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+
+
+def runs_of(client: MlflowClient, role: str) -> list:
+    experiment = client.get_experiment_by_name("pnn")
+    assert experiment is not None
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`pnn.role` = '{role}'"
+    )
+
+
+def epochs_logged(client: MlflowClient, run_id: str, key: str = "test_acc") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_sweep_logs_one_parent_and_a_child_per_job(tmp_path: Path) -> None:
+    args = ["experiment=e1_baseline_resnet18,e7_pnn_shared_masks", *TINY, "train.epochs=2"]
+    proc = sweep(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 finished, 0 skipped, 0 failed" in proc.stdout
+
+    client = store(tmp_path)
+    (parent,) = runs_of(client, "sweep")
+    children = runs_of(client, "job")
+    assert sorted(r.info.run_name for r in children) == [
+        "e1_baseline_resnet18-seed1",
+        "e7_pnn_shared_masks-seed1",
+    ]
+    for run in children:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["pnn.sweep_id"] == parent.data.tags["pnn.sweep_id"]
+        assert tags["experiment"] in run.info.run_name
+        assert tags["published_test_acc"] in ("91.8", "82.4")
+        assert "train.epochs=2" in tags["pnn.overrides"]
+        assert len(tags.get("git_commit", "")) in (0, 40)
+        for key in ("model.nfilters", "masks.nmasks", "optimizer.lr", "train.batch_size"):
+            assert key in params
+        assert params["model.nfilters"] == "8" and params["dataset.name"] == "synthetic"
+        for key in EPOCH_METRICS:
+            assert epochs_logged(client, run.info.run_id, key) == [1, 2], key
+        for key in FINAL_METRICS:
+            assert key in metrics, key
+        history = [m.value for m in client.get_metric_history(run.info.run_id, "test_acc")]
+        assert metrics["best_test_acc"] == max(history)
+        assert metrics["final_test_acc"] == history[-1]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "model_summary.txt", "checkpoint"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
+            "checkpoint/last.pt"
+        ]
+    # The default store is an absolute SQLite path in the launch directory; artifacts beside it.
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
+
+    # The same command again skips both jobs and says so.
+    again = sweep(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 finished, 2 skipped, 0 failed" in again.stdout
+    assert "already FINISHED" in again.stdout
+    assert len(runs_of(client, "job")) == 2
+
+    # sweep.rerun=true forces new runs.
+    forced = sweep([*args, "sweep.rerun=true", "experiment=e1_baseline_resnet18"], tmp_path)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    names = sorted(r.info.run_name for r in runs_of(client, "job"))
+    assert names.count("e1_baseline_resnet18-seed1") == 2
+
+
+def test_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path: Path) -> None:
+    args = [
+        "experiment=e1_baseline_resnet18",
+        "train.seed=1,2,3,4",
+        *TINY,
+        "train.epochs=3",
+        "hydra.launcher.cpu_workers=4",
+        "tracking.log_checkpoint=false",
+    ]
+    proc = sweep(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 4 CPU slot(s)" in proc.stderr + proc.stdout
+    client = store(tmp_path)
+    children = runs_of(client, "job")
+    assert sorted(r.info.run_name for r in children) == [
+        f"e1_baseline_resnet18-seed{s}" for s in (1, 2, 3, 4)
+    ]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        for key in EPOCH_METRICS:
+            assert epochs_logged(client, run.info.run_id, key) == [1, 2, 3]
+
+
+def test_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
+    args = ["experiment=e1_baseline_resnet18", "optimizer.lr=1e-3,1e30", *TINY, "train.epochs=2"]
+    proc = sweep(args, tmp_path)
+    assert proc.returncode != 0
+    assert "1 finished, 0 skipped, 1 failed" in proc.stdout
+    assert "loss became" in proc.stdout and "at epoch 1 step" in proc.stdout
+    client = store(tmp_path)
+    by_lr = {r.data.params["optimizer.lr"]: r for r in runs_of(client, "job")}
+    assert by_lr["0.001"].info.status == "FINISHED"
+    failed = by_lr["1e+30"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["pnn.failure"].startswith("loss became")
+    (parent,) = runs_of(client, "sweep")
+    assert parent.info.status == "FAILED"
+
+
+def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
+    epochs = 4
+    args = [
+        "experiment=e1_baseline_resnet18",
+        "train.seed=1,2",
+        *TINY,
+        "dataset.train_size=400",
+        f"train.epochs={epochs}",
+        "train.max_steps_per_epoch=null",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SWEEP), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    db = tmp_path / "mlflow.db"
+    deadline = time.monotonic() + 300
+    killed_after = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if not db.exists():
+                continue
+            try:
+                jobs = runs_of(store(tmp_path), "job")
+            except Exception:
+                continue
+            logged = [epochs_logged(store(tmp_path), r.info.run_id) for r in jobs]
+            # Kill mid-way through the first job, after at least one epoch was logged.
+            if logged and 1 <= len(logged[0]) < epochs:
+                killed_after = logged[0]
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_after is not None, "the sweep finished before it could be killed"
+    client = store(tmp_path)
+    before = {r.info.run_name: r.info.run_id for r in runs_of(client, "job")}
+    assert all(r.info.status == "RUNNING" for r in runs_of(client, "job"))
+
+    rerun = sweep(args, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    children = runs_of(client, "job")
+    assert sorted(r.info.run_name for r in children) == [
+        "e1_baseline_resnet18-seed1",
+        "e1_baseline_resnet18-seed2",
+    ]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        for key in EPOCH_METRICS:
+            assert epochs_logged(client, run.info.run_id, key) == list(range(1, epochs + 1))
+    # The killed job went on in its own run, not a new one.
+    for name, run_id in before.items():
+        assert {r.info.run_name: r.info.run_id for r in children}[name] == run_id
+
+    # And it computed what an uninterrupted run computes (CPU is deterministic).
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert sweep(args, clean).returncode == 0
+    want = {r.info.run_name: r.data.metrics for r in runs_of(store(clean), "job")}
+    for run in children:
+        for key in ("best_test_acc", "final_test_acc", "best_test_acc_reported"):
+            assert run.data.metrics[key] == want[run.info.run_name][key], key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_logs_to_an_mlflow_server(tmp_path: Path) -> None:
+    port = _free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            (tmp_path / "server-artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        work = tmp_path / "work"
+        work.mkdir()
+        # Selected through the environment, as MLflow users expect.
+        proc = sweep(
+            ["experiment=e1_baseline_resnet18", *TINY, "tracking.log_checkpoint=false"],
+            work,
+            env={"MLFLOW_TRACKING_URI": uri},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not (work / "mlflow.db").exists()
+        client = MlflowClient(uri)
+        (child,) = runs_of(client, "job")
+        assert child.info.status == "FINISHED" and epochs_logged(client, child.info.run_id) == [1]
+        (parent,) = runs_of(client, "sweep")
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_slurm_launcher_through_submitit_local_executor(tmp_path: Path) -> None:
+    args = [
+        "hydra/launcher=slurm_local",
+        "experiment=e1_baseline_resnet18",
+        "train.seed=1,2",
+        *TINY,
+        "tracking.log_checkpoint=false",
+    ]
+    proc = sweep(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 finished, 0 skipped, 0 failed" in proc.stdout
+    client = store(tmp_path)
+    (parent,) = runs_of(client, "sweep")
+    children = runs_of(client, "job")
+    assert len(children) == 2
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_gpu_pool_pins_each_job_process_to_its_gpu(tmp_path: Path) -> None:
+    # No GPU here: the pinning itself is what is checked, through the tag each job records.
+    args = [
+        "experiment=e1_baseline_resnet18",
+        "train.seed=1,2,3",
+        *TINY,
+        "train.device=cpu",
+        "hydra.launcher.gpus=[3,5]",
+        "tracking.log_checkpoint=false",
+    ]
+    proc = sweep(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 GPU slot(s)" in proc.stderr + proc.stdout
+    visible = [r.data.tags["pnn.cuda_visible_devices"] for r in runs_of(store(tmp_path), "job")]
+    assert sorted(visible) in (["3", "3", "5"], ["3", "5", "5"])
+
+
+def test_gpu_pool_slots_pin_one_gpu_per_job() -> None:
+    from pnn.launcher import make_slots
+
+    slots = make_slots(["0", "1"], jobs_per_gpu=2, cpu_workers=1)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "0", "1"]
+    assert len({s["PNN_SLOT"] for s in slots}) == 4
+    cpu = make_slots([], jobs_per_gpu=1, cpu_workers=3)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in cpu] == ["", "", ""]
+    with pytest.raises(ValueError, match="jobs_per_gpu must be >= 1"):
+        make_slots(["0"], jobs_per_gpu=0, cpu_workers=1)
