@@ -39,6 +39,7 @@ __all__ = [
     "TrainResult",
     "batch_accuracies",
     "build_optimizer",
+    "build_train_step",
     "evaluate",
     "load_checkpoint",
     "lr_for_epoch",
@@ -177,6 +178,18 @@ def use_fast_path(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.train.fast in ("auto", "on")
 
 
+def build_train_step(
+    cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor, StepTotals], None]:
+    """The step :func:`train` runs, as ``train.fast`` and ``train.precision`` ask (the bench
+    times this same function)."""
+    if use_fast_path(cfg, device):
+        # Later work plugs torch.compile / a CUDA-graphed step in here; for now the fast path
+        # only lets cuDNN pick the fastest kernels for the fixed shapes.
+        torch.backends.cudnn.benchmark = True
+    return make_train_step(model, optimizer, cfg.train.precision, device)
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation and the two accuracies
 # --------------------------------------------------------------------------------------------
@@ -307,11 +320,7 @@ def train(
     extra_state = dict(extra_state or {})  # always a dict in the checkpoint, for callers' .get
     resumed_from = start_epoch - 1
 
-    if use_fast_path(cfg, device):
-        # Later work plugs torch.compile / a CUDA-graphed step in here; for now the fast path
-        # only lets cuDNN pick the fastest kernels for the fixed shapes.
-        torch.backends.cudnn.benchmark = True
-    step = make_train_step(model, optimizer, cfg.train.precision, device)
+    step = build_train_step(cfg, model, optimizer, device)
     steps_per_epoch = data.steps_per_epoch(batch_size, cfg.train.max_steps_per_epoch)
     show = _Progress(cfg.train.epochs, steps_per_epoch) if progress else None
 

@@ -1,0 +1,55 @@
+"""bench/throughput.py: its Hydra-free experiment table, and a one-step CPU run without Hydra."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from pnn.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import throughput  # noqa: E402
+
+SECTIONS = ("model", "noise", "masks", "optimizer", "dataset", "train")
+
+
+@pytest.mark.parametrize("name", list(throughput.EXPERIMENTS))
+def test_fallback_configs_equal_the_composed_ones(name: str) -> None:
+    composed = OmegaConf.to_container(load_config([f"experiment={name}"]))
+    fallback = dataclasses.asdict(throughput.fallback_config(name))
+    assert fallback["experiment"] == composed["experiment"] == name
+    for section in SECTIONS:
+        assert fallback[section] == composed[section], section
+
+
+def test_every_experiment_file_is_in_the_table() -> None:
+    files = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("e*.yaml"))
+    assert files == sorted(throughput.EXPERIMENTS)
+    assert throughput.experiment_name("e7") == "e7_pnn_shared_masks"
+
+
+def test_one_cpu_step_without_hydra(tmp_path: Path) -> None:
+    pytest.importorskip("pnn.models")
+    out = tmp_path / "bench.json"
+    # sys.modules["hydra"] = None makes every `import hydra` fail, as on the GPU image.
+    code = (
+        "import runpy, sys; sys.modules['hydra'] = None; "
+        f"sys.argv = ['throughput.py', '--device', 'cpu', '--steps', '1', '--warmup', '0', "
+        f"'--experiments', 'e5', '--json', {str(out)!r}]; "
+        f"runpy.run_path({str(ROOT / 'bench' / 'throughput.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "e5_pnn_all_layers" in done.stdout and "img/s" in done.stdout
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["batch_size"] == 16
+    assert (result["params"], result["mask_values"]) == (5_608_202, 1_100_800)  # the README's
+    assert result["img_per_s"] > 0 and 0 < result["mean_loss"] < 10
