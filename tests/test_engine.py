@@ -349,3 +349,42 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
     whole_history = json.loads((tmp_path / "whole.json").read_text())
     assert len(resumed_history) == 5
     assert without_timing(resumed_history) == without_timing(whole_history)
+
+
+# --------------------------------------------------------------------------------------------
+# With the real models
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", ["e7_pnn_shared_masks", "e8_pnn_trained_masks"])
+def test_real_pnn_trains_and_resumes_exactly(experiment: str, tmp_path: Path) -> None:
+    models = pytest.importorskip("pnn.models")
+    cfg = small_config(
+        f"experiment={experiment}",
+        "model.nfilters=8",
+        "masks.nmasks=4",
+        "dataset.train_size=48",
+        "dataset.test_size=20",
+        "train.epochs=2",
+    )
+    data = load_data(cfg, CPU, Path("."))
+
+    def fresh_model() -> nn.Module:
+        seed_everything(cfg.train.seed)
+        return models.build_model(cfg)
+
+    model = fresh_model()
+    trainable = sum(p.numel() for p in build_optimizer(cfg, model).param_groups[0]["params"])
+    assert trainable == models.count_parameters(model)["trainable"]  # masks only if trained
+
+    whole = train(cfg, model, data, device=CPU, checkpoint_path=tmp_path / "whole.pt")
+    assert all(math.isfinite(v) for m in whole.history for v in m.values())
+
+    cfg.train.epochs = 1
+    train(cfg, fresh_model(), data, device=CPU, checkpoint_path=tmp_path / "parts.pt")
+    cfg.train.epochs = 2
+    resumed_model = fresh_model()
+    rest = train(cfg, resumed_model, data, device=CPU, checkpoint_path=tmp_path / "parts.pt")
+    assert without_timing(rest.history) == without_timing(whole.history)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
