@@ -63,8 +63,8 @@ class DeviceData:
         """One epoch of shuffled, augmented, normalised inputs and their labels.
 
         Batch ``i`` is rows ``[i * batch_size, (i + 1) * batch_size)``. With ``max_steps`` only
-        the images those steps use are augmented; the permutation is still drawn over the
-        whole set so that the generator advances the same way with or without the cap.
+        the images those steps use are gathered and augmented; they are a random subset,
+        since the permutation is drawn over the whole set.
         """
         order = torch.randperm(len(self.train_labels), generator=generator, device=self.device)
         order = order[: self.steps_per_epoch(batch_size, max_steps) * batch_size]

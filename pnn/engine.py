@@ -269,15 +269,6 @@ class TrainResult:
             resumed_from_epoch=resumed_from_epoch,
         )
 
-    def summary(self) -> dict[str, float]:
-        """The run-level numbers, for MLflow."""
-        return {
-            "best_test_acc": self.best_test_acc,
-            "best_epoch": float(self.best_epoch),
-            "best_test_acc_reported": self.best_test_acc_reported,
-            "final_test_acc": self.final_test_acc,
-        }
-
 
 def train(
     cfg: DictConfig,
@@ -377,10 +368,10 @@ def train(
                 "extra_state": extra_state,
             },
         )
+        if show is not None:  # before on_epoch, so that the caller's log starts a fresh line
+            show.epoch_done(epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if show is not None:
-            show.epoch_done(epoch, metrics)
 
     return TrainResult.from_history(history, resumed_from)
 
