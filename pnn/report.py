@@ -141,7 +141,7 @@ def footer(runs: RunSet) -> list[str]:
     scope = f"sweep {runs.sweep_name} ({runs.sweep_run_id})" if runs.sweep_run_id else "all sweeps"
     lines = [
         f"Source: {runs.tracking_uri}, experiment {runs.experiment_name!r}, {scope}; "
-        f"{len(runs.finished)} finished runs summarised."
+        f"{len(runs.finished)} finished run(s) summarised."
     ]
     excluded = runs.excluded
     if len(excluded):
@@ -286,12 +286,10 @@ def write_report(
     by = by or []
     runs = load_runs(tracking_uri, experiment_name, sweep)
     if runs.finished.empty:
-        counts = ", ".join(
-            f"{n} {s}" for s, n in runs.excluded["excluded_as"].value_counts().items()
-        )
         first = runs.excluded.iloc[0]
         raise AnalysisError(
-            f"no finished job runs to summarise ({counts}); e.g. {first['run_name']}: "
+            f"no finished job runs to summarise ({_counts(runs.excluded)}); e.g. "
+            f"{first['run_name']}: "
             f"{first['reason']}"
         )
     summary = summarize(runs.finished, by)  # checks --by before anything is written
@@ -303,7 +301,7 @@ def write_report(
     report = Report(tables=[results_table(summary, by), *gap_tables(per_experiment, per_run)])
     mixed = mixed_config_notes(runs.finished, by)
     if mixed:
-        report.tables[0].note += "\n\n" + "\n".join(f"Note: {n}" for n in mixed)
+        report.tables[0].note += "".join(f"\n\nNote: {n}" for n in mixed)
     report.footer = footer(runs)
     frames = {
         "results.csv": summary,
@@ -322,8 +320,11 @@ def write_report(
             report.written.append(out / name)
 
     text = "\n".join(markdown(t) for t in report.tables)
-    text += "\n" + "\n".join(report.notes + [""] + report.footer) + "\n"
-    (out / "results.md").write_text("# PNN reproduction: results\n\n" + text)
+    paragraphs = [*report.notes, *report.footer]
+    text += "".join(("\n" if line.startswith("- ") else "\n\n") + line for line in paragraphs)
+    images = [f"![{c}]({p.name})" for c, p in report.figures.items() if p is not None]
+    figures_md = "\n## Figures\n\n" + "\n\n".join(images) + "\n" if images else ""
+    (out / "results.md").write_text(f"# PNN reproduction: results\n\n{text}\n{figures_md}")
     tex = "\n".join(latex(t) for t in report.tables)
     (out / "results.tex").write_text(f"% {STD_NOTE}\n% {GAP_NOTE}\n" + tex)
     (out / "report.html").write_text(render_html(report, "PNN reproduction: results"))

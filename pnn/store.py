@@ -187,10 +187,12 @@ def load_runs(uri: str, experiment_name: str = "pnn", sweep: str | None = None) 
         records = [r for r in records if r["parent_run_id"] in parent_ids]
         sweep_run_id, sweep_name = newest.info.run_id, newest.info.run_name
     if not records:
-        where = f"experiment {experiment_name!r}"
         if sweep is not None:
-            where = f"sweep {sweep_name} ({sweep_run_id})"
-        raise AnalysisError(f"no job runs in {where} of {uri}; run sweep.py first")
+            raise AnalysisError(
+                f"no job runs in sweep {sweep_name} ({sweep_run_id}); jobs it skipped as "
+                "already finished belong to the sweep that ran them (drop --sweep to see all)"
+            )
+        raise AnalysisError(f"no job runs in experiment {experiment_name!r} of {uri}")
 
     frame = pd.DataFrame.from_records(records)
     finished_mask = (frame["status"] == "FINISHED") & frame["best_test_acc"].notna()

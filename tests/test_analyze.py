@@ -344,6 +344,12 @@ def test_missing_store_exit_1_and_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_zero_byte_store_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.db").touch()
+    result = _cli(tmp_path)
+    assert result.returncode == 1 and "is empty" in result.stderr, result.stderr
+
+
 def test_empty_store_exit_1(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -362,3 +368,109 @@ def test_env_uri_used_and_flag_wins(store: dict, tmp_path: Path) -> None:
     assert (tmp_path / "r" / "results.csv").exists()
     result = _cli(tmp_path, "--tracking-uri", f"sqlite:///{tmp_path}/none.db", env=env)
     assert result.returncode == 1 and "none.db" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: the real sweep.py fills the store, analyze.py reads it back
+# --------------------------------------------------------------------------------------------
+
+# Narrow models on a little data, two jobs at a time: the numbers under test are analyze.py's.
+QUICK = [
+    "profile=smoke",
+    "model.nfilters=8",
+    "dataset.train_size=64",
+    "dataset.test_size=40",
+    "hydra.launcher.cpu_workers=2",
+]
+SWEEPS = (
+    ["experiment=e1_baseline_resnet18,e7_pnn_shared_masks", "train.seed=1,2", *QUICK],
+    ["experiment=e4_conv1x1_no_noise", *QUICK],
+)
+E2E_RUNS = {"e1_baseline_resnet18": 2, "e4_conv1x1_no_noise": 1, "e7_pnn_shared_masks": 2}
+
+
+def _logged_runs(uri: str) -> dict[str, list]:
+    """The finished job runs per experiment, read with MlflowClient alone."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pnn")
+    runs: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        if run.data.tags.get("pnn.role") == "job" and run.info.status == "FINISHED":
+            runs.setdefault(run.data.tags["experiment"], []).append(run)
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    std = statistics.stdev(values) if len(values) >= 2 else math.nan
+    return statistics.fmean(values), std
+
+
+def _same(actual: float, expected: float) -> bool:
+    if math.isnan(expected):
+        return math.isnan(actual)
+    return actual == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_end_to_end_with_real_sweep(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for args in SWEEPS:
+        done = subprocess.run(
+            [PYTHON, str(REPO / "sweep.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    result = _cli(tmp_path)  # the default store: ./mlflow.db
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "results"
+    assert "| e1_baseline_resnet18 |" in result.stdout
+
+    runs = _logged_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {name: len(found) for name, found in runs.items()} == E2E_RUNS
+    table = pd.read_csv(out / "results.csv").set_index("experiment")
+    for experiment, found in runs.items():
+        row = table.loc[experiment]
+        metrics = [run.data.metrics for run in found]
+        assert row["n_runs"] == len(found)
+        for metric in ("final_test_acc", "best_test_acc"):
+            mean, std = _mean_std([m[metric] for m in metrics])
+            assert _same(row[f"{metric}_mean"], mean), (experiment, metric)
+            assert _same(row[f"{metric}_std"], std), (experiment, metric)
+        reported, _ = _mean_std([m["best_test_acc_reported"] for m in metrics])
+        assert _same(row["best_test_acc_reported_mean"], reported)
+        assert _same(row["params_M"], _mean_std([m["params"] / 1e6 for m in metrics])[0])
+        assert _same(row["mask_values_M"], _mean_std([m["mask_values"] / 1e6 for m in metrics])[0])
+        published = float(found[0].data.tags["published_test_acc"])
+        assert _same(row["published_test_acc"], published)
+        assert _same(row["diff_vs_published"], row["best_test_acc_mean"] - published)
+
+    per_run = pd.read_csv(out / "reported_vs_actual.csv").set_index("run_id")
+    for found in runs.values():
+        for run in found:
+            m = run.data.metrics
+            assert _same(per_run.loc[run.info.run_id, "best_test_acc"], m["best_test_acc"])
+            gap = m["best_test_acc_reported"] - m["best_test_acc"]
+            assert _same(per_run.loc[run.info.run_id, "gap"], gap)
+
+    # README experiments that were not run are "—" rows.
+    md = (out / "results.md").read_text()
+    for experiment in README_ORDER:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {experiment} |"))
+        assert (row.count("—") >= 6) == (experiment not in E2E_RUNS), row
+        if experiment not in E2E_RUNS:
+            assert table.loc[experiment, "n_runs"] == 0
+
+    for name in FIGURES:
+        _check_png(out / name)
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert len(re.findall(r"<img [^>]*src='data:image/png;base64,", page)) == len(FIGURES)
