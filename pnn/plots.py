@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pnn.results import RESNET18_LIKE
@@ -21,7 +22,7 @@ class SkipFigure(Exception):
     """A figure that cannot be drawn from the data at hand; the message says why."""
 
 
-def _band(ax, curves: pd.DataFrame, label: str, color: str | None = None) -> None:
+def _band(ax: Axes, curves: pd.DataFrame, label: str, color: str | None = None) -> None:
     """Mean test accuracy per epoch over the runs in ``curves``, with a ±1 std band."""
     stats = curves.groupby("epoch")["test_acc"].agg(["mean", "std", "count"]).reset_index()
     (line,) = ax.plot(
@@ -44,7 +45,7 @@ def _band(ax, curves: pd.DataFrame, label: str, color: str | None = None) -> Non
         )
 
 
-def _epoch_axis(ax, curves: pd.DataFrame) -> None:
+def _epoch_axis(ax: Axes, curves: pd.DataFrame) -> None:
     ax.set_xlabel("Epoch")
     ax.set_ylabel("Test accuracy (%)")
     ax.grid(True, alpha=0.3)

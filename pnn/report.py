@@ -241,7 +241,7 @@ def _figures(
     runs: RunSet, curves: pd.DataFrame, by: list[str], gap_run: pd.Series | None
 ) -> tuple[list[tuple[str, str, Figure | None]], list[str]]:
     """(file name, caption, Figure or None when skipped) for each figure, and skip notes."""
-    table_order = sort_experiments(runs.finished, ["seed"])
+    table_order = sort_experiments(runs.finished, [*(f"config.{k}" for k in by), "seed"])
 
     def gap_figure() -> Figure:
         if gap_run is None:

@@ -337,6 +337,22 @@ def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
     )
 
 
+@pytest.mark.parametrize(
+    ("uri", "path"),
+    [
+        ("sqlite:///mlflow.db", "mlflow.db"),
+        ("sqlite:////abs/dir/mlflow.db", "/abs/dir/mlflow.db"),
+        ("file:///abs/mlruns", "/abs/mlruns"),
+        ("mlruns", "mlruns"),
+        ("http://127.0.0.1:5000", None),
+    ],
+)
+def test_local_store_path(uri: str, path: str | None) -> None:
+    from pnn.store import local_store_path
+
+    assert local_store_path(uri) == (Path(path) if path else None)
+
+
 def test_missing_store_exit_1_and_not_created(tmp_path: Path) -> None:
     result = _cli(tmp_path)
     assert result.returncode == 1
