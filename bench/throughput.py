@@ -7,7 +7,9 @@ For each experiment: the README model and batch size, the production step
 (``pnn.engine.build_train_step``: forward, backward, optimizer step, on-device accumulation),
 fed from augmented synthetic CIFAR-shaped data already on the device. ``--warmup`` steps, then
 ``--steps`` timed steps, synchronised only at the two ends; the step slices its batch from an
-epoch tensor exactly as ``train`` does.
+epoch tensor exactly as ``train`` does. ``--mode reference`` times the reference code's own
+loop instead (DataLoader + PIL transforms, ``.cpu()``/``.item()`` every step, the grouped-conv
+perturbation), for a same-machine baseline.
 
 Configs: composed with Hydra (``pnn.config.load_config``) where it is installed; otherwise
 (the GPU image has no Hydra) from ``EXPERIMENTS`` below applied to the schema's defaults,
@@ -17,6 +19,7 @@ which ``tests/test_bench.py`` checks against the composed configs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -24,10 +27,12 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as well
 
@@ -122,8 +127,90 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def production_steps(
+    cfg: Any, model: torch.nn.Module, device: torch.device
+) -> tuple[Callable[[int], None], Callable[[], float]]:
+    """``train``'s inner loop: batches sliced from an augmented epoch tensor on the device."""
+    batch_size = cfg.train.batch_size
+    images, labels = synthetic_split(DATA_BATCHES * batch_size, seed=0, train=True)
+    images, labels = images.to(device), labels.to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    mean = torch.tensor(DATASETS["cifar10"].mean, device=device)
+    std = torch.tensor(DATASETS["cifar10"].std, device=device)
+    inputs = normalize(random_crop_flip(images, generator), mean, std)
+    step = build_train_step(cfg, model, build_optimizer(cfg, model), device)
+    totals = StepTotals.zeros(device)
+    done = 0
+
+    def run(count: int) -> None:
+        nonlocal done
+        for i in range(done, done + count):
+            begin = (i % DATA_BATCHES) * batch_size
+            step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
+        done += count
+
+    return run, lambda: totals.loss_sum.item() / (done * batch_size)
+
+
+def reference_steps(
+    cfg: Any, model: torch.nn.Module, device: torch.device, total_steps: int, workers: int
+) -> tuple[Callable[[int], None], Callable[[], float]]:
+    """The reference code's loop: a DataLoader with PIL transforms, ``.cpu()`` and ``.item()``
+    on every step. (The model's perturbations are switched to the reference formulation by
+    the caller.)"""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    batch_size = cfg.train.batch_size
+    spec = DATASETS["cifar10"]
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
+    images, labels = synthetic_split(total_steps * batch_size, seed=0, train=True)
+    hwc = images.permute(0, 2, 3, 1).numpy()
+
+    class PILImages(Dataset):
+        def __len__(self) -> int:
+            return len(labels)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return transform(Image.fromarray(hwc[i])), int(labels[i])
+
+    # One pass covers warm-up and timed steps, so no worker restarts inside the timing.
+    batches = iter(DataLoader(PILImages(), batch_size, shuffle=True, num_workers=workers))
+    optimizer = build_optimizer(cfg, model)
+    losses: list[float] = []
+
+    def run(count: int) -> None:
+        for _ in range(count):
+            inputs, targets = next(batches)
+            targets, inputs = targets.to(device), inputs.to(device)
+            output = model(inputs)
+            loss = F.cross_entropy(output, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            pred = output.data.max(1)[1]
+            _ = pred.eq(targets.data).cpu().sum() * 100.0 / batch_size
+            losses.append(loss.item())
+
+    return run, lambda: sum(losses) / len(losses)
+
+
 def bench_experiment(
-    name: str, device: torch.device, steps: int, warmup: int, precision: str
+    name: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    precision: str = "fp32",
+    mode: str = "production",
+    workers: int = 4,
 ) -> dict[str, Any]:
     from pnn.models import build_model, count_parameters
 
@@ -132,31 +219,28 @@ def bench_experiment(
     batch_size = cfg.train.batch_size
     seed_everything(0)
     model = build_model(cfg).to(device)
-    optimizer = build_optimizer(cfg, model)
+    if mode == "reference":
+        from pnn.layers import perturb_settings
 
-    images, labels = synthetic_split(DATA_BATCHES * batch_size, seed=0, train=True)
-    images, labels = images.to(device), labels.to(device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    mean = torch.tensor(DATASETS["cifar10"].mean, device=device)
-    std = torch.tensor(DATASETS["cifar10"].std, device=device)
-    inputs = normalize(random_crop_flip(images, generator), mean, std)
+        # The reference runs the materialised grouped-conv perturbation and no autotuning.
+        torch.backends.cudnn.benchmark = False
+        settings = perturb_settings(fast_path=False, reference=True)
+        run, mean_loss = reference_steps(cfg, model, device, warmup + steps, workers)
+    else:
+        settings = contextlib.nullcontext()
+        run, mean_loss = production_steps(cfg, model, device)
 
-    _sync(device)
-    _peak_memory_reset(device)
-    step = build_train_step(cfg, model, optimizer, device)
-    totals = StepTotals.zeros(device)
-
-    def run(count: int, offset: int) -> float:
+    def timed(count: int) -> float:
         started = time.perf_counter()
-        for i in range(offset, offset + count):
-            begin = (i % DATA_BATCHES) * batch_size
-            step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
+        run(count)
         _sync(device)
         return time.perf_counter() - started
 
-    warmup_s = run(warmup, 0)
-    seconds = run(steps, warmup)
-    loss = totals.loss_sum.item() / max(1, (warmup + steps) * batch_size)
+    with settings:
+        _sync(device)
+        _peak_memory_reset(device)
+        warmup_s = timed(warmup)
+        seconds = timed(steps)
     return {
         "experiment": name,
         "batch_size": batch_size,
@@ -165,7 +249,7 @@ def bench_experiment(
         "epoch_s": 50_000 * seconds / (steps * batch_size),  # CIFAR-10, training only
         "peak_gib": _peak_memory_gib(device),
         "warmup_s": warmup_s,
-        "mean_loss": loss,  # a sanity check: finite, about ln(10) at the start
+        "mean_loss": mean_loss(),  # a sanity check: finite, about ln(10) at the start
         **count_parameters(model),
     }
 
@@ -198,22 +282,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--experiments", default="", help="comma-separated, e.g. e1,e7")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--mode",
+        choices=("production", "reference"),
+        default="production",
+        help="reference: the reference code's loop (DataLoader + PIL, .item() every step, "
+        "grouped-conv perturbation), fp32 only",
+    )
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (reference)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.mode == "reference" and args.precision != "fp32":
+        parser.error("--mode reference runs fp32, as the reference does")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
 
     device = torch.device(args.device)
     names = [experiment_name(s) for s in args.experiments.split(",") if s] or list(EXPERIMENTS)
-    setting = f"{args.precision}, {args.warmup} warm-up + {args.steps} timed steps"
+    setting = (
+        f"{args.mode} step, {args.precision}, {args.warmup} warm-up + {args.steps} timed steps"
+    )
     print(f"{device_description(device)}, torch {torch.__version__}, {setting}")
     print(table_header(device), flush=True)
     results = []
     for name in names:
         try:
-            result = bench_experiment(name, device, args.steps, args.warmup, args.precision)
+            result = bench_experiment(
+                name, device, args.steps, args.warmup, args.precision, args.mode, args.workers
+            )
         except torch.cuda.OutOfMemoryError as error:
             batch = fallback_config(name).train.batch_size
             result = {"experiment": name, "batch_size": batch, "error": str(error).split("\n")[0]}
@@ -230,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "warmup": args.warmup,
             "precision": args.precision,
+            "mode": args.mode,
             "results": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

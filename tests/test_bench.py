@@ -53,3 +53,15 @@ def test_one_cpu_step_without_hydra(tmp_path: Path) -> None:
     assert result["batch_size"] == 16
     assert (result["params"], result["mask_values"]) == (5_608_202, 1_100_800)  # the README's
     assert result["img_per_s"] > 0 and 0 < result["mean_loss"] < 10
+
+
+def test_reference_mode_runs_the_dataloader_loop(tmp_path: Path) -> None:
+    pytest.importorskip("pnn.layers")
+    out = tmp_path / "reference.json"
+    argv = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--experiments", "e4"]
+    assert (
+        throughput.main([*argv, "--mode", "reference", "--workers", "0", "--json", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["mode"] == "reference"
+    assert report["results"][0]["img_per_s"] > 0
