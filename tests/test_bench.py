@@ -37,7 +37,6 @@ def test_every_experiment_file_is_in_the_table() -> None:
 
 
 def test_one_cpu_step_without_hydra(tmp_path: Path) -> None:
-    pytest.importorskip("pnn.models")
     out = tmp_path / "bench.json"
     # sys.modules["hydra"] = None makes every `import hydra` fail, as on the GPU image.
     code = (
@@ -56,7 +55,6 @@ def test_one_cpu_step_without_hydra(tmp_path: Path) -> None:
 
 
 def test_reference_mode_runs_the_dataloader_loop(tmp_path: Path) -> None:
-    pytest.importorskip("pnn.layers")
     out = tmp_path / "reference.json"
     argv = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--experiments", "e4"]
     assert (

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pnn import models
 from pnn.config import load_config
 from pnn.data import load_data
 from pnn.engine import (
@@ -358,7 +359,6 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("experiment", ["e7_pnn_shared_masks", "e8_pnn_trained_masks"])
 def test_real_pnn_trains_and_resumes_exactly(experiment: str, tmp_path: Path) -> None:
-    models = pytest.importorskip("pnn.models")
     cfg = small_config(
         f"experiment={experiment}",
         "model.nfilters=8",
