@@ -223,9 +223,10 @@ def _unavailable_message(
             f"{folder} folder there"
         )
     how = "downloading it failed" if download else "dataset.download is false"
+    fetch = "" if download else ", or set dataset.download=true on a machine with internet access"
     return (
         f"Dataset {name} is not available: looked for {wanted} and {how} (torchvision said: "
         f"{str(error).strip()}). To provide it, download {source} {place}, or point "
-        f"dataset.root at the folder that holds it, or set dataset.download=true on a machine "
-        f"with internet access. To run without it, use dataset=synthetic or profile=smoke."
+        f"dataset.root at the folder that holds it{fetch}. To run without it, use "
+        f"dataset=synthetic or profile=smoke."
     )
