@@ -202,7 +202,8 @@ def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
                 killed_after = logged[0]
                 break
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert killed_after is not None, "the sweep finished before it could be killed"
     client = store(tmp_path)
