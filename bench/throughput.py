@@ -38,7 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from pnn.config import DATASETS, PNNConfig  # noqa: E402
 from pnn.data import normalize, random_crop_flip, synthetic_split  # noqa: E402
-from pnn.engine import StepTotals, build_optimizer, build_train_step, seed_everything  # noqa: E402
+from pnn.engine import (  # noqa: E402
+    EVAL_BATCHES_PER_STEP,
+    StepTotals,
+    build_optimizer,
+    build_train_step,
+    evaluate,
+    seed_everything,
+)
 
 # The experiment files' overrides of the defaults (conf/experiment/*.yaml), for machines
 # without Hydra. Keys are dotted paths into PNNConfig.
@@ -149,7 +156,24 @@ def production_steps(
             step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
         done += count
 
+    run.step = step  # type: ignore[attr-defined]
     return run, lambda: totals.loss_sum.item() / (done * batch_size)
+
+
+def eval_img_per_s(cfg: Any, model: torch.nn.Module, device: torch.device, batches: int) -> float:
+    """The engine's test pass (eval mode, no gradients, 8 training batches at a time)."""
+    size = batches * cfg.train.batch_size * EVAL_BATCHES_PER_STEP
+    images, labels = synthetic_split(size, seed=1, train=False)
+    mean = torch.tensor(DATASETS["cifar10"].mean, device=device)
+    std = torch.tensor(DATASETS["cifar10"].std, device=device)
+    inputs, labels = normalize(images.to(device), mean, std), labels.to(device)
+    chunk = cfg.train.batch_size * EVAL_BATCHES_PER_STEP
+    evaluate(model, inputs[:chunk], labels[:chunk], chunk, cfg.train.precision)  # warm-up
+    _sync(device)
+    started = time.perf_counter()
+    evaluate(model, inputs, labels, chunk, cfg.train.precision)
+    _sync(device)
+    return size / (time.perf_counter() - started)
 
 
 def reference_steps(
@@ -211,11 +235,15 @@ def bench_experiment(
     precision: str = "fp32",
     mode: str = "production",
     workers: int = 4,
+    fast: str = "auto",
+    compile_layers: bool = True,
 ) -> dict[str, Any]:
     from pnn.models import build_model, count_parameters
 
     cfg = experiment_config(name)
     cfg.train.precision = precision
+    cfg.train.fast = fast
+    cfg.train.compile = compile_layers
     batch_size = cfg.train.batch_size
     seed_everything(0)
     model = build_model(cfg).to(device)
@@ -241,14 +269,22 @@ def bench_experiment(
         _peak_memory_reset(device)
         warmup_s = timed(warmup)
         seconds = timed(steps)
+        peak = _peak_memory_gib(device)
+        extra: dict[str, Any] = {}
+        if mode == "production":
+            step = run.step  # type: ignore[attr-defined]
+            extra["step"] = type(step).__name__
+            extra["graph_captures"] = getattr(step, "captures", 0)
+            extra["eval_img_per_s"] = eval_img_per_s(cfg, model, device, max(1, steps // 8))
     return {
         "experiment": name,
         "batch_size": batch_size,
         "img_per_s": steps * batch_size / seconds,
         "ms_per_step": seconds / steps * 1000,
         "epoch_s": 50_000 * seconds / (steps * batch_size),  # CIFAR-10, training only
-        "peak_gib": _peak_memory_gib(device),
+        "peak_gib": peak,
         "warmup_s": warmup_s,
+        **extra,
         "mean_loss": mean_loss(),  # a sanity check: finite, about ln(10) at the start
         **count_parameters(model),
     }
@@ -263,6 +299,7 @@ def device_description(device: torch.device) -> str:
 def table_header(device: torch.device) -> str:
     memory = "peak GiB" if device.type == "cuda" else "peak RSS GiB"
     columns = f"{'batch':>5} {'img/s':>9} {'ms/step':>9} {'s/epoch':>9} {memory:>12}"
+    columns += f" {'eval img/s':>10} {'warm-up s':>9}  step"
     return f"{'experiment':<30} {columns}"
 
 
@@ -272,6 +309,8 @@ def table_row(r: dict[str, Any]) -> str:
     return (
         f"{r['experiment']:<30} {r['batch_size']:>5} {r['img_per_s']:>9.1f} "
         f"{r['ms_per_step']:>9.2f} {r['epoch_s']:>9.1f} {r['peak_gib']:>12.2f}"
+        f" {r.get('eval_img_per_s', float('nan')):>10.1f} {r['warmup_s']:>9.1f}"
+        f"  {r.get('step', 'reference loop')}"
     )
 
 
@@ -290,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         "grouped-conv perturbation), fp32 only",
     )
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (reference)")
+    parser.add_argument(
+        "--fast",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="train.fast: CUDA graph + compiled layers on CUDA (auto), or eager (off)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="train.compile=false: keep the CUDA graph but not the compiled perturbation kernels",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -304,13 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     setting = (
         f"{args.mode} step, {args.precision}, {args.warmup} warm-up + {args.steps} timed steps"
     )
+    if args.mode == "production":
+        setting += f", train.fast={args.fast}, train.compile={not args.no_compile}"
     print(f"{device_description(device)}, torch {torch.__version__}, {setting}")
     print(table_header(device), flush=True)
     results = []
     for name in names:
         try:
             result = bench_experiment(
-                name, device, args.steps, args.warmup, args.precision, args.mode, args.workers
+                name,
+                device,
+                args.steps,
+                args.warmup,
+                args.precision,
+                args.mode,
+                args.workers,
+                args.fast,
+                not args.no_compile,
             )
         except torch.cuda.OutOfMemoryError as error:
             batch = fallback_config(name).train.batch_size
@@ -329,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "precision": args.precision,
             "mode": args.mode,
+            "fast": args.fast,
+            "compile": not args.no_compile,
             "results": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     # "auto" uses the compiled / CUDA-graphed step on CUDA and eager on CPU.
     fast: str = "auto"
+    # On the fast path, torch.compile the fused perturbation kernels (about a minute of
+    # compilation per model, then several times faster PNN layers).
+    compile: bool = True
     checkpoint_dir: str = "checkpoints"
     progress: str = "auto"
 

@@ -152,7 +152,8 @@ class StepTotals:
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        # No cast cache: a CUDA graph must not capture casts cached from an earlier step.
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -182,12 +183,26 @@ def build_train_step(
     cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> Callable[[torch.Tensor, torch.Tensor, StepTotals], None]:
     """The step :func:`train` runs, as ``train.fast`` and ``train.precision`` ask (the bench
-    times this same function)."""
-    if use_fast_path(cfg, device):
-        # Later work plugs torch.compile / a CUDA-graphed step in here; for now the fast path
-        # only lets cuDNN pick the fastest kernels for the fixed shapes.
-        torch.backends.cudnn.benchmark = True
-    return make_train_step(model, optimizer, cfg.train.precision, device)
+    times this same function).
+
+    The fast path (CUDA only) lets cuDNN pick kernels for the fixed shapes, uses the compiled
+    perturbation kernels of :mod:`pnn.layers`, and replays the whole step from a CUDA graph
+    (:mod:`pnn.fast`). On the CPU the step stays eager, which keeps it bit-reproducible.
+    """
+    from pnn import layers
+    from pnn.fast import GraphedTrainStep, graph_unsupported
+
+    step = make_train_step(model, optimizer, cfg.train.precision, device)
+    fast = use_fast_path(cfg, device)
+    layers.set_fast_path(fast and bool(getattr(cfg.train, "compile", True)))
+    if not fast:
+        return step
+    torch.backends.cudnn.benchmark = True
+    reason = graph_unsupported(model, optimizer)
+    if reason is not None:
+        print(f"[pnn] training step not graph-captured: {reason}", file=sys.stderr)
+        return step
+    return GraphedTrainStep(step, optimizer, cfg.train.batch_size)
 
 
 # --------------------------------------------------------------------------------------------

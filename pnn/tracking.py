@@ -47,6 +47,7 @@ VOLATILE_KEYS = (
     "dry_run",
     "train.device",
     "train.fast",
+    "train.compile",
     "train.progress",
     "train.checkpoint_dir",
     "dataset.root",
