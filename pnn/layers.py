@@ -264,13 +264,12 @@ class _ChunkedPerturbConv(torch.autograd.Function):
 
 
 def _chunks(b: int, c: int, m: int, p: int) -> Iterator[tuple[slice, slice]]:
-    """(samples, masks) slices of about CHUNK_ELEMENTS fan-out elements, masks inner.
-
-    At least 8 masks per chunk (or all of them): matmuls over fewer are slow on CPU.
-    """
-    per_mask = c * p
-    mc = max(min(m, 8), min(m, CHUNK_ELEMENTS // per_mask))
-    bc = max(1, min(b, CHUNK_ELEMENTS // (per_mask * mc)))
+    """(samples, masks) slices, masks inner, of at most CHUNK_ELEMENTS fan-out elements and at
+    most the input's size, so recompute scratch stays within the input's memory (at least two
+    masks per chunk all the same: a matmul over one is very slow on CPU, and that is 2x)."""
+    per_mask, budget = c * p, min(CHUNK_ELEMENTS, b * c * p)
+    mc = max(min(m, 2), min(m, budget // per_mask))
+    bc = max(1, min(b, budget // (per_mask * mc)))
     for b0 in range(0, b, bc):
         for m0 in range(0, m, mc):
             yield slice(b0, b0 + bc), slice(m0, m0 + mc)

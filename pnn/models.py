@@ -2,8 +2,8 @@
 
 Every model traces its feature-map size while it is built, so each mask and noise buffer gets
 the real resolution of its input, and a combination whose shapes cannot fit (a residual whose
-main path shrinks below its shortcut, a map that shrinks to nothing) is a ConfigError before any
-tensor is allocated. Where the reference hard-codes a size (the pooled head of the ResNets, the
+main path shrinks below its shortcut, a map that shrinks to nothing) is a ConfigError at build
+time instead of a shape error at the first forward. Where the reference hard-codes a size (the
 n x n input of cifarnet's and lenet's head), we use the traced size: it equals the reference's
 number in every configuration the reference can run.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from pnn.config import DATASETS, FILTER_SIZES, ConfigError, validate_model_options
@@ -315,8 +315,7 @@ def _build(m: DictConfig, noise: DictConfig, masks: DictConfig, spec) -> nn.Modu
 
 def _fits(m: DictConfig, noise: DictConfig, masks: DictConfig, spec, **change: int) -> bool:
     """Whether the model builds with some model keys changed; built on the meta device (free)."""
-    m = m.copy()
-    m.update(change)
+    m = OmegaConf.merge(m, change)  # a new config; the caller's stays as it is
     try:
         with torch.device("meta"):
             _build(m, noise, masks, spec)
