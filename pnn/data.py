@@ -9,6 +9,7 @@ Nothing goes through PIL or a DataLoader in the loop, and nothing waits for the 
 
 from __future__ import annotations
 
+import fcntl
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +196,11 @@ def _load_split(
         name, datasets.MNIST
     )
     try:
-        dataset = dataset_class(str(root), train=train, download=cfg.dataset.download)
+        # Parallel jobs share dataset.root: one downloads and extracts, the others wait for it.
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".pnn-download.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            dataset = dataset_class(str(root), train=train, download=cfg.dataset.download)
     except (RuntimeError, OSError) as error:  # not found, corrupted, or the download failed
         raise DatasetUnavailableError(
             _unavailable_message(name, dataset_class, Path(root), cfg.dataset.download, error)
