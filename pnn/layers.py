@@ -142,7 +142,9 @@ def perturb_sum_form(
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-def _functional_act(z: Tensor, kind: str, consts: tuple[float, ...], weight: Tensor | None):
+def _functional_act(
+    z: Tensor, kind: str, consts: tuple[float, ...], weight: Tensor | None
+) -> Tensor:
     if kind == "none":
         return z
     if kind == "relu":
@@ -347,7 +349,8 @@ def perturb_conv(
         kind, consts, act_weight = spec
         # Everything the compiled graph specialises on, so that each key compiles once.
         key = (x.shape, masks.shape, weight.shape, x.dtype, x.device, kind, consts, level)
-        key += (torch.is_grad_enabled(), x.requires_grad, masks.requires_grad, bias is None)
+        key += (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        key += (x.requires_grad, masks.requires_grad, bias is None)
         return _compiled_sum_form(key)(x, masks, level, weight, bias, kind, consts, act_weight)
     return _ChunkedPerturbConv.apply(x, masks, weight, bias, level, act, *act.parameters())
 
@@ -472,7 +475,9 @@ class NoiseLayer(nn.Module):
     is a buffer, so checkpoints keep it (the original created it lazily and lost it).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, input_size: int, level: float):
+    def __init__(
+        self, in_channels: int, out_channels: int, *, input_size: int, level: float
+    ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.input_size, self.level = input_size, level

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from pnn.config import DATASETS, FILTER_SIZES, ConfigError, validate_model_options
+from pnn.config import DATASETS, FILTER_SIZES, ConfigError, DatasetSpec, validate_model_options
 from pnn.layers import NoiseLayer, PerturbLayer, make_act, perturb_output_size
 
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -59,7 +59,7 @@ class ResNet(nn.Module):
 
     def __init__(
         self, stem: nn.Module, stages: nn.Module, final_size: int, width: int, classes: int
-    ):
+    ) -> None:
         super().__init__()
         self.stem, self.stages = stem, stages
         # The reference's AvgPool2d(4 or 1, stride 1): its kernel is always the final map size.
@@ -298,7 +298,7 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _build(m: DictConfig, noise: DictConfig, masks: DictConfig, spec) -> nn.Module:
+def _build(m: DictConfig, noise: DictConfig, masks: DictConfig, spec: DatasetSpec) -> nn.Module:
     common = (spec.in_channels, spec.image_size, spec.num_classes, m.nfilters)
     if m.name == "resnet18":
         return resnet18(*common)
@@ -313,7 +313,9 @@ def _build(m: DictConfig, noise: DictConfig, masks: DictConfig, spec) -> nn.Modu
     return small_net(m.name, *common, *options, m.use_act, m.pool_type, m.dropout, perturbs)
 
 
-def _fits(m: DictConfig, noise: DictConfig, masks: DictConfig, spec, **change: int) -> bool:
+def _fits(
+    m: DictConfig, noise: DictConfig, masks: DictConfig, spec: DatasetSpec, **change: int
+) -> bool:
     """Whether the model builds with some model keys changed; built on the meta device (free)."""
     m = OmegaConf.merge(m, change)  # a new config; the caller's stays as it is
     try:
@@ -324,7 +326,7 @@ def _fits(m: DictConfig, noise: DictConfig, masks: DictConfig, spec, **change: i
     return True
 
 
-def _shape_error(cfg: DictConfig, spec, detail: str) -> ConfigError:
+def _shape_error(cfg: DictConfig, spec: DatasetSpec, detail: str) -> ConfigError:
     m, noise, masks = cfg.model, cfg.noise, cfg.masks
     where = f"model.name={m.name} on {spec.image_size}x{spec.image_size} inputs"
     for key in ("filter_size", "first_filter_size"):
