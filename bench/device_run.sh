@@ -22,7 +22,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 # 1. Correctness: layer vs reference formulation, graphed vs eager step, train() learns.
-step check 80 python3 bench/check_cuda.py --no-compile
+step check 70 python3 bench/check_cuda.py --no-compile
 # 2. The production step: CUDA graph, eager perturbation kernels (no compile time).
 step graph 60 python3 bench/throughput.py --device cuda --steps 100 --warmup 10 --no-compile \
   --json "$OUT/graph.json"
@@ -32,4 +32,6 @@ step reference 75 python3 bench/throughput.py --device cuda --mode reference --s
 # 4. With the compiled perturbation kernels, where they matter (compile time in warm-up s).
 step compiled 60 python3 bench/throughput.py --device cuda --steps 100 --warmup 10 \
   --experiments e7,e8,e6 --json "$OUT/compiled.json"
+# 5. The compiled layer against the reference formulation on CUDA (tests/test_layers.py).
+step layer_tests 45 python3 -m pytest -q -p no:cacheprovider tests/test_layers.py -k cuda
 exit 0
