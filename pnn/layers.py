@@ -15,7 +15,9 @@ experiment 6). :func:`perturb_conv` computes the same function without keeping i
 - otherwise (CPU, or fast path off): :class:`_ChunkedPerturbConv`, which walks over the masks in
   chunks and recomputes each chunk in backward. It saves only x, the masks and the weights.
 
-:func:`perturb_reference` keeps the reference formulation for benchmarks and equivalence checks.
+:func:`perturb_reference` keeps the reference formulation for benchmarks and equivalence checks;
+:func:`perturb_settings` switches between the ways, and :func:`check_fast_path` compares them
+on a GPU.
 """
 
 from __future__ import annotations
@@ -266,9 +268,10 @@ class _ChunkedPerturbConv(torch.autograd.Function):
 
 
 def _chunks(b: int, c: int, m: int, p: int) -> Iterator[tuple[slice, slice]]:
-    """(samples, masks) slices, masks inner, of at most CHUNK_ELEMENTS fan-out elements and at
-    most the input's size, so recompute scratch stays within the input's memory (at least two
-    masks per chunk all the same: a matmul over one is very slow on CPU, and that is 2x)."""
+    """(samples, masks) slices, masks inner. A chunk holds at most CHUNK_ELEMENTS fan-out
+    elements and at most as many as the input, so backward's recompute scratch stays within
+    the input's memory; except that a chunk always takes two masks (a matmul over one is very
+    slow on CPU), which is at most twice the input."""
     per_mask, budget = c * p, min(CHUNK_ELEMENTS, b * c * p)
     mc = max(min(m, 2), min(m, budget // per_mask))
     bc = max(1, min(b, budget // (per_mask * mc)))

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from pnn.config import DATASETS, FILTER_SIZES, ConfigError, DatasetSpec, validate_model_options
-from pnn.layers import NoiseLayer, PerturbLayer, make_act, perturb_output_size
+from pnn.layers import CONV_SPECS, NoiseLayer, PerturbLayer, make_act, perturb_output_size
 
 STAGE_STRIDES = (1, 2, 2, 2)
 BLOCKS_PER_STAGE = 2  # ResNet-18: [2, 2, 2, 2]
@@ -35,11 +35,6 @@ def _conv_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int
     if out < 1:
         raise _ShapeError(f"a {size}x{size} map is too small for a {kernel}x{kernel} window")
     return out
-
-
-def _pool(pool_type: str, kernel: int, stride: int, padding: int = 0) -> nn.Module:
-    cls = nn.MaxPool2d if pool_type == "max" else nn.AvgPool2d
-    return cls(kernel, stride, padding)
 
 
 class ResidualBlock(nn.Module):
@@ -109,8 +104,14 @@ def _stages(nfilters: int, size: int, block: BlockBuilder) -> tuple[nn.Sequentia
 
 @dataclass
 class _Perturbs:
-    """Builds PerturbLayers with the options every layer of a model shares."""
+    """The perturbation settings a whole model shares; builds its PerturbLayers and pools."""
 
+    first_filter_size: int
+    filter_size: int
+    level: float
+    first_level: float  # level * noise.scale
+    use_act: bool  # the first layer's; every later layer uses its act
+    pool_type: str
     nmasks: int
     unique_masks: bool
     train_masks: bool
@@ -119,13 +120,28 @@ class _Perturbs:
     mix_maps: bool
     debug: bool
 
-    def __call__(
-        self, cin: int, cout: int, size: int, filter_size: int, level: float, use_act: bool = True
+    def first(self, cin: int, cout: int, size: int) -> tuple[PerturbLayer, int]:
+        return self._layer(cin, cout, size, self.first_filter_size, self.first_level, self.use_act)
+
+    def inner(self, cin: int, cout: int, size: int) -> tuple[PerturbLayer, int]:
+        return self._layer(cin, cout, size, self.filter_size, self.level, True)
+
+    def pool(self, kernel: int, stride: int, padding: int = 0) -> nn.Module:
+        cls = nn.MaxPool2d if self.pool_type == "max" else nn.AvgPool2d
+        return cls(kernel, stride, padding)
+
+    def _layer(
+        self, cin: int, cout: int, size: int, filter_size: int, level: float, use_act: bool
     ) -> tuple[PerturbLayer, int]:
         # Like the reference, only one layer prints: here the first that perturbs.
         debug = self.debug and filter_size == 0
         if debug:
             self.debug = False
+        out = perturb_output_size(size, filter_size)
+        if out < 1:
+            raise _ShapeError(
+                f"a {size}x{size} map is too small for a {filter_size}x{filter_size} filter"
+            )
         layer = PerturbLayer(
             cin,
             cout,
@@ -141,12 +157,17 @@ class _Perturbs:
             mix_maps=self.mix_maps,
             debug=debug,
         )
-        out = perturb_output_size(size, filter_size)
-        if out < 1:
-            raise _ShapeError(
-                f"a {size}x{size} map is too small for a {filter_size}x{filter_size} filter"
-            )
         return layer, out
+
+
+def _conv_stem(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    """conv (no bias) -> BN -> relu: 3x3 keeps the size, 7x7 has stride 2 (as PerturbLayer)."""
+    padding, stride, _ = CONV_SPECS[kernel]
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
 
 
 def resnet18(in_channels: int, image_size: int, classes: int, nfilters: int) -> ResNet:
@@ -162,11 +183,7 @@ def resnet18(in_channels: int, image_size: int, classes: int, nfilters: int) -> 
         )
         return body, _conv_size(size, 3, stride, 1)
 
-    stem = nn.Sequential(
-        nn.Conv2d(in_channels, nfilters, 3, padding=1, bias=False),
-        nn.BatchNorm2d(nfilters),
-        nn.ReLU(),
-    )
+    stem = _conv_stem(in_channels, nfilters, 3)
     stages, size = _stages(nfilters, image_size, block)
     return ResNet(stem, stages, size, 8 * nfilters, classes)
 
@@ -181,19 +198,11 @@ def noiseresnet18(
 ) -> ResNet:
     """The original authors' model: conv stem, NoiseBasicBlocks (noise buffers, never trained)."""
     nf = nfilters
+    stem = _conv_stem(in_channels, nf, first_filter_size)
+    size = image_size
     if first_filter_size == 7:
+        stem.append(nn.MaxPool2d(3, 2, 1))
         size = _conv_size(_conv_size(image_size, 7, 2, 3), 3, 2, 1)
-        stem = nn.Sequential(
-            nn.Conv2d(in_channels, nf, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(nf),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2, 1),
-        )
-    else:
-        size = image_size
-        stem = nn.Sequential(
-            nn.Conv2d(in_channels, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU()
-        )
 
     def block(cin: int, cout: int, stride: int, size: int) -> tuple[nn.Module, int]:
         layers: list[nn.Module] = [NoiseLayer(cin, cout, input_size=size, level=level)]
@@ -213,34 +222,22 @@ def noiseresnet18(
 
 
 def perturb_resnet18(
-    in_channels: int,
-    image_size: int,
-    classes: int,
-    nfilters: int,
-    first_filter_size: int,
-    filter_size: int,
-    level: float,
-    first_level: float,
-    use_act: bool,
-    pool_type: str,
-    perturbs: _Perturbs,
+    in_channels: int, image_size: int, classes: int, nfilters: int, perturbs: _Perturbs
 ) -> ResNet:
     """PerturbLayer stem (+ MaxPool after a 7x7), PerturbBasicBlocks: P -> pool(stride) -> P."""
-    first, size = perturbs(
-        in_channels, nfilters, image_size, first_filter_size, first_level, use_act
-    )
+    first, size = perturbs.first(in_channels, nfilters, image_size)
     stem: nn.Module = first
-    if first_filter_size == 7:
+    if perturbs.first_filter_size == 7:
         stem = nn.Sequential(first, nn.MaxPool2d(3, 2, 1))
         size = _conv_size(size, 3, 2, 1)
 
     def block(cin: int, cout: int, stride: int, size: int) -> tuple[nn.Module, int]:
-        layer, size = perturbs(cin, cout, size, filter_size, level)
+        layer, size = perturbs.inner(cin, cout, size)
         layers: list[nn.Module] = [layer]
         if stride > 1:  # pool(1, 1) is the identity
-            layers.append(_pool(pool_type, stride, stride))
+            layers.append(perturbs.pool(stride, stride))
             size = _conv_size(size, stride, stride)
-        layer, size = perturbs(cout, cout, size, filter_size, level)
+        layer, size = perturbs.inner(cout, cout, size)
         return nn.Sequential(*layers, layer), size
 
     stages, size = _stages(nfilters, size, block)
@@ -253,28 +250,20 @@ def small_net(
     image_size: int,
     classes: int,
     nfilters: int,
-    first_filter_size: int,
-    filter_size: int,
-    level: float,
-    first_level: float,
-    use_act: bool,
-    pool_type: str,
     dropout: float,
     perturbs: _Perturbs,
 ) -> SmallNet:
     """cifarnet (6 perturbation layers, head width 256) or lenet (3 layers, head width 128)."""
-    layer, size = perturbs(
-        in_channels, nfilters, image_size, first_filter_size, first_level, use_act
-    )
+    layer, size = perturbs.first(in_channels, nfilters, image_size)
     body: list[nn.Module] = [layer]
     # After the first layer: P = PerturbLayer(nf -> nf, filter_size), '-' = pool(3, 2, 1).
     plan, linear = {"cifarnet": ("P-PP-PP-", 256), "lenet": ("-P-P-", 128)}[name]
     for step in plan:
         if step == "P":
-            layer, size = perturbs(nfilters, nfilters, size, filter_size, level)
+            layer, size = perturbs.inner(nfilters, nfilters, size)
             body.append(layer)
         else:
-            body.append(_pool(pool_type, 3, 2, 1))
+            body.append(perturbs.pool(3, 2, 1))
             size = _conv_size(size, 3, 2, 1)
     # The reference hard-codes n = 5 if filter_size == 5 else 4 here; n is the real map size.
     head = nn.Sequential(
@@ -305,12 +294,23 @@ def _build(m: DictConfig, noise: DictConfig, masks: DictConfig, spec: DatasetSpe
     if m.name == "noiseresnet18":
         return noiseresnet18(*common, m.first_filter_size, noise.level)
     perturbs = _Perturbs(
-        masks.nmasks, masks.unique, masks.train, noise.type, m.act, masks.mix_maps, m.debug
+        first_filter_size=m.first_filter_size,
+        filter_size=m.filter_size,
+        level=noise.level,
+        first_level=noise.level * noise.scale,
+        use_act=m.use_act,
+        pool_type=m.pool_type,
+        nmasks=masks.nmasks,
+        unique_masks=masks.unique,
+        train_masks=masks.train,
+        noise_type=noise.type,
+        act=m.act,
+        mix_maps=masks.mix_maps,
+        debug=m.debug,
     )
-    options = (m.first_filter_size, m.filter_size, noise.level, noise.level * noise.scale)
     if m.name == "perturb_resnet18":
-        return perturb_resnet18(*common, *options, m.use_act, m.pool_type, perturbs)
-    return small_net(m.name, *common, *options, m.use_act, m.pool_type, m.dropout, perturbs)
+        return perturb_resnet18(*common, perturbs)
+    return small_net(m.name, *common, m.dropout, perturbs)
 
 
 def _fits(
