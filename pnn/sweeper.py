@@ -79,6 +79,7 @@ class PNNSweeper(Sweeper):
         for idx, cfg in enumerate(configs):
             try:
                 validate(cfg)
+                check_model_builds(cfg)
             except ConfigError as err:
                 errors.setdefault(str(err), []).append(idx)
         if errors:
@@ -128,6 +129,17 @@ class PNNSweeper(Sweeper):
         return Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
         )
+
+
+def check_model_builds(cfg: DictConfig) -> None:
+    """Build the model on the meta device: every shape rule of ``pnn.models`` is checked, and
+    no memory is allocated, no data loaded, nothing logged."""
+    import torch
+
+    from pnn.models import build_model
+
+    with torch.device("meta"):
+        build_model(cfg)
 
 
 def outcome_of(ret: JobReturn, overrides: Sequence[str]) -> dict[str, Any]:

@@ -240,6 +240,8 @@ def run_sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
             ["optimizer.lr must be > 0", "in 1 of 2 jobs"],
         ),
         (["model.act=swish", "model=lenet"], ["model.act must be one of"]),
+        # A rule only the model's shapes know, caught by building it on the meta device.
+        (["experiment=e7_pnn_shared_masks", "model.filter_size=5"], ["model.filter_size"]),
     ],
 )
 def test_cli_rejects_bad_input_before_loading_or_logging(
