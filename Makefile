@@ -1,5 +1,6 @@
 # pnn-sweep: the everyday commands. Needs Python 3.10+ (`make PYTHON=python3.12 ...` to pick one).
-# Every target that runs code first makes sure .venv exists and matches pyproject.toml.
+# Every target that runs code first makes sure .venv exists and matches pyproject.toml
+# (a venv without pip, left by a failed `python3 -m venv`, is made again).
 
 PYTHON ?= python3
 VENV := .venv
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 		{ echo "pnn-sweep needs Python 3.10+; $(PYTHON) is $$($(PYTHON) -V 2>&1)." \
 		       "Try: make PYTHON=python3.11 $(MAKECMDGOALS)"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)

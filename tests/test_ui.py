@@ -171,14 +171,20 @@ def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
+    """Stop the server's whole process group: its uvicorn and huey workers too."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
         return
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever outlived the polite request
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=20)
 
 
 def _open_browser(profile_dir: Path):
