@@ -125,8 +125,11 @@ README = {
 
 
 def test_the_experiment_group_holds_exactly_the_eight() -> None:
-    names = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    names = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("e*.yaml"))
     assert names == sorted(README)
+    # `experiment=none` (the bare defaults) is the only other option, and glob(e*) skips it.
+    others = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")} - set(names)
+    assert others == {"none"}
 
 
 @pytest.mark.parametrize("name", sorted(README))
@@ -289,6 +292,13 @@ def test_dry_run_prints_reference_counts_for_all_eight(tmp_path: Path) -> None:
     assert masks["e7_pnn_shared_masks"] == masks["e8_pnn_trained_masks"] == 412_672
     assert {line["model"] for line in lines} == {"resnet18", "noiseresnet18", "perturb_resnet18"}
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_experiment_none_runs_the_bare_defaults(tmp_path: Path) -> None:
+    proc = run_sweep(["experiment=none", "model=lenet", "dataset=mnist", "dry_run=true"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert (line["experiment"], line["model"]) == ("custom", "lenet")
 
 
 def test_dry_run_of_one_experiment_with_overrides(tmp_path: Path) -> None:
