@@ -24,17 +24,6 @@ from pnn.config import ConfigError, validate
 
 log = logging.getLogger("pnn")
 
-EPOCH_METRICS = (
-    "train_loss",
-    "train_acc",
-    "test_loss",
-    "test_acc",
-    "test_acc_reported",
-    "lr",
-    "epoch_time_s",
-    "train_img_per_s",
-)
-
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
     """Compose, validate and build the model; print one JSON line. Loads no data, logs nothing."""
@@ -175,7 +164,8 @@ def _train_and_log(
     started = time.monotonic()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(client, run_id, {k: metrics[k] for k in EPOCH_METRICS}, step=epoch)
+        per_epoch = {k: metrics[k] for k in tracking.EPOCH_METRICS}
+        tracking.log_metrics(client, run_id, per_epoch, step=epoch)
         left = (time.monotonic() - started) / max(1, epoch - first_epoch + 1) * (epochs - epoch)
         log.info(
             f"[{name}] epoch {epoch}/{epochs}  test_acc {metrics['test_acc']:.2f}%  "
@@ -236,9 +226,9 @@ def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]
     """Log the epochs a checkpoint holds but MLflow missed (killed between the two writes)."""
     from pnn import tracking
 
-    logged = tracking.logged_steps(client, run_id, EPOCH_METRICS)
+    logged = tracking.logged_steps(client, run_id, tracking.EPOCH_METRICS)
     for epoch, metrics in enumerate(history, start=1):
-        missing = {k: metrics[k] for k in EPOCH_METRICS if epoch not in logged[k]}
+        missing = {k: metrics[k] for k in tracking.EPOCH_METRICS if epoch not in logged[k]}
         if missing:
             tracking.log_metrics(client, run_id, missing, step=epoch)
 

@@ -17,16 +17,8 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-# Logged once per run at step 0.
-SUMMARY_METRICS = (
-    "best_test_acc",
-    "best_epoch",
-    "final_test_acc",
-    "best_test_acc_reported",
-    "params",
-    "mask_values",
-    "trainable",
-)
+from pnn.tracking import SUMMARY_METRICS  # logged once per run, at step 0
+
 # Per-epoch metrics fetched for the figures.
 CURVE_METRICS = ("test_acc", "test_acc_reported")
 # Run params (the flattened config) become columns ``config.<dotted key>``.

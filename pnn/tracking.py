@@ -39,6 +39,27 @@ ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
     "PNN_SWEEP_ID",
     "PNN_SWEEP_JOBS",
 )
+# What every child run holds: these per epoch (step = epoch, from 1) ...
+EPOCH_METRICS = (
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "test_acc_reported",
+    "lr",
+    "epoch_time_s",
+    "train_img_per_s",
+)
+# ... and these once (step 0).
+SUMMARY_METRICS = (
+    "best_test_acc",
+    "best_epoch",
+    "final_test_acc",
+    "best_test_acc_reported",
+    "params",
+    "mask_values",
+    "trainable",
+)
 # Keys that change how a job runs or where it logs, not what it computes: a rerun that only
 # changes these is the same job (it is skipped, or resumed).
 VOLATILE_KEYS = (
