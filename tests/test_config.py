@@ -272,9 +272,12 @@ def test_help_lists_groups_options_and_experiments(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_reference_counts_for_all_eight(tmp_path: Path) -> None:
+    # glob(*) also takes experiment=none, the bare defaults, reported as "custom".
     proc = run_sweep(["-m", "experiment=glob(*)", "dry_run=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["experiment"] for line in lines].count("custom") == 1
+    lines = [line for line in lines if line["experiment"] != "custom"]
     got = {line["experiment"]: (line["params"], line["trainable"]) for line in lines}
     assert got == {
         "e1_baseline_resnet18": (5_284_982, 5_284_982),
