@@ -104,19 +104,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     client = MlflowClient(uri)
     experiment_id = tracking.get_experiment_id(client, cfg.tracking.experiment_name, uri)
     chash = tracking.config_hash(cfg)
-    runs = tracking.find_job_runs(client, experiment_id, chash)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished and not cfg.sweep.rerun:
-        reason = f"already FINISHED as run {finished[0].info.run_id} (sweep.rerun=true to redo)"
-        log.info(f"[{name}] skipped: {reason}")
-        return {"status": "skipped", "name": name, "reason": reason}
-
     ckpt_dir = Path(cfg.train.checkpoint_dir)
     ckpt_dir = (ckpt_dir if ckpt_dir.is_absolute() else root / ckpt_dir) / f"{name}-{chash}"
     with exclusive(ckpt_dir) as owned:
         if not owned:
             reason = f"running in another process (lock held on {ckpt_dir})"
             log.info(f"[{name}] skipped: {reason}")
+            return {"status": "skipped", "name": name, "reason": reason}
+        # Asked under the lock: a twin job that held it may have just finished.
+        runs = tracking.find_job_runs(client, experiment_id, chash)
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished and not cfg.sweep.rerun:
+            run_id = finished[0].info.run_id
+            reason = f"already FINISHED as run {run_id} (sweep.rerun=true to redo)"
+            log.info(f"[{name}] skipped: {reason}")
+            if not (ckpt_dir / "last.pt").exists():
+                shutil.rmtree(ckpt_dir, ignore_errors=True)  # only our lock file is in it
             return {"status": "skipped", "name": name, "reason": reason}
         open_runs = {r.info.run_id for r in runs if r.info.status != "FINISHED"}
         return _train_and_log(cfg, name, client, experiment_id, chash, ckpt_dir, open_runs)
