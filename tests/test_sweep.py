@@ -166,7 +166,7 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
 
 
 def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
-    epochs = 4
+    epochs = 6
     args = [
         "experiment=e1_baseline_resnet18",
         "train.seed=1,2",
@@ -184,31 +184,25 @@ def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    db = tmp_path / "mlflow.db"
+    # Kill the whole sweep (launcher and job processes) right after the first epoch's
+    # checkpoint lands: the first job is then mid-way, and MLflow may or may not have that
+    # epoch yet (the checkpoint is written first), which the resume must reconcile.
     deadline = time.monotonic() + 300
-    killed_after = None
+    killed = False
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            if not db.exists():
-                continue
-            try:
-                jobs = runs_of(store(tmp_path), "job")
-            except Exception:
-                continue
-            logged = [epochs_logged(store(tmp_path), r.info.run_id) for r in jobs]
-            # Kill mid-way through the first job, after at least one epoch was logged.
-            if logged and 1 <= len(logged[0]) < epochs:
-                killed_after = logged[0]
+            if list(tmp_path.glob("checkpoints/*/last.pt")):
+                killed = True
                 break
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert killed_after is not None, "the sweep finished before it could be killed"
+    assert killed, "the sweep finished before it could be killed"
     client = store(tmp_path)
     before = {r.info.run_name: r.info.run_id for r in runs_of(client, "job")}
-    assert all(r.info.status == "RUNNING" for r in runs_of(client, "job"))
+    assert before and all(r.info.status == "RUNNING" for r in runs_of(client, "job"))
 
     rerun = sweep(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
