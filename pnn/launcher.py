@@ -30,6 +30,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from pnn.sweeper import outcome_of
+
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +121,7 @@ class GpuPoolLauncher(Launcher):
                 results[i] = ret
                 with lock:
                     done[0] += 1
-                    status = _status_word(ret)
+                    status = outcome_of(ret, job_overrides[i])["status"]
                     log.info(f"[sweep] {done[0]}/{total} jobs done; job #{idx} {status}: {name}")
 
         threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in slots]
@@ -165,13 +167,6 @@ class GpuPoolLauncher(Launcher):
             f"(killed, or out of memory?); rerun the same command to resume it"
         )
         return ret
-
-
-def _status_word(ret: JobReturn) -> str:
-    value = ret._return_value
-    if ret.status == JobStatus.COMPLETED and isinstance(value, dict):
-        return str(value.get("status", "finished"))
-    return "failed"
 
 
 def run_child(payload_path: str, result_path: str) -> None:
