@@ -4,56 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY, run_sweep, start_sweep
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parent.parent
-SWEEP = REPO / "sweep.py"
-EPOCH_METRICS = (
-    "train_loss",
-    "train_acc",
-    "test_loss",
-    "test_acc",
-    "test_acc_reported",
-    "lr",
-    "epoch_time_s",
-    "train_img_per_s",
-)
-FINAL_METRICS = (
-    "best_test_acc",
-    "best_epoch",
-    "final_test_acc",
-    "best_test_acc_reported",
-    "params",
-    "mask_values",
-    "trainable",
-)
-# Small and quick on CPU: the logic under test is the sweep's, not the model's.
-TINY = ["profile=smoke", "model.nfilters=8", "dataset.train_size=64", "dataset.test_size=40"]
+from pnn.tracking import EPOCH_METRICS, SUMMARY_METRICS
+
+FINAL_METRICS = SUMMARY_METRICS
+sweep = run_sweep
 
 pytestmark = pytest.mark.slow
-
-
-def sweep(
-    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600
-) -> subprocess.CompletedProcess:
-    # The tests choose their store; a developer's own MLFLOW_TRACKING_URI must not leak in.
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, str(SWEEP), *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def store(path: Path) -> MlflowClient:
@@ -175,15 +138,7 @@ def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
         f"train.epochs={epochs}",
         "train.max_steps_per_epoch=null",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(
-        [sys.executable, str(SWEEP), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_sweep(args, tmp_path)
     # Kill the whole sweep (launcher and job processes) right after the first epoch's
     # checkpoint lands: the first job is then mid-way, and MLflow may or may not have that
     # epoch yet (the checkpoint is written first), which the resume must reconcile.
@@ -229,64 +184,23 @@ def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
             assert run.data.metrics[key] == want[run.info.run_name][key], key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sweep_logs_to_an_mlflow_server(tmp_path: Path) -> None:
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--default-artifact-root",
-            (tmp_path / "server-artifacts").as_uri(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+def test_sweep_logs_to_an_mlflow_server(tmp_path: Path, mlflow_server) -> None:
+    uri = mlflow_server(tmp_path / "server.db").url
+    work = tmp_path / "work"
+    work.mkdir()
+    # Selected through the environment, as MLflow users expect.
+    proc = sweep(
+        ["experiment=e1_baseline_resnet18", *TINY, "tracking.log_checkpoint=false"],
+        work,
+        env={"MLFLOW_TRACKING_URI": uri},
     )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not start"
-                assert server.poll() is None, "mlflow server exited"
-                time.sleep(0.5)
-        work = tmp_path / "work"
-        work.mkdir()
-        # Selected through the environment, as MLflow users expect.
-        proc = sweep(
-            ["experiment=e1_baseline_resnet18", *TINY, "tracking.log_checkpoint=false"],
-            work,
-            env={"MLFLOW_TRACKING_URI": uri},
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert not (work / "mlflow.db").exists()
-        client = MlflowClient(uri)
-        (child,) = runs_of(client, "job")
-        assert child.info.status == "FINISHED" and epochs_logged(client, child.info.run_id) == [1]
-        (parent,) = runs_of(client, "sweep")
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (work / "mlflow.db").exists()
+    client = MlflowClient(uri)
+    (child,) = runs_of(client, "job")
+    assert child.info.status == "FINISHED" and epochs_logged(client, child.info.run_id) == [1]
+    (parent,) = runs_of(client, "sweep")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
 def test_slurm_launcher_through_submitit_local_executor(tmp_path: Path) -> None:

@@ -13,16 +13,13 @@ the test is skipped on a workstation, but fails in CI (``CI=true``): a skipped t
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -45,7 +42,6 @@ CHROMIUM_FLAGS = [
 ]
 
 SWEEP_TIMEOUT_S = 1800
-SERVER_START_TIMEOUT_S = 120
 PAGE_TIMEOUT_S = 90
 
 
@@ -71,15 +67,6 @@ def _require_browser() -> None:
         _unavailable('selenium is not installed (pip install -e ".[dev]")')
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment for subprocesses, minus anything that would point MLflow elsewhere."""
-    env = dict(os.environ)
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(key, None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _run_smoke_sweep(workdir: Path) -> Path:
     """`make demo`'s sweep, with `workdir` as the launch dir; returns its sqlite store."""
     log = workdir / "sweep.log"
@@ -87,7 +74,7 @@ def _run_smoke_sweep(workdir: Path) -> Path:
         proc = subprocess.run(
             [sys.executable, str(REPO / "sweep.py"), "profile=smoke"],
             cwd=workdir,
-            env=_clean_env(),
+            env=clean_env(),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -116,75 +103,6 @@ def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, str]]:
     )
     names = {run.info.run_id: run.info.run_name for run in children}
     return parent.info.experiment_id, parent.info.run_id, names
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_server(store: Path, workdir: Path) -> tuple[subprocess.Popen, str, Path]:
-    port = _free_port()
-    log = workdir / "mlflow-server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{store}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with log.open("w") as out:
-        # A session of its own, so that stopping it also stops its worker processes.
-        proc = subprocess.Popen(
-            cmd,
-            cwd=workdir,
-            env=_clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer in {SERVER_START_TIMEOUT_S}s:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server's whole process group: its uvicorn and huey workers too."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever outlived the polite request
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=20)
 
 
 def _open_browser(profile_dir: Path):
@@ -268,7 +186,7 @@ def _check_runs_table(
 
 
 @pytest.mark.slow
-def test_smoke_sweep_shows_in_mlflow_ui(tmp_path: Path) -> None:
+def test_smoke_sweep_shows_in_mlflow_ui(tmp_path: Path, mlflow_server) -> None:
     _require_browser()
 
     store = _run_smoke_sweep(tmp_path)
@@ -279,17 +197,13 @@ def test_smoke_sweep_shows_in_mlflow_ui(tmp_path: Path) -> None:
     for experiment, name in zip(EXPERIMENTS, names, strict=True):
         assert name.startswith(experiment), (experiment, name)
 
-    server, url, server_log = _start_server(store, tmp_path)
+    url = mlflow_server(store).url
+    driver = _open_browser(tmp_path / "chromium-profile")
     try:
-        _wait_until_up(server, url, server_log)
-        driver = _open_browser(tmp_path / "chromium-profile")
-        try:
-            shot = tmp_path / "mlflow-ui-runs.png"
-            _check_runs_table(driver, url, experiment_id, parent_id, children, shot)
-        finally:
-            driver.quit()
+        shot = tmp_path / "mlflow-ui-runs.png"
+        _check_runs_table(driver, url, experiment_id, parent_id, children, shot)
     finally:
-        _stop(server)
+        driver.quit()
 
     assert shot.stat().st_size > 10_000, "the screenshot is (nearly) empty"
     print(f"screenshot: {shot}")

@@ -1,0 +1,171 @@
+"""Fixtures and helpers shared by the tests that run the real programs.
+
+- :func:`clean_env`: the environment for subprocesses, without anything that points MLflow
+  elsewhere (a developer's own ``MLFLOW_TRACKING_URI`` must not leak into a test's store);
+- :func:`run_sweep`: ``sweep.py`` in a subprocess, in a launch directory of the test's;
+- :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
+  stopped (with its workers) when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = REPO / "sweep.py"
+ANALYZE = REPO / "analyze.py"
+# Small and quick on CPU: for tests of the sweep's logic, not of the model's.
+TINY = ["profile=smoke", "model.nfilters=8", "dataset.train_size=64", "dataset.test_size=40"]
+SERVER_START_TIMEOUT_S = 120
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` without MLflow's selection variables, unbuffered, plus ``extra``."""
+    env = dict(os.environ)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(key, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_sweep(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``python sweep.py *args`` launched from ``cwd``; output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(SWEEP), *args],
+        cwd=cwd,
+        env=clean_env(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_sweep(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, output: Path | None = None
+) -> subprocess.Popen:
+    """``sweep.py *args`` in the background, in a session of its own, so that
+    ``os.killpg(proc.pid, sig)`` reaches the launcher and every job process. Output goes to
+    ``output`` (a file) or is discarded."""
+    with open(output or os.devnull, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(SWEEP), *args],
+            cwd=cwd,
+            env=clean_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def run_analyze(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``python analyze.py *args`` run from ``cwd``; output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(ANALYZE), *args],
+        cwd=cwd,
+        env=clean_env(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
+def _wait_until_up(server: MlflowServer) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            tail = server.log.read_text()[-4000:]
+            pytest.fail(f"mlflow server exited {server.process.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    tail = server.log.read_text()[-4000:]
+    pytest.fail(f"mlflow server did not answer in {SERVER_START_TIMEOUT_S}s:\n{tail}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the server's whole process group: its uvicorn and huey workers too."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait(timeout=20)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[Callable[..., MlflowServer]]:
+    """A factory: ``mlflow_server(store)`` starts ``mlflow server`` on the SQLite file ``store``
+    (artifacts beside it, in ``<store dir>/server-artifacts``) and waits until it answers."""
+    started: list[subprocess.Popen] = []
+
+    def start(store: Path, artifacts: Path | None = None) -> MlflowServer:
+        port = free_port()
+        log = tmp_path / f"mlflow-server-{port}.log"
+        artifacts = artifacts or store.parent / "server-artifacts"
+        cmd = [
+            *(sys.executable, "-m", "mlflow", "server"),
+            *("--backend-store-uri", f"sqlite:///{store}"),
+            *("--default-artifact-root", artifacts.as_uri()),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+        ]
+        with log.open("w") as out:
+            # A session of its own, so that stopping it also stops its worker processes.
+            process = subprocess.Popen(
+                cmd,
+                cwd=store.parent,
+                env=clean_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started.append(process)
+        server = MlflowServer(f"http://127.0.0.1:{port}", process, log)
+        _wait_until_up(server)
+        return server
+
+    yield start
+    for process in started:
+        _stop(process)
