@@ -10,6 +10,7 @@ graph without touching the loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import sys
@@ -46,6 +47,7 @@ __all__ = [
     "make_train_step",
     "reported_accuracy",
     "seed_everything",
+    "run_steps",
     "train",
 ]
 
@@ -150,6 +152,10 @@ class StepTotals:
         self.correct += (logits.detach().argmax(1) == labels).sum()
 
 
+# step(inputs, labels, totals): one batch, accumulated into totals on the device.
+TrainStep = Callable[[torch.Tensor, torch.Tensor, StepTotals], None]
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         # No cast cache: a CUDA graph must not capture casts cached from an earlier step.
@@ -159,7 +165,7 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 def make_train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, precision: str, device: torch.device
-) -> Callable[[torch.Tensor, torch.Tensor, StepTotals], None]:
+) -> TrainStep:
     """Forward, backward, optimizer step and accumulation for one batch; no host sync."""
 
     def step(inputs: torch.Tensor, labels: torch.Tensor, totals: StepTotals) -> None:
@@ -181,7 +187,7 @@ def use_fast_path(cfg: DictConfig, device: torch.device) -> bool:
 
 def build_train_step(
     cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
-) -> Callable[[torch.Tensor, torch.Tensor, StepTotals], None]:
+) -> TrainStep:
     """The step :func:`train` runs, as ``train.fast`` and ``train.precision`` ask (the bench
     times this same function).
 
@@ -285,6 +291,16 @@ class TrainResult:
         )
 
 
+@dataclass
+class _Resumed:
+    """Where :func:`train` starts: the checkpoint's history, EMA and next epoch, or a fresh run."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    reported: float = 0.0
+    start_epoch: int = 1
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
 def train(
     cfg: DictConfig,
     model: nn.Module,
@@ -308,69 +324,17 @@ def train(
     optimizer = build_optimizer(cfg, model)
     generator = torch.Generator(device=data.device)
     generator.manual_seed(cfg.train.seed)
-    batch_size = cfg.train.batch_size
-    history: list[dict[str, float]] = []
-    reported = 0.0
-    start_epoch = 1
-
-    checkpoint = load_checkpoint(checkpoint_path)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_states(checkpoint["rng"], generator)
-        history = list(checkpoint["history"])
-        reported = checkpoint["reported_ema"]
-        start_epoch = checkpoint["epoch"] + 1
-        if extra_state is None:
-            extra_state = checkpoint["extra_state"]
-    extra_state = dict(extra_state or {})  # always a dict in the checkpoint, for callers' .get
-    resumed_from = start_epoch - 1
+    run = _resume(checkpoint_path, model, optimizer, generator, extra_state)
 
     step = build_train_step(cfg, model, optimizer, device)
-    steps_per_epoch = data.steps_per_epoch(batch_size, cfg.train.max_steps_per_epoch)
+    steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size, cfg.train.max_steps_per_epoch)
     show = _Progress(cfg.train.epochs, steps_per_epoch) if progress else None
 
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        # A Python float in param_group["lr"] (set between epochs): the eager optimizers read
-        # it without a host sync. A CUDA-graphed step bakes it in, so it must be re-captured
-        # when the lr changes (once per milestone) or hold the lr in a tensor instead.
-        lr = lr_for_epoch(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        started = time.perf_counter()
-        inputs, labels = data.training_epoch(batch_size, generator, cfg.train.max_steps_per_epoch)
-        totals = StepTotals.zeros(device)
-        for index, begin in enumerate(range(0, len(labels), batch_size)):
-            step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
-            if show is not None:
-                show.step(epoch, index + 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - started
-        _raise_if_non_finite(totals, epoch)
-
-        test_loss_sum, correct = evaluate(
-            model,
-            data.test_inputs,
-            data.test_labels,
-            batch_size * EVAL_BATCHES_PER_STEP,
-            cfg.train.precision,
+    for epoch in range(run.start_epoch, cfg.train.epochs + 1):
+        metrics = _train_epoch(
+            cfg, model, optimizer, step, data, generator, device, epoch, run, show
         )
-        reported = reported_accuracy(reported, batch_accuracies(correct, batch_size))
-        seen = len(labels)
-        metrics = {
-            "train_loss": totals.loss_sum.item() / seen,
-            "train_acc": totals.correct.item() * 100.0 / seen,
-            "test_loss": test_loss_sum.item() / len(correct),
-            "test_acc": correct.sum().item() * 100.0 / len(correct),
-            "test_acc_reported": reported,
-            "lr": lr,
-            # Train + test pass; the checkpoint is written after, so that it can hold this.
-            "epoch_time_s": time.perf_counter() - started,
-            "train_img_per_s": seen / train_seconds,
-        }
-        history.append(metrics)
+        run.history.append(metrics)
         save_checkpoint(
             checkpoint_path,
             {
@@ -378,9 +342,9 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "rng": rng_states(generator),
-                "reported_ema": reported,
-                "history": history,
-                "extra_state": extra_state,
+                "reported_ema": run.reported,
+                "history": run.history,
+                "extra_state": run.extra_state,
             },
         )
         if show is not None:  # before on_epoch, so that the caller's log starts a fresh line
@@ -388,7 +352,100 @@ def train(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    return TrainResult.from_history(history, resumed_from)
+    return TrainResult.from_history(run.history, run.start_epoch - 1)
+
+
+def _resume(
+    checkpoint_path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    extra_state: dict[str, Any] | None,
+) -> _Resumed:
+    """Load the checkpoint into model, optimizer and generator, if there is one."""
+    run = _Resumed()
+    checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_states(checkpoint["rng"], generator)
+        run.history = list(checkpoint["history"])
+        run.reported = checkpoint["reported_ema"]
+        run.start_epoch = checkpoint["epoch"] + 1
+        if extra_state is None:
+            extra_state = checkpoint["extra_state"]
+    run.extra_state = dict(extra_state or {})  # always a dict in the checkpoint, for .get
+    return run
+
+
+def _train_epoch(
+    cfg: DictConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: TrainStep,
+    data: DeviceData,
+    generator: torch.Generator,
+    device: torch.device,
+    epoch: int,
+    run: _Resumed,
+    show: _Progress | None,
+) -> dict[str, float]:
+    """One epoch: set its lr, run its steps, test; returns the epoch's metrics and updates the
+    reported EMA in ``run``."""
+    # A Python float in param_group["lr"] (set between epochs): the eager optimizers read it
+    # without a host sync. The CUDA-graphed step (pnn.fast) bakes it in and is captured
+    # again at the first full batch of every epoch.
+    lr = lr_for_epoch(cfg, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    batch_size = cfg.train.batch_size
+    started = time.perf_counter()
+    inputs, labels = data.training_epoch(batch_size, generator, cfg.train.max_steps_per_epoch)
+    totals = StepTotals.zeros(device)
+    on_step = None if show is None else functools.partial(show.step, epoch)
+    run_steps(step, inputs, labels, batch_size, totals, on_step)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - started
+    _raise_if_non_finite(totals, epoch)
+
+    test_loss_sum, correct = evaluate(
+        model,
+        data.test_inputs,
+        data.test_labels,
+        batch_size * EVAL_BATCHES_PER_STEP,
+        cfg.train.precision,
+    )
+    run.reported = reported_accuracy(run.reported, batch_accuracies(correct, batch_size))
+    seen = len(labels)
+    return {
+        "train_loss": totals.loss_sum.item() / seen,
+        "train_acc": totals.correct.item() * 100.0 / seen,
+        "test_loss": test_loss_sum.item() / len(correct),
+        "test_acc": correct.sum().item() * 100.0 / len(correct),
+        "test_acc_reported": run.reported,
+        "lr": lr,
+        # Train + test pass; the checkpoint is written after, so that it can hold this.
+        "epoch_time_s": time.perf_counter() - started,
+        "train_img_per_s": seen / train_seconds,
+    }
+
+
+def run_steps(
+    step: TrainStep,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    totals: StepTotals,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    """The step loop: one ``step`` per batch of the epoch tensors, no host sync;
+    ``on_step(done)`` after each (the progress bar)."""
+    for index, begin in enumerate(range(0, len(labels), batch_size)):
+        step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
+        if on_step is not None:
+            on_step(index + 1)
 
 
 def _raise_if_non_finite(totals: StepTotals, epoch: int) -> None:
