@@ -22,13 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.throughput import experiment_config  # noqa: E402
 from pnn import layers  # noqa: E402
+from pnn.cuda_graph import GraphedTrainStep  # noqa: E402
 from pnn.engine import (  # noqa: E402
     StepTotals,
     build_optimizer,
     make_train_step,
     seed_everything,
 )
-from pnn.fast import GraphedTrainStep  # noqa: E402
+from pnn.fused import FusedSettings, perturb_conv  # noqa: E402
 from pnn.models import build_model  # noqa: E402
 
 FAILURES: list[str] = []
@@ -66,8 +67,8 @@ def check_layer(compiled: bool) -> None:
         grad_out = torch.randn(4, out, 8, 8, device=device)
         results = []
         for reference in (True, False):
-            with layers.perturb_settings(fast_path=compiled, reference=reference):
-                y = layers.perturb_conv(x, masks, 0.5, weight, bias, act)
+            settings = FusedSettings(compiled=compiled, reference=reference)
+            y = perturb_conv(x, masks, 0.5, weight, bias, act, settings)
             leaves = [x, weight, bias, *act.parameters()] + ([masks] if trained else [])
             grads = torch.autograd.grad(y, leaves, grad_out)
             results.append((y.detach(), grads))

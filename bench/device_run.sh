@@ -23,6 +23,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 # 1. Correctness: layer vs reference formulation, graphed vs eager step, train() learns.
 step check 60 python3 bench/check_cuda.py --no-compile
+step graph_test 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
 # 2. The production step: CUDA graph, eager perturbation kernels (no compile time).
 step graph 50 python3 bench/throughput.py --device cuda --steps 100 --warmup 10 --no-compile \
   --json "$OUT/graph.json"
@@ -31,16 +32,7 @@ step reference 70 python3 bench/throughput.py --device cuda --mode reference --s
   --warmup 10 --json "$OUT/reference.json"
 # 4. The perturbation layer alone at the README shapes (e6, e7, e8), three ways: reference
 #    formulation, eager fused (what step 2 used), compiled; error vs reference, ms, peak MiB.
-step layer_paths 60 python3 -c "
-import json, sys
-from pnn.layers import README_CASES, check_fast_path
-try:
-    rows = check_fast_path('cuda', cases=README_CASES)
-except AssertionError as error:
-    sys.exit(f'FAIL {error}')
-for row in rows:
-    print(json.dumps(row))
-"
+step layer_paths 60 python3 bench/layer_paths.py
 # 5. A whole model with the compiled kernels (compile time shows in warm-up s).
 step compiled 50 python3 bench/throughput.py --device cuda --steps 100 --warmup 10 \
   --experiments e7 --json "$OUT/compiled.json"

@@ -27,7 +27,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as well
 
-from pnn.config import DATASETS, PNNConfig  # noqa: E402
+from pnn.config import DATASETS, FAST_CHOICES, PNNConfig  # noqa: E402
 from pnn.data import normalize, random_crop_flip, synthetic_split  # noqa: E402
 from pnn.engine import (  # noqa: E402
     EVAL_BATCHES_PER_STEP,
@@ -44,6 +44,7 @@ from pnn.engine import (  # noqa: E402
     build_optimizer,
     build_train_step,
     evaluate,
+    execution,
     seed_everything,
 )
 
@@ -227,6 +228,22 @@ def reference_steps(
     return run, lambda: sum(losses) / len(losses)
 
 
+@contextlib.contextmanager
+def reference_execution(model: torch.nn.Module) -> Iterator[None]:
+    """The reference's way inside the block: the materialised grouped-conv perturbation
+    (``FusedSettings(reference=True)``) and no cuDNN autotuning."""
+    from pnn.fused import FusedSettings
+    from pnn.layers import use_fused
+
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with use_fused(model, FusedSettings(compiled=False, reference=True)):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
 def bench_experiment(
     name: str,
     device: torch.device,
@@ -248,14 +265,10 @@ def bench_experiment(
     seed_everything(0)
     model = build_model(cfg).to(device)
     if mode == "reference":
-        from pnn.layers import perturb_settings
-
-        # The reference runs the materialised grouped-conv perturbation and no autotuning.
-        torch.backends.cudnn.benchmark = False
-        settings = perturb_settings(fast_path=False, reference=True)
+        settings = reference_execution(model)
         run, mean_loss = reference_steps(cfg, model, device, warmup + steps, workers)
     else:
-        settings = contextlib.nullcontext()
+        settings = execution(cfg, model, device)
         run, mean_loss = production_steps(cfg, model, device)
 
     def timed(count: int) -> float:
@@ -314,7 +327,7 @@ def table_row(r: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per experiment")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first")
@@ -331,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (reference)")
     parser.add_argument(
         "--fast",
-        choices=("auto", "on", "off"),
+        choices=FAST_CHOICES,
         default="auto",
         help="train.fast: CUDA graph + compiled layers on CUDA (auto), or eager (off)",
     )
@@ -348,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--mode reference runs fp32, as the reference does")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
+    return args
 
-    device = torch.device(args.device)
+
+def run_all(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Each experiment in turn, a table row printed as each finishes; out of memory is a row."""
     names = [experiment_name(s) for s in args.experiments.split(",") if s] or list(EXPERIMENTS)
     setting = (
         f"{args.mode} step, {args.precision}, {args.warmup} warm-up + {args.steps} timed steps"
@@ -379,22 +395,32 @@ def main(argv: list[str] | None = None) -> int:
         print(table_row(result), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return results
 
+
+def write_json(path: Path, args: argparse.Namespace, device: torch.device, results: list) -> None:
+    report = {
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "precision": args.precision,
+        "mode": args.mode,
+        "fast": args.fast,
+        "compile": not args.no_compile,
+        "results": results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    results = run_all(args, device)
     if args.json:
-        report = {
-            "device": device_description(device),
-            "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "precision": args.precision,
-            "mode": args.mode,
-            "fast": args.fast,
-            "compile": not args.no_compile,
-            "results": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, args, device, results)
     return 0
 
 

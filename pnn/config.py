@@ -61,6 +61,7 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop")
 FILTER_SIZES = (0, 1, 3, 5, 7)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+FAST_CHOICES = ("auto", "off")  # train.fast
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,10 +132,11 @@ class TrainConfig:
     precision: str = "fp32"
     # Cap on optimizer steps per epoch (smoke runs); null means the whole training set.
     max_steps_per_epoch: int | None = None
-    # "auto" uses the compiled / CUDA-graphed step on CUDA and eager on CPU.
+    # "auto": on CUDA the CUDA-graphed step, cuDNN autotuning and (with compile) the compiled
+    # PNN kernels; on the CPU eager. "off": eager everywhere.
     fast: str = "auto"
-    # On the fast path, torch.compile the fused perturbation kernels (about a minute of
-    # compilation per model, then several times faster PNN layers).
+    # On the fast path, torch.compile the fused perturbation kernels (a warm-up of 5-18 s per
+    # model in the H200 runs, bench/RESULTS.md; then several times faster PNN layers).
     compile: bool = True
     checkpoint_dir: str = "checkpoints"
     progress: str = "auto"
@@ -291,7 +293,7 @@ def validate(cfg: DictConfig) -> None:
         _at_least("train.max_steps_per_epoch", cfg.train.max_steps_per_epoch, 1)
     _choice("train.device", cfg.train.device, DEVICES)
     _choice("train.precision", cfg.train.precision, PRECISIONS)
-    _choice("train.fast", cfg.train.fast, ("auto", "on", "off"))
+    _choice("train.fast", cfg.train.fast, FAST_CHOICES)
     _choice("train.progress", cfg.train.progress, ("auto", "on", "off"))
 
 

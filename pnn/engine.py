@@ -1,10 +1,11 @@
 """Training: optimizer, lr schedule, the train step, both accuracies, checkpoint and resume.
 
-The step loop never waits for the host: losses, correct counts and the first non-finite loss
-are accumulated in device tensors (:class:`StepTotals`) and read once per epoch. The step
-itself (:func:`make_train_step`: forward, backward, optimizer step, accumulation) is one
-function of tensors, so it can later be wrapped in ``torch.compile`` or captured in a CUDA
-graph without touching the loop.
+The step loop (:func:`run_steps`) never waits for the host: losses, correct counts and the
+first non-finite loss are accumulated in device tensors (:class:`StepTotals`) and read once per
+epoch. The step itself (:func:`make_train_step`: forward, backward, optimizer step,
+accumulation) is one function of tensors; on CUDA :func:`build_train_step` replays it from a
+CUDA graph (:mod:`pnn.cuda_graph`) without touching the loop, and :func:`execution` sets the
+cuDNN autotuning and the PNN layers' compiled kernels for the length of a run only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ __all__ = [
     "build_optimizer",
     "build_train_step",
     "evaluate",
+    "execution",
     "load_checkpoint",
     "lr_for_epoch",
     "make_train_step",
@@ -182,28 +184,47 @@ def make_train_step(
 
 def use_fast_path(cfg: DictConfig, device: torch.device) -> bool:
     """Whether ``train.fast`` asks for the GPU speed-ups ("auto": on CUDA only; CPU stays eager)."""
-    return device.type == "cuda" and cfg.train.fast in ("auto", "on")
+    return device.type == "cuda" and cfg.train.fast == "auto"
+
+
+@contextlib.contextmanager
+def execution(cfg: DictConfig, model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Inside the block, ``model`` runs as ``train.fast`` and ``train.compile`` ask; everything
+    is as before afterwards.
+
+    On the fast path (CUDA only) cuDNN autotunes kernels for the fixed shapes
+    (``cudnn.benchmark``) and the PNN layers may use their compiled kernels
+    (:class:`pnn.fused.FusedSettings`); otherwise the layers stay eager.
+    """
+    from pnn.fused import FusedSettings
+    from pnn.layers import use_fused
+
+    fast = use_fast_path(cfg, device)
+    settings = FusedSettings(compiled=fast and bool(getattr(cfg.train, "compile", True)))
+    benchmark = torch.backends.cudnn.benchmark
+    if fast:
+        torch.backends.cudnn.benchmark = True
+    try:
+        with use_fused(model, settings):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def build_train_step(
     cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> TrainStep:
     """The step :func:`train` runs, as ``train.fast`` and ``train.precision`` ask (the bench
-    times this same function).
+    times this same function); run it inside :func:`execution`.
 
-    The fast path (CUDA only) lets cuDNN pick kernels for the fixed shapes, uses the compiled
-    perturbation kernels of :mod:`pnn.layers`, and replays the whole step from a CUDA graph
-    (:mod:`pnn.fast`). On the CPU the step stays eager, which keeps it bit-reproducible.
+    On the fast path (CUDA only) the whole step is replayed from a CUDA graph
+    (:mod:`pnn.cuda_graph`). On the CPU the step stays eager, which keeps it bit-reproducible.
     """
-    from pnn import layers
-    from pnn.fast import GraphedTrainStep, graph_unsupported
+    from pnn.cuda_graph import GraphedTrainStep, graph_unsupported
 
     step = make_train_step(model, optimizer, cfg.train.precision, device)
-    fast = use_fast_path(cfg, device)
-    layers.set_fast_path(fast and bool(getattr(cfg.train, "compile", True)))
-    if not fast:
+    if not use_fast_path(cfg, device):
         return step
-    torch.backends.cudnn.benchmark = True
     reason = graph_unsupported(model, optimizer)
     if reason is not None:
         print(f"[pnn] training step not graph-captured: {reason}", file=sys.stderr)
@@ -330,29 +351,41 @@ def train(
     steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size, cfg.train.max_steps_per_epoch)
     show = _Progress(cfg.train.epochs, steps_per_epoch) if progress else None
 
-    for epoch in range(run.start_epoch, cfg.train.epochs + 1):
-        metrics = _train_epoch(
-            cfg, model, optimizer, step, data, generator, device, epoch, run, show
-        )
-        run.history.append(metrics)
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": rng_states(generator),
-                "reported_ema": run.reported,
-                "history": run.history,
-                "extra_state": run.extra_state,
-            },
-        )
-        if show is not None:  # before on_epoch, so that the caller's log starts a fresh line
-            show.epoch_done(epoch, metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+    with execution(cfg, model, device):
+        for epoch in range(run.start_epoch, cfg.train.epochs + 1):
+            metrics = _train_epoch(
+                cfg, model, optimizer, step, data, generator, device, epoch, run, show
+            )
+            run.history.append(metrics)
+            _save(checkpoint_path, epoch, model, optimizer, generator, run)
+            if show is not None:  # before on_epoch, so that the caller's log starts a fresh line
+                show.epoch_done(epoch, metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
 
     return TrainResult.from_history(run.history, run.start_epoch - 1)
+
+
+def _save(
+    checkpoint_path: Path,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    run: _Resumed,
+) -> None:
+    save_checkpoint(
+        checkpoint_path,
+        {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_states(generator),
+            "reported_ema": run.reported,
+            "history": run.history,
+            "extra_state": run.extra_state,
+        },
+    )
 
 
 def _resume(
@@ -393,7 +426,7 @@ def _train_epoch(
     """One epoch: set its lr, run its steps, test; returns the epoch's metrics and updates the
     reported EMA in ``run``."""
     # A Python float in param_group["lr"] (set between epochs): the eager optimizers read it
-    # without a host sync. The CUDA-graphed step (pnn.fast) bakes it in and is captured
+    # without a host sync. The CUDA-graphed step (pnn.cuda_graph) bakes it in and is captured
     # again at the first full batch of every epoch.
     lr = lr_for_epoch(cfg, epoch)
     for group in optimizer.param_groups:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnn import layers
+from pnn import fused, layers
 from pnn.config import load_config
-from pnn.layers import ACTIVATIONS, NoiseLayer, PerturbLayer, perturb_conv, perturb_settings
+from pnn.fused import FusedSettings, perturb_conv
+from pnn.layers import ACTIVATIONS, NoiseLayer, PerturbLayer, use_fused
 from pnn.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import layer_paths  # noqa: E402
 
 RTOL = 1e-5  # fp32, relative to the norm of the reference's tensor
 
@@ -112,9 +120,9 @@ def layer_cases():
 @pytest.mark.parametrize("case,act,use_act,chunked", list(layer_cases()))
 def test_layer_matches_reference(case, act, use_act, chunked, monkeypatch) -> None:
     if chunked:  # chunks of one sample and two masks
-        monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 16)
+        monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 16)
     else:  # the whole fan-out in one chunk
-        monkeypatch.setattr(layers, "_chunks", lambda b, c, m, p: [(slice(0, b), slice(0, m))])
+        monkeypatch.setattr(fused, "_chunks", lambda b, c, m, p: [(slice(0, b), slice(0, m))])
     # rrelu trains with random slopes: matched seeds give both the same slopes only when ours
     # draws them in the reference's order, i.e. in one chunk.
     ours, ref = run_both(case, act, use_act, rrelu_train=not chunked)
@@ -132,7 +140,7 @@ def test_layer_matches_reference(case, act, use_act, chunked, monkeypatch) -> No
 
 def test_rrelu_training_noise_is_replayed_in_backward(monkeypatch) -> None:
     """Many chunks, random slopes: backward must see the slopes forward drew (gradcheck)."""
-    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 8)
     act = nn.RReLU().double()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -160,10 +168,10 @@ def test_sum_form_matches_reference(act, cout, unique) -> None:
     masks = nn.Parameter(torch.rand(1, 4 if unique else 1, 6, 5, 5) * 2 - 1)
     conv = nn.Conv2d(4 * 6, cout, 1, groups=4)
     leaves = [x, masks, conv.weight, conv.bias]
-    spec = layers._act_spec(act_module)
+    spec = fused._act_spec(act_module)
     grad_out = torch.randn(2, cout, 5, 5)
-    got = layers.perturb_sum_form(x, masks, 0.5, conv.weight, conv.bias, *spec)
-    want = layers.perturb_reference(x, masks, 0.5, conv.weight, conv.bias, act_module)
+    got = fused.perturb_sum_form(x, masks, 0.5, conv.weight, conv.bias, *spec)
+    want = fused.perturb_reference(x, masks, 0.5, conv.weight, conv.bias, act_module)
     for a, b in zip(
         [got, *torch.autograd.grad(got, leaves, grad_out)],
         [want, *torch.autograd.grad(want, leaves, grad_out)],
@@ -223,7 +231,7 @@ def test_experiment6_step_saves_no_fanout() -> None:
     assert cfg.train.batch_size == 16 and cfg.model.nfilters == 128
     torch.manual_seed(0)
     model = build_model(cfg)
-    with perturb_settings(fast_path=False, reference=False):
+    with use_fused(model, FusedSettings(compiled=False, reference=False)):
         ratios = saved_tensor_ratios(model, batch=cfg.train.batch_size)
     # The fan-out would be 64x. Parameters reach exactly 4x at batch 16: the masks (64 masks per
     # input pixel of 16 samples) and stage 4's 1024x1024 mix_maps weight. They cost no memory.
@@ -237,9 +245,9 @@ def test_saved_tensor_check_catches_the_reference_formulation() -> None:
     cfg = load_config(["experiment=e6_pnn_unique_masks_mix_maps", "model.nfilters=4"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    with perturb_settings(reference=False):
+    with use_fused(model, FusedSettings(reference=False)):
         assert max(ratio for _, ratio, _ in saved_tensor_ratios(model, batch=16)) <= 4
-    with perturb_settings(reference=True):
+    with use_fused(model, FusedSettings(reference=True)):
         ratios = saved_tensor_ratios(model, batch=16)
     # The reference keeps (B, C, M, H, W) for its act and the grouped conv: 64x the input.
     over = {(layer, ratio) for layer, ratio, _ in ratios if ratio > 4}
@@ -257,16 +265,21 @@ def test_saved_tensor_check_catches_the_reference_formulation() -> None:
 
 
 def test_settings_restore_and_reference_switch() -> None:
-    before = dict(layers._settings)
-    with perturb_settings(fast_path=False, reference=True):
-        assert layers._settings == {"fast_path": False, "reference": True}
-    assert layers._settings == before
-    layers.set_fast_path(False)
-    layers.set_reference_formulation(True)
-    try:
-        assert layers._settings == {"fast_path": False, "reference": True}
-    finally:
-        layers._settings.update(before)
+    """use_fused sets every PerturbLayer's settings for the block only (also when it raises),
+    and each layer gets its own back."""
+    model = nn.Sequential(
+        PerturbLayer(3, 6, input_size=4, nmasks=2), PerturbLayer(6, 6, input_size=4, nmasks=2)
+    )
+    model[1].fused = FusedSettings(compiled=False)
+    before = [m.fused for m in model]
+    assert before == [FusedSettings(compiled=True, reference=False), FusedSettings(False, False)]
+    with use_fused(model, FusedSettings(compiled=False, reference=True)):
+        assert [m.fused for m in model] == [FusedSettings(compiled=False, reference=True)] * 2
+        assert PerturbLayer(3, 6, input_size=4).fused == FusedSettings()  # others untouched
+    assert [m.fused for m in model] == before
+    with pytest.raises(RuntimeError), use_fused(model, FusedSettings(reference=True)):
+        raise RuntimeError
+    assert [m.fused for m in model] == before
 
 
 def test_masks_must_match_the_input_size() -> None:
@@ -309,9 +322,9 @@ def test_extra_repr() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_fast_path_matches_reference() -> None:
     # The README's layer shapes and prelu (a parameter inside the compiled graph); the other
-    # activations compile for minutes: check_fast_path("cuda") runs them all.
+    # activations compile for minutes: bench/layer_paths.py --all runs them all. Raises past 1e-4.
     prelu = (64, 128, 16, 8, True, True, "prelu")
-    rows = layers.check_fast_path("cuda", cases=[*layers.README_CASES, prelu])  # raises past 1e-4
+    rows = layer_paths.check_fast_path("cuda", cases=[*layer_paths.README_CASES, prelu])  # 1e-4
     for row in rows:
         print(row)
     fast = {r["case"]: r for r in rows if r["way"] == "fast"}
