@@ -1,4 +1,6 @@
-"""Read a sweep's job runs and their per-epoch curves out of the MLflow store, as pandas.
+"""The reading side of MLflow: the analysis (``analyze.py``) reads a sweep's job runs and their
+per-epoch curves out of the store, as pandas. Nothing here writes; the sweep's writing side is
+:mod:`pnn.tracking`.
 
 What ``sweep.py`` logs (``pnn/tracking.py``): one parent run per invocation (tag
 ``pnn.role=sweep``) and one child run per job (tag ``pnn.role=job``, ``mlflow.parentRunId``)

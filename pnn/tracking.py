@@ -1,4 +1,6 @@
-"""MLflow: where runs go, how they are named, and what they hold.
+"""The writing side of MLflow, used by the sweep (``sweep.py`` and its jobs): where runs go,
+how they are named, and what they hold (it reads only what a sweep needs to skip or resume a
+job). The analysis reads the runs back with :mod:`pnn.store`.
 
 Layout (``analyze.py`` and the MLflow UI rely on it):
 

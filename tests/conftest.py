@@ -41,12 +41,12 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_sweep(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+def run_script(
+    script: Path, args: list[str], cwd: Path, env: dict[str, str] | None, timeout: int
 ) -> subprocess.CompletedProcess:
-    """``python sweep.py *args`` launched from ``cwd``; output captured as text."""
+    """``python script *args`` run from ``cwd`` in :func:`clean_env`; output captured as text."""
     return subprocess.run(
-        [sys.executable, str(SWEEP), *args],
+        [sys.executable, str(script), *args],
         cwd=cwd,
         env=clean_env(env),
         stdin=subprocess.DEVNULL,
@@ -54,6 +54,13 @@ def run_sweep(
         text=True,
         timeout=timeout,
     )
+
+
+def run_sweep(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``python sweep.py *args`` launched from ``cwd``; output captured as text."""
+    return run_script(SWEEP, args, cwd, env, timeout)
 
 
 def start_sweep(
@@ -78,15 +85,7 @@ def run_analyze(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """``python analyze.py *args`` run from ``cwd``; output captured as text."""
-    return subprocess.run(
-        [sys.executable, str(ANALYZE), *args],
-        cwd=cwd,
-        env=clean_env(env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script(ANALYZE, args, cwd, env, timeout)
 
 
 def free_port() -> int:

@@ -9,18 +9,19 @@ from __future__ import annotations
 import base64
 import importlib.util
 import math
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import conftest
 import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# A copy on purpose: the README's order, checked independently of results.README_EXPERIMENTS.
 README_ORDER = [
     "e1_baseline_resnet18",
     "e2_original_noiseresnet18",
@@ -325,16 +326,7 @@ def test_bad_options_exit_1(
 
 
 def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    full_env.update(env or {})
-    return subprocess.run(
-        [PYTHON, str(REPO / "analyze.py"), *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return conftest.run_analyze(list(args), cwd, env, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -433,16 +425,8 @@ def _same(actual: float, expected: float) -> bool:
 
 @pytest.mark.slow
 def test_end_to_end_with_real_sweep(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     for args in SWEEPS:
-        done = subprocess.run(
-            [PYTHON, str(REPO / "sweep.py"), *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        done = conftest.run_sweep(args, tmp_path, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     result = _cli(tmp_path)  # the default store: ./mlflow.db

@@ -9,13 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from pnn import fused
 from pnn.config import load_config
+from pnn.layers import PerturbLayer
+from pnn.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import layer_paths  # noqa: E402
 import throughput  # noqa: E402
 
 SECTIONS = ("model", "noise", "masks", "optimizer", "dataset", "train")
@@ -54,12 +59,40 @@ def test_one_cpu_step_without_hydra(tmp_path: Path) -> None:
     assert result["img_per_s"] > 0 and 0 < result["mean_loss"] < 10
 
 
-def test_reference_mode_runs_the_dataloader_loop(tmp_path: Path) -> None:
+def test_reference_mode_runs_the_dataloader_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """e5 (M = 1 perturbations): in reference mode every PNN layer runs the reference
+    formulation, the step is the reference loop's, and cuDNN's autotuning is back after."""
+    calls = []
+    original = fused.perturb_reference
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "perturb_reference", counted)
+    perturbing = sum(
+        isinstance(m, PerturbLayer) and m.filter_size == 0
+        for m in build_model(throughput.fallback_config("e5_pnn_all_layers")).modules()
+    )
+    assert perturbing == 17  # e5 perturbs in every layer, the stem too
     out = tmp_path / "reference.json"
-    argv = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--experiments", "e4"]
+    argv = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--experiments", "e5"]
+    benchmark = torch.backends.cudnn.benchmark
     assert (
         throughput.main([*argv, "--mode", "reference", "--workers", "0", "--json", str(out)]) == 0
     )
     report = json.loads(out.read_text())
     assert report["mode"] == "reference"
     assert report["results"][0]["img_per_s"] > 0
+    assert calls == [16] * perturbing  # one training step at batch 16, through every layer
+    assert "step" not in report["results"][0]  # the reference loop, not build_train_step's
+    assert torch.backends.cudnn.benchmark == benchmark
+
+
+def test_layer_paths_agree_on_cpu() -> None:
+    """bench/layer_paths.py's three ways on a small layer (on CPU "fast" is the eager path)."""
+    rows = layer_paths.check_fast_path("cpu", batch=2, cases=[(4, 8, 6, 3, True, True, "prelu")])
+    assert [row["way"] for row in rows] == ["reference", "eager", "fast"]
+    assert rows[0]["max_rel_error"] == 0 and all(row["max_rel_error"] < 1e-5 for row in rows)

@@ -4,16 +4,12 @@ early, briefly and before anything is loaded or logged."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_sweep
 
 from pnn.config import ConfigError, load_config, validate
-
-REPO = Path(__file__).resolve().parent.parent
-SWEEP = REPO / "sweep.py"
 
 # From the reproduction's README (../shared/reference/seed-README.txt), flag by flag.
 README = {
@@ -204,6 +200,7 @@ def test_seed_zero_is_a_seed() -> None:
         (["train.epochs=-1"], "train.epochs must be >= 0"),
         (["train.device=tpu"], "train.device must be one of {auto, cpu, cuda}"),
         (["train.precision=fp16"], "train.precision must be one of {fp32, bf16}"),
+        (["train.fast=on"], "train.fast must be one of {auto, off}"),
         (["model=noiseresnet18", "model.first_filter_size=0"], "model.first_filter_size"),
         (
             ["model.first_filter_size=0", "model.nfilters=128", "masks.nmasks=64"],
@@ -221,16 +218,7 @@ def test_bad_values_raise_a_short_error_naming_the_key(overrides: list[str], nee
     assert len(str(err.value)) < 400
 
 
-def run_sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SWEEP), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
+@pytest.mark.slow  # runs sweep.py
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
@@ -262,6 +250,7 @@ def test_cli_rejects_bad_input_before_loading_or_logging(
     assert not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.slow  # runs sweep.py
 def test_help_lists_groups_options_and_experiments(tmp_path: Path) -> None:
     proc = run_sweep(["--help"], tmp_path)
     assert proc.returncode == 0
@@ -271,6 +260,7 @@ def test_help_lists_groups_options_and_experiments(tmp_path: Path) -> None:
         assert name in proc.stdout
 
 
+@pytest.mark.slow  # runs sweep.py
 def test_dry_run_prints_reference_counts_for_all_eight(tmp_path: Path) -> None:
     # glob(*) also takes experiment=none, the bare defaults, reported as "custom".
     proc = run_sweep(["-m", "experiment=glob(*)", "dry_run=true"], tmp_path)
@@ -297,6 +287,7 @@ def test_dry_run_prints_reference_counts_for_all_eight(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.slow  # runs sweep.py
 def test_experiment_none_runs_the_bare_defaults(tmp_path: Path) -> None:
     proc = run_sweep(["experiment=none", "model=lenet", "dataset=mnist", "dry_run=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -304,6 +295,7 @@ def test_experiment_none_runs_the_bare_defaults(tmp_path: Path) -> None:
     assert (line["experiment"], line["model"]) == ("custom", "lenet")
 
 
+@pytest.mark.slow  # runs sweep.py
 def test_dry_run_of_one_experiment_with_overrides(tmp_path: Path) -> None:
     args = ["experiment=e7_pnn_shared_masks", "masks.nmasks=32", "dry_run=true"]
     proc = run_sweep(args, tmp_path)

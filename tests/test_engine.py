@@ -191,6 +191,14 @@ def test_reported_accuracy_exceeds_actual_early_and_lags_later() -> None:
     correct = torch.cat([torch.zeros(500, dtype=torch.bool), torch.ones(500, dtype=torch.bool)])
     reported = reported_accuracy(0.0, batch_accuracies(correct, 10))
     assert reported == pytest.approx(100.0) and correct.float().mean() * 100 == 50.0
+    # Later the EMA, never reset between epochs, trails the actual accuracy when a pass has
+    # few batches (here two): 0.7^2 = 0.49 of the previous value stays.
+    half = torch.tensor([True, False] * 10)  # two batches of 10 at 50%
+    reported = reported_accuracy(reported, batch_accuracies(half, 10))
+    assert reported == pytest.approx(0.49 * 100 + 0.51 * 50) and reported > 50  # lags a drop
+    most = torch.tensor([True] * 9 + [False]).repeat(2)  # two batches at 90%
+    reported = reported_accuracy(reported, batch_accuracies(most, 10))
+    assert reported == pytest.approx(0.49 * 74.5 + 0.51 * 90) and reported < 90  # lags a rise
 
 
 def test_epoch_metrics_match_a_straightforward_evaluation(tmp_path: Path) -> None:

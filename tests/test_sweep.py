@@ -238,15 +238,3 @@ def test_gpu_pool_pins_each_job_process_to_its_gpu(tmp_path: Path) -> None:
     assert "on 2 GPU slot(s)" in proc.stderr + proc.stdout
     visible = [r.data.tags["pnn.cuda_visible_devices"] for r in runs_of(store(tmp_path), "job")]
     assert sorted(visible) in (["3", "3", "5"], ["3", "5", "5"])
-
-
-def test_gpu_pool_slots_pin_one_gpu_per_job() -> None:
-    from pnn.launcher import make_slots
-
-    slots = make_slots(["0", "1"], jobs_per_gpu=2, cpu_workers=1)
-    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "0", "1"]
-    assert len({s["PNN_SLOT"] for s in slots}) == 4
-    cpu = make_slots([], jobs_per_gpu=1, cpu_workers=3)
-    assert [s["CUDA_VISIBLE_DEVICES"] for s in cpu] == ["", "", ""]
-    with pytest.raises(ValueError, match="jobs_per_gpu must be >= 1"):
-        make_slots(["0"], jobs_per_gpu=0, cpu_workers=1)
