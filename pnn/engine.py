@@ -48,8 +48,8 @@ __all__ = [
     "lr_for_epoch",
     "make_train_step",
     "reported_accuracy",
-    "seed_everything",
     "run_steps",
+    "seed_everything",
     "train",
 ]
 

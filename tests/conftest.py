@@ -2,7 +2,9 @@
 
 - :func:`clean_env`: the environment for subprocesses, without anything that points MLflow
   elsewhere (a developer's own ``MLFLOW_TRACKING_URI`` must not leak into a test's store);
-- :func:`run_sweep`: ``sweep.py`` in a subprocess, in a launch directory of the test's;
+- :func:`run_sweep`, :func:`run_analyze` (both through :func:`run_script`): ``sweep.py`` or
+  ``analyze.py`` in a subprocess, in a launch directory of the test's; :func:`start_sweep`: a
+  sweep in the background;
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
   stopped (with its workers) when the test ends.
 """

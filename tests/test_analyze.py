@@ -345,6 +345,7 @@ def test_local_store_path(uri: str, path: str | None) -> None:
     assert local_store_path(uri) == (Path(path) if path else None)
 
 
+@pytest.mark.slow  # runs analyze.py
 def test_missing_store_exit_1_and_not_created(tmp_path: Path) -> None:
     result = _cli(tmp_path)
     assert result.returncode == 1
@@ -352,12 +353,14 @@ def test_missing_store_exit_1_and_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # runs analyze.py
 def test_zero_byte_store_exit_1(tmp_path: Path) -> None:
     (tmp_path / "mlflow.db").touch()
     result = _cli(tmp_path)
     assert result.returncode == 1 and "is empty" in result.stderr, result.stderr
 
 
+@pytest.mark.slow  # runs analyze.py
 def test_empty_store_exit_1(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -369,6 +372,7 @@ def test_empty_store_exit_1(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # runs analyze.py
 def test_env_uri_used_and_flag_wins(store: dict, tmp_path: Path) -> None:
     env = {"MLFLOW_TRACKING_URI": store["uri"]}
     result = _cli(tmp_path, "--out", "r", env=env)

@@ -41,6 +41,7 @@ def test_every_experiment_file_is_in_the_table() -> None:
     assert throughput.experiment_name("e7") == "e7_pnn_shared_masks"
 
 
+@pytest.mark.slow  # a subprocess with a full-size e5 step
 def test_one_cpu_step_without_hydra(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     # sys.modules["hydra"] = None makes every `import hydra` fail, as on the GPU image.

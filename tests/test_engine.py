@@ -25,6 +25,8 @@ from pnn.engine import (
     TrainResult,
     batch_accuracies,
     build_optimizer,
+    build_train_step,
+    execution,
     load_checkpoint,
     lr_for_epoch,
     reported_accuracy,
@@ -333,6 +335,7 @@ output.write_text(json.dumps(result.history))
 """
 
 
+@pytest.mark.slow  # two training subprocesses
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))
@@ -396,3 +399,38 @@ def test_real_pnn_trains_and_resumes_exactly(experiment: str, tmp_path: Path) ->
     assert without_timing(rest.history) == without_timing(whole.history)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(
+    ("fast", "compile_layers", "device", "compiled", "autotune"),
+    [
+        ("auto", True, "cuda", True, True),  # only flags are set: no CUDA device is needed
+        ("auto", False, "cuda", False, True),
+        ("off", True, "cuda", False, False),
+        ("auto", True, "cpu", False, False),
+    ],
+)
+def test_execution_sets_the_choices_for_the_block_only(
+    fast: str, compile_layers: bool, device: str, compiled: bool, autotune: bool
+) -> None:
+    """train.fast / train.compile reach cuDNN autotuning and every PNN layer inside the block
+    only; building the step changes neither."""
+    from pnn.fused import FusedSettings
+    from pnn.layers import PerturbLayer
+
+    cfg = small_config(f"train.fast={fast}", f"train.compile={str(compile_layers).lower()}")
+    model = nn.Sequential(
+        PerturbLayer(3, 6, input_size=8, nmasks=2), PerturbLayer(6, 6, input_size=8)
+    )
+    saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        build_train_step(cfg, model, build_optimizer(cfg, model), CPU)
+        assert [m.fused for m in model] == [FusedSettings()] * 2
+        assert torch.backends.cudnn.benchmark is False
+        with execution(cfg, model, torch.device(device)):
+            assert [m.fused for m in model] == [FusedSettings(compiled=compiled)] * 2
+            assert torch.backends.cudnn.benchmark is autotune
+        assert [m.fused for m in model] == [FusedSettings()] * 2
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved

@@ -226,6 +226,7 @@ def saved_tensor_ratios(model: nn.Module, batch: int) -> list[tuple[str | None, 
     return [(layer, n / (size or largest), p) for layer, n, size, p in records]
 
 
+@pytest.mark.slow  # a full-size e6 step on CPU
 def test_experiment6_step_saves_no_fanout() -> None:
     cfg = load_config(["experiment=e6_pnn_unique_masks_mix_maps"])
     assert cfg.train.batch_size == 16 and cfg.model.nfilters == 128
