@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -63,8 +64,9 @@ def test_one_cpu_step_without_hydra(tmp_path: Path) -> None:
 def test_reference_mode_runs_the_dataloader_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """e5 (M = 1 perturbations): in reference mode every PNN layer runs the reference
-    formulation, the step is the reference loop's, and cuDNN's autotuning is back after."""
+    """e5 (M = 1 perturbations), narrowed to 8 filters for speed: in reference mode every PNN
+    layer runs the reference formulation, the step is the reference loop's, and cuDNN's
+    autotuning is back after."""
     calls = []
     original = fused.perturb_reference
 
@@ -73,10 +75,11 @@ def test_reference_mode_runs_the_dataloader_loop(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(fused, "perturb_reference", counted)
-    perturbing = sum(
-        isinstance(m, PerturbLayer) and m.filter_size == 0
-        for m in build_model(throughput.fallback_config("e5_pnn_all_layers")).modules()
-    )
+    narrow = throughput.fallback_config("e5_pnn_all_layers")
+    narrow.model.nfilters = 8
+    monkeypatch.setattr(throughput, "experiment_config", lambda name: copy.deepcopy(narrow))
+    model = build_model(narrow)
+    perturbing = sum(isinstance(m, PerturbLayer) and m.filter_size == 0 for m in model.modules())
     assert perturbing == 17  # e5 perturbs in every layer, the stem too
     out = tmp_path / "reference.json"
     argv = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--experiments", "e5"]

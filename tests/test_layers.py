@@ -241,6 +241,7 @@ def test_experiment6_step_saves_no_fanout() -> None:
     assert max(ratio for _, ratio, is_param in ratios if not is_param) <= 2
 
 
+@pytest.mark.slow  # the reference formulation keeps a 64x fan-out of an e6
 def test_saved_tensor_check_catches_the_reference_formulation() -> None:
     """The same check fails when the layers run the reference way (a narrower e6, for speed)."""
     cfg = load_config(["experiment=e6_pnn_unique_masks_mix_maps", "model.nfilters=4"])
