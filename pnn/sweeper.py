@@ -99,6 +99,8 @@ class PNNSweeper(Sweeper):
             raise SystemExit(f"error: {err}") from None
         jobs = self._job_overrides(arguments)
         configs = [self._compose(overrides, idx) for idx, overrides in enumerate(jobs)]
+        if not all(cfg.dry_run for cfg in configs):
+            check_server_first(configs[0])
 
         from pnn.resources import check_fits
 
@@ -190,6 +192,19 @@ class PNNSweeper(Sweeper):
         return Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
         )
+
+
+def check_server_first(cfg: DictConfig) -> None:
+    """A tracking server that does not answer fails the sweep in seconds, before the slower
+    checks (an SQLite store is checked, and created, when the parent run is)."""
+    from pnn.storeguard import StoreError, check_server
+
+    uri = str(cfg.tracking.uri or "")
+    if uri.startswith(("http://", "https://")):
+        try:
+            check_server(uri)
+        except StoreError as err:
+            raise SystemExit(f"error: {err}") from None
 
 
 def check_sweeper_keys(max_batch_size: object) -> None:
