@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from pnn.report import write_report
     from pnn.results import parse_by
     from pnn.store import AnalysisError, resolve_tracking_uri
+    from pnn.storeguard import explain, is_store_error
 
+    uri = resolve_tracking_uri(args.tracking_uri)
     try:
         report, text = write_report(
-            tracking_uri=resolve_tracking_uri(args.tracking_uri),
+            tracking_uri=uri,
             experiment_name=args.experiment_name,
             sweep=args.sweep,
             by=parse_by(args.by),
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except AnalysisError as err:
         print(f"analyze.py: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # the store failed while being read: one line, not a traceback
+        if not is_store_error(err):
+            raise
+        print(f"analyze.py: {explain(uri, err)}", file=sys.stderr)
         return 1
     print(text)
     print("Wrote " + ", ".join(str(p) for p in report.written))

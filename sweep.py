@@ -23,8 +23,13 @@ register_schema()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Any:
+    import torch
+
     from pnn.job import run
 
+    # Fixed by the config, never by how many jobs run side by side: on the CPU the thread count
+    # changes the order of floating-point sums, hence the numbers.
+    torch.set_num_threads(cfg.train.threads)
     return run(cfg)
 
 

@@ -140,6 +140,11 @@ class TrainConfig:
     compile: bool = True
     checkpoint_dir: str = "checkpoints"
     progress: str = "auto"
+    # CPU threads of the job (torch.set_num_threads). Part of the job's identity: on the CPU
+    # another thread count gives other numbers. Never derived from the launcher's cpu_workers.
+    threads: int = 1
+    # Refuse, before anything is logged, a job whose memory estimate exceeds its device's.
+    memory_check: bool = True
 
 
 @dataclass
@@ -289,12 +294,34 @@ def validate(cfg: DictConfig) -> None:
             _at_least(f"dataset.{key}", value, 1)
     _at_least("train.epochs", cfg.train.epochs, 0)
     _at_least("train.batch_size", cfg.train.batch_size, 1)
+    _at_least("train.threads", cfg.train.threads, 1)
     if cfg.train.max_steps_per_epoch is not None:
         _at_least("train.max_steps_per_epoch", cfg.train.max_steps_per_epoch, 1)
     _choice("train.device", cfg.train.device, DEVICES)
     _choice("train.precision", cfg.train.precision, PRECISIONS)
     _choice("train.fast", cfg.train.fast, FAST_CHOICES)
     _choice("train.progress", cfg.train.progress, ("auto", "on", "off"))
+
+
+def n_test_images(cfg: DictConfig) -> int:
+    """Images in the test split this config evaluates on."""
+    name = cfg.dataset.test_name or cfg.dataset.name
+    if name == "synthetic" and cfg.dataset.test_size is not None:
+        return int(cfg.dataset.test_size)
+    return DATASETS[name].test_size
+
+
+def warnings_for(cfg: DictConfig) -> list[str]:
+    """Valid but probably unintended settings, for a warning before the sweep starts."""
+    out = []
+    n_test = n_test_images(cfg)
+    if cfg.train.batch_size > n_test:
+        out.append(
+            f"train.batch_size={cfg.train.batch_size} exceeds the {n_test} test images: there "
+            "is no full test batch, so test_acc_reported (the original per-batch formula) stays "
+            "0. Lower train.batch_size or use a larger test set"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,13 +191,14 @@ def _train_and_log(
             extra_state={"mlflow_run_id": run_id},
             progress=show_progress(cfg),
         )
-    except KeyboardInterrupt:
-        tracking.retry(lambda: client.set_terminated(run_id, "KILLED"))
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT through pnn.interrupt
+        signal_name = getattr(err, "signal_name", "SIGINT")
+        tracking.mark_run(client, run_id, "KILLED", {"pnn.killed_by": signal_name})
         raise
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
         reason = str(err) if isinstance(err, NonFiniteLossError) else f"{type(err).__name__}: {err}"
-        tracking.set_tags(client, run_id, {"pnn.failure": reason[:5000]})
-        tracking.retry(lambda: client.set_terminated(run_id, "FAILED"))
+        # mark_run never raises a store error: the store may be what just failed.
+        tracking.mark_run(client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
         log.error(f"[{name}] FAILED: {reason}")
         return {"status": "failed", "name": name, "reason": reason, "run_id": run_id}
 

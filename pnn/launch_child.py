@@ -2,8 +2,14 @@
 
 import sys
 
-from pnn.launcher import die_with_parent, run_child
+from pnn.interrupt import Interrupted, install_child
 
 if __name__ == "__main__":
-    die_with_parent()
-    run_child(sys.argv[1], sys.argv[2])
+    install_child()  # first: from here on a signal marks the job's run KILLED, no traceback
+    try:
+        from pnn.launcher import die_with_parent, run_child
+
+        die_with_parent()
+        run_child(sys.argv[1], sys.argv[2])
+    except Interrupted as sig:  # before the job started: nothing of it to mark
+        sys.exit(128 + sig.signum)

@@ -4,11 +4,14 @@ Every job runs in a fresh Python process whose ``CUDA_VISIBLE_DEVICES`` is set b
 process starts, so CUDA can only ever see the job's own GPU. A slot is a (GPU, packing index)
 pair; a job holds its slot until its process exits, so no two jobs share a GPU beyond
 ``jobs_per_gpu``, however many jobs a slot runs one after another. Without GPUs the slots are
-``cpu_workers`` CPU workers, each with an equal share of the cores.
+``cpu_workers`` CPU workers; a job's thread count is its own ``train.threads``, never derived
+from the number of workers, so that parallelism never changes a job's numbers.
 
 A job process that dies (killed, out of memory) is reported as a failure with its exit code;
-the other jobs go on. The job processes ask the kernel to end them if this process dies, so a
-killed sweep leaves nothing running.
+the other jobs go on; so does an exception in a launcher thread (a FAILED job with its reason).
+The job processes ask the kernel to end them if this process dies, so a killed sweep leaves
+nothing running; SIGTERM and SIGINT are forwarded to them (``pnn.interrupt``). The temporary
+folder of job payloads is removed when the jobs are done.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import subprocess
+import shutil
 import sys
 import tempfile
 import threading
@@ -30,6 +33,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from pnn import interrupt
+from pnn.config import ConfigError
 from pnn.sweeper import outcome_of
 
 log = logging.getLogger(__name__)
@@ -51,10 +56,7 @@ def visible_gpus() -> list[str]:
 
 def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers: int) -> list[dict]:
     """Each slot is the environment one job process runs with."""
-    if jobs_per_gpu < 1:
-        raise ValueError(f"hydra.launcher.jobs_per_gpu must be >= 1 (got {jobs_per_gpu})")
-    if cpu_workers < 1:
-        raise ValueError(f"hydra.launcher.cpu_workers must be >= 1 (got {cpu_workers})")
+    check_launcher_keys(gpus, jobs_per_gpu, cpu_workers)
     ids = [str(g) for g in gpus] if gpus is not None else visible_gpus()
     if ids:
         return [
@@ -62,16 +64,26 @@ def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers:
             for k in range(jobs_per_gpu)
             for gpu in ids
         ]
-    threads = str(max(1, (os.cpu_count() or 1) // cpu_workers))
-    return [
-        {
-            "CUDA_VISIBLE_DEVICES": "",
-            "PNN_SLOT": f"cpu{k}",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
-            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", threads),
-        }
-        for k in range(cpu_workers)
-    ]
+    return [{"CUDA_VISIBLE_DEVICES": "", "PNN_SLOT": f"cpu{k}"} for k in range(cpu_workers)]
+
+
+def check_launcher_keys(gpus: object, jobs_per_gpu: object, cpu_workers: object) -> None:
+    """The gpu_pool keys, checked by the sweeper before the parent run exists."""
+    for key, value in (("jobs_per_gpu", jobs_per_gpu), ("cpu_workers", cpu_workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"hydra.launcher.{key} must be >= 1, a whole number (got {value!r})")
+    if gpus is None:
+        return
+    ids = [gpus] if isinstance(gpus, int | str) else gpus
+    try:
+        ok = len(ids) > 0 and all(int(str(g)) >= 0 for g in ids)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            "hydra.launcher.gpus must be null (every visible GPU) or a non-empty list of GPU "
+            f"indices >= 0, e.g. '[0,1]' (got {gpus!r})"
+        )
 
 
 class GpuPoolLauncher(Launcher):
@@ -108,6 +120,26 @@ class GpuPoolLauncher(Launcher):
         lock = threading.Lock()
         workdir = Path(tempfile.mkdtemp(prefix="pnn-launch-"))
 
+        def run(i: int, idx: int, slot: dict) -> JobReturn:
+            overrides = list(job_overrides[i])
+            try:
+                if interrupt.received():
+                    raise interrupt.Interrupted(interrupt.received())
+                ret = self._run_one(overrides, idx, slot, workdir)
+                if interrupt.received() and ret.status == JobStatus.FAILED:
+                    # Stopped by the forwarded signal before it could report.
+                    ret = killed_return(overrides, f"by {interrupt.signal_name()}")
+                return ret
+            except interrupt.Interrupted as sig:
+                return killed_return(overrides, f"not started: the sweep got {sig.signal_name}")
+            except Exception as err:  # a job is never lost: it becomes a FAILED one
+                log.error(f"[sweep] job #{idx} could not be run: {type(err).__name__}: {err}")
+                ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+                ret._return_value = RuntimeError(
+                    f"the launcher could not run it ({type(err).__name__}: {err})"
+                )
+                return ret
+
         def worker(slot: dict) -> None:
             while True:
                 try:
@@ -116,20 +148,26 @@ class GpuPoolLauncher(Launcher):
                     return
                 idx = initial_job_idx + i
                 name = " ".join(filter_overrides(job_overrides[i]))
-                log.info(f"[sweep] job #{idx} starting on {slot['PNN_SLOT']}: {name}")
-                ret = self._run_one(list(job_overrides[i]), idx, slot, workdir)
-                results[i] = ret
+                if not interrupt.received():
+                    log.info(f"[sweep] job #{idx} starting on {slot['PNN_SLOT']}: {name}")
+                results[i] = ret = run(i, idx, slot)
                 with lock:
                     done[0] += 1
                     status = outcome_of(ret, job_overrides[i])["status"]
                     log.info(f"[sweep] {done[0]}/{total} jobs done; job #{idx} {status}: {name}")
 
         threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in slots]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return [r for r in results if r is not None]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return [
+            r if r is not None else killed_return(list(job_overrides[i]), "not started")
+            for i, r in enumerate(results)
+        ]
 
     def _run_one(self, overrides: list[str], idx: int, slot: dict, workdir: Path) -> JobReturn:
         assert self.config is not None and self.hydra_context is not None
@@ -155,7 +193,7 @@ class GpuPoolLauncher(Launcher):
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
         cmd = [sys.executable, "-m", "pnn.launch_child", str(payload), str(result)]
-        proc = subprocess.run(cmd, env=env, check=False)
+        proc = interrupt.run_process(cmd, env)
         payload.unlink(missing_ok=True)
         if result.exists():
             ret = cloudpickle.loads(result.read_bytes())
@@ -179,18 +217,29 @@ def run_child(payload_path: str, result_path: str) -> None:
     Singleton.set_state(payload["singleton_state"])
     config = payload["config"]
     HydraConfig.instance().set_config(config)
-    ret = run_job(
-        hydra_context=payload["hydra_context"],
-        task_function=payload["task_function"],
-        config=config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
+    try:
+        ret = run_job(
+            hydra_context=payload["hydra_context"],
+            task_function=payload["task_function"],
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+    except interrupt.Interrupted as sig:  # the job marked its run KILLED
+        ret = killed_return(list(config.hydra.overrides.task), f"by {sig.signal_name}")
     if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):
         ret._return_value = RuntimeError(repr(ret._return_value))
     tmp = Path(result_path + ".tmp")
     tmp.write_bytes(cloudpickle.dumps(ret))
     os.replace(tmp, result_path)
+
+
+def killed_return(overrides: list[str], reason: str) -> JobReturn:
+    """What a job that a signal stopped (or kept from starting) reports."""
+    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+    name = " ".join(filter_overrides(overrides))
+    ret._return_value = {"status": "killed", "name": name, "reason": reason}
+    return ret
 
 
 def _picklable(value: object) -> bool:

@@ -62,17 +62,20 @@ def local_store_path(uri: str) -> Path | None:
 
 
 def check_store(uri: str) -> None:
-    """Fail if a local store does not exist: MLflow would silently create an empty one."""
+    """Fail in one line if the store cannot be read: MLflow would silently create an empty
+    SQLite file, refuse a ``file:`` store with a traceback, or retry a dead server for minutes."""
+    from pnn.storeguard import StoreError, prepare
+
     path = local_store_path(uri)
-    if path is None:
-        return
-    if not path.exists():
+    if path is not None and not uri.startswith("sqlite:") and not path.exists():
         raise AnalysisError(
             f"no MLflow store at {path} (tracking URI {uri}); run sweep.py first, or pass "
             "--tracking-uri / set MLFLOW_TRACKING_URI"
         )
-    if path.is_file() and path.stat().st_size == 0:
-        raise AnalysisError(f"the MLflow store {path} is empty; run sweep.py first")
+    try:
+        prepare(uri, create=False)
+    except StoreError as err:
+        raise AnalysisError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +98,14 @@ class RunSet:
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    from pnn.storeguard import explain, is_store_error
+
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as err:
+        if is_store_error(err):
+            raise AnalysisError(str(explain(uri, err))) from None
+        raise
 
 
 def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:

@@ -8,7 +8,11 @@ running many jobs needs:
 - dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
 - one MLflow parent run per invocation, whose id the jobs read from the environment;
 - jobs report instead of raising, so one failure does not stop the others; at the end a
-  summary lists finished, skipped and failed jobs, and the command exits non-zero on failures.
+  summary lists finished, skipped and failed jobs, and the command exits non-zero on failures;
+- before the parent run exists: the launcher's keys, each job's memory estimate
+  (``pnn.resources``) and the tracking store (``pnn.storeguard``) are checked;
+- SIGTERM and SIGINT end the sweep cleanly (``pnn.interrupt``): running jobs are marked
+  KILLED, the summary is printed, the parent run is ended, the exit status is 128 + signal.
 
 Hydra only instantiates plugins that live under ``hydra_plugins``; that package re-exports
 this class.
@@ -16,6 +20,7 @@ this class.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -29,7 +34,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pnn.config import ConfigError, validate
+from pnn import interrupt
+from pnn.config import ConfigError, validate, warnings_for
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +77,40 @@ class PNNSweeper(Sweeper):
         return cfg
 
     def sweep(self, arguments: list[str]) -> Any:
+        interrupt.install_parent()
+        try:
+            return self._sweep(arguments)
+        except interrupt.Interrupted as sig:  # before any job process ran
+            from pnn import tracking
+
+            problem = tracking.end_sweep("KILLED", sig.signal_name)
+            print(f"[sweep] interrupted by {sig.signal_name} before any job started", flush=True)
+            if problem:
+                print(f"[sweep] {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + sig.signum) from None
+
+    def _sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.hydra_context is not None
+        launcher_cfg = self.config.hydra.launcher
+        try:
+            check_sweeper_keys(self.max_batch_size)
+            gpus_visible = check_launcher_config(launcher_cfg)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
         jobs = self._job_overrides(arguments)
         configs = [self._compose(overrides, idx) for idx, overrides in enumerate(jobs)]
+        if not all(cfg.dry_run for cfg in configs):
+            check_server_first(configs[0])
+
+        from pnn.resources import check_fits
 
         errors: dict[str, list[int]] = {}
         for idx, cfg in enumerate(configs):
             try:
                 validate(cfg)
                 check_model_builds(cfg)
+                if not cfg.dry_run:
+                    check_fits(cfg, gpus_visible)
             except ConfigError as err:
                 errors.setdefault(str(err), []).append(idx)
         if errors:
@@ -90,6 +121,8 @@ class PNNSweeper(Sweeper):
                     where = f" (in {len(idxs)} of {len(jobs)} jobs, e.g. {' '.join(jobs[idxs[0]])})"
                 lines.append(f"error: {message}{where}")
             raise SystemExit("\n".join(lines))
+        for warning in dict.fromkeys(w for cfg in configs for w in warnings_for(cfg)):
+            log.warning(f"[sweep] warning: {warning}")
 
         if all(cfg.dry_run for cfg in configs):
             from pnn.job import dry_run
@@ -99,25 +132,55 @@ class PNNSweeper(Sweeper):
             return []
 
         from pnn import tracking
+        from pnn.storeguard import StoreError
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        try:
+            tracking.start_sweep(
+                configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
+            )
+        except StoreError as err:
+            raise SystemExit(f"error: {err}") from None
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        tracking.start_sweep(
-            configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
-        )
 
         launcher = self._launcher()
         log.info(f"[sweep] {len(jobs)} job(s); outputs in {sweep_dir}")
         tic = time.monotonic()
         returns: list[JobReturn] = []
-        batch = self.max_batch_size or len(jobs)
-        for start in range(0, len(jobs), batch):
-            returns.extend(launcher.launch(jobs[start : start + batch], initial_job_idx=start))
-        outcomes = [outcome_of(r, overrides) for r, overrides in zip(returns, jobs, strict=True)]
+        crash = None
+        # gpu_pool forwards a signal to its job processes and lets them end their runs; other
+        # launchers get it as an Interrupted exception here.
+        forward = interrupt.forwarding() if hasattr(launcher, "cpu_workers") else None
+        try:
+            with forward or contextlib.nullcontext():
+                batch = self.max_batch_size or len(jobs)
+                for start in range(0, len(jobs), batch):
+                    if interrupt.received():
+                        break
+                    returns.extend(launcher.launch(jobs[start : start + batch], start))
+        except interrupt.Interrupted:
+            pass
+        except Exception as err:  # the launcher itself broke: still sum up and end the parent
+            crash = f"the launcher failed: {type(err).__name__}: {err}"
+            log.error(f"[sweep] {crash}")
+        signame = interrupt.signal_name()
+        outcomes = []
+        for i, overrides in enumerate(jobs):
+            if i < len(returns):
+                outcomes.append(outcome_of(returns[i], overrides))
+            else:
+                status = "killed" if signame else "failed"
+                reason = f"not started: the sweep got {signame}" if signame else crash
+                outcomes.append({"status": status, "name": " ".join(overrides), "reason": reason})
         failed = print_summary(outcomes, time.monotonic() - tic)
-        tracking.end_sweep(failed=failed)
-        if failed:
+        status = "KILLED" if signame else "FAILED" if failed else "FINISHED"
+        problem = tracking.end_sweep(status, signame)
+        if problem:
+            print(f"[sweep] {problem}", file=sys.stderr, flush=True)
+        if signame:
+            raise SystemExit(128 + interrupt.received())
+        if failed or problem:
             raise SystemExit(1)
         return [returns]
 
@@ -129,6 +192,49 @@ class PNNSweeper(Sweeper):
         return Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
         )
+
+
+def check_server_first(cfg: DictConfig) -> None:
+    """A tracking server that does not answer fails the sweep in seconds, before the slower
+    checks (an SQLite store is checked, and created, when the parent run is)."""
+    from pnn.storeguard import StoreError, check_server
+
+    uri = str(cfg.tracking.uri or "")
+    if uri.startswith(("http://", "https://")):
+        try:
+            check_server(uri)
+        except StoreError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
+def check_sweeper_keys(max_batch_size: object) -> None:
+    value = max_batch_size
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(
+            "hydra.sweeper.max_batch_size must be null (all jobs at once) or a whole number "
+            f">= 1 (got {max_batch_size!r})"
+        )
+
+
+def check_launcher_config(launcher: DictConfig) -> bool:
+    """The launcher's keys, before anything runs. Returns whether jobs will see a GPU."""
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("GpuPoolLauncher"):
+        from pnn.launcher import check_launcher_keys, visible_gpus
+
+        gpus = launcher.get("gpus")
+        gpus = list(gpus) if gpus is not None and not isinstance(gpus, int | str) else gpus
+        check_launcher_keys(gpus, launcher.get("jobs_per_gpu"), launcher.get("cpu_workers"))
+        return bool(gpus) if gpus is not None else bool(visible_gpus())
+    if "submitit" in target:
+        for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
+            value = launcher.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(
+                    f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})"
+                )
+        return bool(launcher.get("gpus_per_task") or launcher.get("gpus_per_node"))
+    return False
 
 
 def check_model_builds(cfg: DictConfig) -> None:
@@ -154,16 +260,22 @@ def outcome_of(ret: JobReturn, overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def print_summary(outcomes: list[dict[str, Any]], seconds: float) -> int:
-    counts = {key: sum(o["status"] == key for o in outcomes) for key in ("finished", "skipped")}
-    failures = [o for o in outcomes if o["status"] not in ("finished", "skipped")]
+    """Print the sweep's summary; returns the number of jobs that failed or were killed."""
+    keys = ("finished", "skipped", "killed")
+    counts = {key: sum(o["status"] == key for o in outcomes) for key in keys}
+    failures = [o for o in outcomes if o["status"] not in ("finished", "skipped", "killed")]
+    killed = f", {counts['killed']} killed" if counts["killed"] else ""
     lines = [
         f"[sweep] done in {seconds:.0f}s: {counts['finished']} finished, "
-        f"{counts['skipped']} skipped, {len(failures)} failed"
+        f"{counts['skipped']} skipped, {len(failures)} failed{killed}"
     ]
     for outcome in outcomes:
         if outcome["status"] == "skipped":
             lines.append(f"  skipped {outcome['name']}: {outcome.get('reason', '')}")
+    for outcome in outcomes:
+        if outcome["status"] == "killed":
+            lines.append(f"  KILLED  {outcome['name']}: {outcome.get('reason', '')}")
     for outcome in failures:
         lines.append(f"  FAILED  {outcome['name']}: {outcome.get('reason', 'unknown')}")
     print("\n".join(lines), flush=True)
-    return len(failures)
+    return len(failures) + counts["killed"]

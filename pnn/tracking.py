@@ -33,6 +33,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from pnn import storeguard
+
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
@@ -73,15 +75,20 @@ VOLATILE_KEYS = (
     "train.compile",
     "train.progress",
     "train.checkpoint_dir",
+    "train.memory_check",
     "dataset.root",
     "dataset.download",
 )
 
 
 def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.0) -> T:
-    """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``)."""
+    """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``).
+
+    Before each call: the sweep's SQLite file must still be the one it started in
+    (:func:`pnn.storeguard.check_same`), so that no write lands in a new, empty store."""
     delay, end = 0.05, time.monotonic() + timeout
     while True:
+        storeguard.check_same()
         try:
             return fn()
         except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
@@ -94,13 +101,17 @@ def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.
 
 
 def resolve_uri(cfg: DictConfig, launch_dir: Path) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``<launch dir>/mlflow.db``."""
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``<launch dir>/mlflow.db``.
+
+    Inside a sweep, this also checks that the sweep's SQLite file is still there: a job calls
+    it before ``MlflowClient(uri)``, which would create a new, empty store in its place."""
     uri = cfg.tracking.uri or os.environ.get(ENV_URI) or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # A relative SQLite path means relative to where the sweep was launched, for every job.
-        return f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
+        uri = f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
+    storeguard.check_same(uri)
     return uri
 
 
@@ -169,7 +180,20 @@ def git_commit() -> str | None:
 
 
 def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> str:
+    """Check (and if new, create) the store, then create the parent run. Raises StoreError."""
     uri = resolve_uri(cfg, Path.cwd())
+    storeguard.prepare(uri)
+    try:
+        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs)
+    except storeguard.StoreError:
+        raise
+    except Exception as err:
+        if storeguard.is_store_error(err):
+            raise storeguard.explain(uri, err) from None
+        raise
+
+
+def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int) -> str:
     client = MlflowClient(uri)
     experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
     sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
@@ -190,14 +214,52 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
             ENV_JOBS: str(n_jobs),
         }
     )
+    storeguard.pin(uri)
     return run.info.run_id
 
 
-def end_sweep(failed: int) -> None:
+def end_sweep(status: str, signal_name: str | None = None) -> str | None:
+    """End the parent run with ``status``; after a signal, also mark the sweep's job runs that
+    are still RUNNING as KILLED (their processes are gone). Returns a one-line error instead of
+    raising when the store cannot be written."""
     run_id, uri = os.environ.get(ENV_PARENT), os.environ.get(ENV_URI)
-    if run_id and uri:
-        status = "FAILED" if failed else "FINISHED"
-        retry(lambda: MlflowClient(uri).set_terminated(run_id, status))
+    if not (run_id and uri):
+        return None
+    try:
+        client = MlflowClient(uri)
+        if signal_name:
+            tag = {"pnn.killed_by": signal_name}
+            for child in retry(
+                lambda: client.search_runs(
+                    [client.get_run(run_id).info.experiment_id],
+                    filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                )
+            ):
+                if child.info.status == "RUNNING":
+                    set_tags(client, child.info.run_id, tag)
+                    retry(lambda c=child: client.set_terminated(c.info.run_id, "KILLED"))
+            set_tags(client, run_id, tag)
+        retry(lambda: client.set_terminated(run_id, status))
+    except Exception as err:
+        if not storeguard.is_store_error(err):
+            raise
+        return f"the sweep's parent run {run_id} could not be ended: {storeguard.explain(uri, err)}"
+    return None
+
+
+def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> str | None:
+    """Tag and end a job run, for failure handlers: never raises a store error (the store may be
+    what failed); returns it as one line instead."""
+    try:
+        if tags:
+            set_tags(client, run_id, tags)
+        retry(lambda: client.set_terminated(run_id, status))
+    except Exception as err:
+        if not storeguard.is_store_error(err):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return f"run {run_id} could not be marked {status}: {first}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""The tracking store before and during a sweep: there, usable, reachable, and the same one.
+
+- :func:`prepare` runs once in the sweep's main process, before the parent run: it refuses what
+  MLflow cannot use (a ``file:`` store, a missing folder, a file that is not a database, a
+  half-migrated database, an unreachable server) in one line, and creates a new SQLite store
+  atomically, so that sweeps started together never race through MLflow's table creation.
+- :func:`check_same` runs before every store write of a job (through ``tracking.retry``): a
+  job never writes into a store other than the one its sweep started in. MLflow would silently
+  create a new empty SQLite file where a deleted one was.
+- :func:`explain` turns what MLflow, SQLAlchemy or SQLite raise into a :class:`StoreError`:
+  the URI, what failed and what to do, in one line instead of pages of traceback.
+
+This module imports neither torch nor mlflow at import time.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+ENV_STORE_ID = "PNN_STORE_ID"
+SQLITE_HEADER = b"SQLite format 3\x00"
+# An unreachable server must fail in seconds, not after MLflow's minutes of HTTP retries.
+REACH_TIMEOUT_S = 5.0
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be used. The message names the URI, what failed, what to do."""
+
+    def __init__(self, uri: str, what: str, todo: str) -> None:
+        super().__init__(f"MLflow store {uri}: {what}. {todo}")
+        self.uri, self.what, self.todo = uri, what, todo
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:`` URI (``sqlite:///rel.db``, ``sqlite:////abs.db``), else None."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = uri.split("://", 1)[-1].split("?", 1)[0]
+    path = path[1:] if path.startswith("/") else path
+    return Path(unquote(path)) if path and path != ":memory:" else None
+
+
+def is_file_store(uri: str) -> bool:
+    """A ``file:`` URI or a bare path: MLflow 3's removed file store."""
+    scheme = urlparse(uri).scheme
+    return scheme == "file" or scheme == "" or len(scheme) == 1  # "" or a Windows drive
+
+
+def _file_store_error(uri: str) -> StoreError:
+    return StoreError(
+        uri,
+        "MLflow 3 no longer supports file: (folder) stores",
+        "Use an SQLite file, e.g. tracking.uri=sqlite:///mlflow.db, or a server, "
+        "tracking.uri=http://HOST:PORT",
+    )
+
+
+def _repair_hint(path: Path, tables: list[str]) -> str:
+    drops = "; ".join(f"DROP TABLE {t}" for t in tables)
+    return (
+        f"Its creation or migration was interrupted. Repair it with: sqlite3 {path} "
+        f"'{drops}' && mlflow db upgrade sqlite:///{path} (or move the file aside to start a "
+        "new store)"
+    )
+
+
+def check_sqlite_file(uri: str, path: Path) -> None:
+    """An existing SQLite store: a database, MLflow's, not half-migrated, writable."""
+    if path.is_dir():
+        raise StoreError(uri, f"{path} is a folder, not an SQLite file", "Name a .db file")
+    with open(path, "rb") as handle:
+        header = handle.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise StoreError(
+            uri,
+            f"{path} is not an SQLite database",
+            "Point tracking.uri (analyze.py: --tracking-uri) at the sweep's mlflow.db",
+        )
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+            tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
+    except sqlite3.DatabaseError as err:
+        raise StoreError(uri, f"{path} cannot be read ({err})", "Check the file") from None
+    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if leftovers:
+        raise StoreError(uri, f"{path} is half-migrated", _repair_hint(path, leftovers))
+    if tables and "experiments" not in tables:
+        raise StoreError(
+            uri, f"{path} is an SQLite database but not an MLflow store", "Name another file"
+        )
+
+
+def check_writable(uri: str, path: Path) -> None:
+    for target, what in ((path, "file"), (path.parent, "folder")):
+        if target.exists() and not os.access(target, os.W_OK):
+            raise StoreError(
+                uri,
+                f"the database {what} {target} is read-only",
+                "Make it writable (chmod u+w), or point tracking.uri at another store",
+            )
+
+
+def _create_sqlite(uri: str, path: Path) -> None:
+    """Create the store in a private file, then link it into place: a crash leaves no
+    half-created store, and of two sweeps creating it at once, one wins and both use it."""
+    from mlflow.tracking import MlflowClient
+
+    scratch = path.with_name(f".{path.name}.creating-{os.getpid()}-{os.urandom(3).hex()}")
+    try:
+        MlflowClient(f"sqlite:///{scratch}").search_experiments(max_results=1)
+        try:
+            os.link(scratch, path)
+        except FileExistsError:
+            pass  # another sweep created it first; use theirs
+    except Exception as err:
+        raise explain(uri, err) from None
+    finally:
+        for leftover in scratch.parent.glob(f"{scratch.name}*"):  # and its -journal
+            leftover.unlink(missing_ok=True)
+
+
+def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """One REST call with a short timeout: is an MLflow server answering at ``uri``?"""
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url)
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:"
+        pair += os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise StoreError(
+                uri,
+                f"the server refused access (HTTP {err.code})",
+                "Set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and _PASSWORD",
+            ) from None
+        raise StoreError(
+            uri,
+            f"the server answered HTTP {err.code} {err.reason} to the MLflow REST API",
+            "Is this an MLflow tracking server? Check tracking.uri",
+        ) from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, socket.timeout | TimeoutError):
+            reason = f"no answer within {timeout:.0f} s"
+        elif isinstance(reason, ConnectionRefusedError):
+            reason = "connection refused"
+        raise StoreError(
+            uri,
+            f"cannot reach the tracking server ({reason})",
+            "Start it (mlflow server --host HOST --port PORT), or fix tracking.uri",
+        ) from None
+
+
+def prepare(uri: str, create: bool = True) -> None:
+    """Refuse a store MLflow cannot use; create a missing SQLite store (if ``create``)."""
+    if is_file_store(uri):
+        raise _file_store_error(uri)
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)  # the job processes inherit them
+        check_server(uri)
+        return
+    path = sqlite_path(uri)
+    if path is None:
+        return  # another database or scheme: MLflow's own errors, through explain()
+    if not path.parent.is_dir():
+        raise StoreError(
+            uri, f"the folder {path.parent} does not exist", "Create it, or fix tracking.uri"
+        )
+    if path.exists() and path.stat().st_size > 0:
+        check_sqlite_file(uri, path)
+        check_writable(uri, path)
+    elif create:
+        check_writable(uri, path)
+        path.unlink(missing_ok=True)  # an empty file is no store yet
+        _create_sqlite(uri, path)
+    else:
+        raise StoreError(
+            uri,
+            f"the MLflow store {path} is empty" if path.exists() else f"no MLflow store at {path}",
+            "Run sweep.py first, or pass --tracking-uri / set MLFLOW_TRACKING_URI",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The same store for the whole sweep
+# --------------------------------------------------------------------------------------------
+
+
+def pin(uri: str) -> None:
+    """Remember which SQLite file this sweep uses; its jobs inherit the pin."""
+    path = sqlite_path(uri)
+    if path is not None and path.exists():
+        st = path.stat()
+        os.environ[ENV_STORE_ID] = f"{st.st_dev}:{st.st_ino}:{path}"
+
+
+def check_same(uri: str | None = None) -> None:
+    """Raise if the pinned SQLite file is gone or was replaced (cheap: one stat)."""
+    pinned = os.environ.get(ENV_STORE_ID)
+    if not pinned:
+        return
+    dev, ino, name = pinned.split(":", 2)
+    path = Path(name)
+    if uri is not None and sqlite_path(uri) not in (None, path):
+        return  # this call is about another store
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    if st is None or (str(st.st_dev), str(st.st_ino)) != (dev, ino):
+        what = "was deleted" if st is None else "was replaced by another file"
+        raise StoreError(
+            uri or f"sqlite:///{path}",
+            f"the SQLite file {path} {what} after the sweep started",
+            "Nothing more is written, so that no run lands in a new empty store; restore the "
+            "file, or rerun the sweep to start a new store",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# From MLflow's exceptions to one line
+# --------------------------------------------------------------------------------------------
+
+_KNOWN = (
+    (("readonly database", "read-only"), "the database is read-only",
+     "Make the file and its folder writable, or point tracking.uri at another store"),
+    (("database or disk is full", "no space left", "disk i/o error", "file too large"),
+     "the disk is full, or the file cannot grow",
+     "Free space where the store is, or move the store"),
+    (("file is not a database",), "the file is not an SQLite database",
+     "Point tracking.uri at the sweep's mlflow.db"),
+    (("unable to open database file",), "the database file cannot be opened",
+     "Check that its folder exists and is writable"),
+    (("no such table",), "the file is not (or no longer) an MLflow store",
+     "Point tracking.uri at the sweep's mlflow.db"),
+    (("database is locked",), "the database stayed locked for minutes",
+     "Too many writers on one SQLite file: use an mlflow server (README)"),
+    (("connection refused", "max retries exceeded", "failed to establish"),
+     "cannot reach the tracking server", "Start it, or fix tracking.uri"),
+)  # fmt: skip
+
+
+def is_store_error(err: BaseException) -> bool:
+    """Raised by the store (MLflow, SQLAlchemy, SQLite, HTTP), not by our own code."""
+    if isinstance(err, StoreError):
+        return True
+    module = type(err).__module__ or ""
+    return module.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")
+
+
+def explain(uri: str, err: BaseException) -> StoreError:
+    if isinstance(err, StoreError):
+        return err
+    text = str(err)
+    lower = text.lower()
+    if "_alembic_tmp_" in lower and (path := sqlite_path(uri)) is not None:
+        tables = sorted({w.strip("'\"`,()") for w in text.split() if "_alembic_tmp_" in w})
+        return StoreError(uri, f"{path} is half-migrated", _repair_hint(path, tables))
+    if is_file_store(uri) or "file:" in lower and "not supported" in lower:
+        return _file_store_error(uri)
+    for needles, what, todo in _KNOWN:
+        if any(n in lower for n in needles):
+            return StoreError(uri, what, todo)
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return StoreError(uri, f"{type(err).__name__}: {first[:300]}", "See the MLflow docs")

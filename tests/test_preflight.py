@@ -1,0 +1,115 @@
+"""Checks made before the parent run exists: launcher keys, memory, the tracking server,
+the batch size; and a launcher thread that fails never loses its job."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY, run_sweep
+
+from pnn.config import load_config, warnings_for
+from pnn.resources import GIB, estimate
+
+README = [f"experiment={p.stem}" for p in sorted((REPO / "conf/experiment").glob("e*.yaml"))]
+
+
+@pytest.mark.parametrize("experiment", README)
+def test_readme_experiments_fit_a_16_gib_gpu(experiment: str) -> None:
+    est = estimate(load_config([experiment]))
+    assert 0 < est.total < 16 * GIB, est.describe()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["experiment=e7_pnn_shared_masks", "masks.nmasks=100000"], ["model.nfilters=100000"]],
+)
+def test_impossible_sizes_exceed_any_machine(overrides: list[str]) -> None:
+    assert estimate(load_config(overrides)).total > 1024 * GIB
+
+
+def test_batch_larger_than_test_set_warns() -> None:
+    (warning,) = warnings_for(load_config([*TINY, "train.batch_size=64"]))
+    assert "train.batch_size=64 exceeds the 40 test images" in warning
+    assert warnings_for(load_config([*TINY, "train.batch_size=16"])) == []
+
+
+def test_launcher_keys() -> None:
+    from pnn.config import ConfigError
+    from pnn.launcher import check_launcher_keys
+
+    for gpus, per_gpu, workers, key in (
+        (None, 0, 1, "jobs_per_gpu"),
+        (None, 1, 0, "cpu_workers"),
+        ([], 1, 1, "gpus"),
+        (["x"], 1, 1, "gpus"),
+    ):
+        with pytest.raises(ConfigError, match=f"hydra.launcher.{key} must be"):
+            check_launcher_keys(gpus, per_gpu, workers)
+
+
+def test_a_failing_launcher_thread_gives_a_failed_job(tmp_path: Path, monkeypatch) -> None:
+    from hydra.core.utils import JobStatus
+
+    from pnn.launcher import GpuPoolLauncher
+    from pnn.sweeper import outcome_of, print_summary
+
+    class Broken(GpuPoolLauncher):
+        def _run_one(self, overrides, idx, slot, workdir):  # fails before any process starts
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    launcher = Broken(gpus=None, cpu_workers=2)
+    launcher.config, launcher.hydra_context = object(), object()
+    jobs = [["train.seed=1"], ["train.seed=2"], ["train.seed=3"]]
+    returns = launcher.launch(jobs, initial_job_idx=0)
+    assert [r.status for r in returns] == [JobStatus.FAILED] * 3
+    outcomes = [outcome_of(r, o) for r, o in zip(returns, jobs, strict=True)]
+    assert print_summary(outcomes, 0.0) == 3
+    assert "No space left on device" in outcomes[0]["reason"]
+    assert not list(tmp_path.glob("pnn-launch-*"))
+
+
+def _refused(proc, tmp_path: Path, *needles: str) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "Traceback" not in out, out
+    for needle in needles:
+        assert needle in out, out
+    assert not (tmp_path / "mlflow.db").exists(), "nothing may be logged"
+
+
+@pytest.mark.slow
+def test_bad_launcher_key_refused_before_the_parent_run(tmp_path: Path) -> None:
+    proc = run_sweep(
+        ["experiment=e4_conv1x1_no_noise", *TINY, "hydra.launcher.cpu_workers=0"], tmp_path
+    )
+    _refused(proc, tmp_path, "hydra.launcher.cpu_workers must be >= 1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["experiment=e7_pnn_shared_masks", "masks.nmasks=100000"], "masks.nmasks (100000)"),
+        (["experiment=e4_conv1x1_no_noise", "model.nfilters=100000"], "model.nfilters (100000)"),
+    ],
+)
+def test_impossible_sizes_refused_before_any_run(tmp_path: Path, overrides, key) -> None:
+    proc = run_sweep([*overrides, "profile=smoke"], tmp_path)
+    _refused(proc, tmp_path, key, "GiB")
+
+
+@pytest.mark.slow
+def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
+    tic = time.monotonic()
+    proc = run_sweep(
+        ["experiment=e4_conv1x1_no_noise", *TINY, "tracking.uri=http://127.0.0.1:1"], tmp_path
+    )
+    elapsed = time.monotonic() - tic
+    _refused(proc, tmp_path, "http://127.0.0.1:1", "connection refused")
+    assert len((proc.stdout + proc.stderr).strip().splitlines()) <= 10
+    # One refused connection, not MLflow's minutes of retries; the rest is Python and Hydra
+    # starting up.
+    assert elapsed < 15, elapsed
