@@ -60,7 +60,8 @@ def _split_sizes(cfg: DictConfig) -> tuple[int, int]:
 def estimate(cfg: DictConfig) -> Estimate:
     import torch
 
-    from pnn.layers import perturb_settings
+    from pnn.fused import FusedSettings
+    from pnn.layers import use_fused
     from pnn.models import build_model
 
     spec = DATASETS[cfg.dataset.name]
@@ -80,7 +81,7 @@ def estimate(cfg: DictConfig) -> Estimate:
     size = spec.image_size
     x = torch.empty(cfg.train.batch_size, spec.in_channels, size, size, device="meta")
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with perturb_settings(reference=True), hooks:
+    with use_fused(model, FusedSettings(reference=True)), hooks:
         model(x)
     n_train, n_test = _split_sizes(cfg)
     pixels = spec.in_channels * size * size
