@@ -98,7 +98,7 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        from pnn import tracking
+        from pnn import dashboard, tracking
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +116,7 @@ class PNNSweeper(Sweeper):
             returns.extend(launcher.launch(jobs[start : start + batch], initial_job_idx=start))
         outcomes = [outcome_of(r, overrides) for r, overrides in zip(returns, jobs, strict=True)]
         failed = print_summary(outcomes, time.monotonic() - tic)
+        dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
         tracking.end_sweep(failed=failed)
         if failed:
             raise SystemExit(1)
