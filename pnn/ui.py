@@ -24,8 +24,9 @@ def runs_url(base_url: str, experiment_id: str) -> str:
 
 
 def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
-    """One run's page (its description, metrics and artifacts)."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    """One run's page (its description, metrics and artifacts), in the same view."""
+    base = base_url.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType={WORKFLOW_TYPE}"
 
 
 def served_by(tracking_uri: str) -> str | None:
