@@ -86,7 +86,8 @@ def _require_browser() -> None:
 @dataclass
 class UISweep:
     store: Path
-    link: str  # as printed by the sweep, for `mlflow ui` on 127.0.0.1:5000
+    link: str  # to the runs, as printed by the sweep, for `mlflow ui` on 127.0.0.1:5000
+    parent_link: str  # to the parent run's page, as printed
     experiment_id: str
     parent_id: str
     children: dict[str, str]  # run id -> run name
@@ -140,20 +141,34 @@ def ui_sweep(tmp_path_factory: pytest.TempPathFactory) -> UISweep:
     store = workdir / "mlflow.db"
     assert store.exists(), f"the sweep wrote no {store}"
     links = re.findall(r"runs \(model-training view\): (\S+)", output)
-    assert links, f"the sweep printed no link to the UI:\n{output[-3000:]}"
+    parent_links = re.findall(r"this sweep's results table: (\S+)", output)
+    assert links and parent_links, f"the sweep printed no link to the UI:\n{output[-3000:]}"
     experiment_id, parent_id, children, best = _sweep_in_store(store)
-    return UISweep(store, links[-1], experiment_id, parent_id, children, best, workdir)
+    return UISweep(
+        store, links[-1], parent_links[-1], experiment_id, parent_id, children, best, workdir
+    )
 
 
 @pytest.fixture(scope="module")
-def ui_url(ui_sweep: UISweep) -> Iterator[str]:
-    """The printed link, pointed at an `mlflow server` on a free port instead of :5000."""
+def ui_server(ui_sweep: UISweep) -> Iterator[str]:
+    """The URL of an `mlflow server` on the sweep's store, on a free port."""
     server = launch_mlflow_server(ui_sweep.store, ui_sweep.workdir / "mlflow-server.log")
     try:
-        assert ui_sweep.link.startswith(PRINTED_BASE + "/#/"), ui_sweep.link
-        yield server.url + ui_sweep.link[len(PRINTED_BASE) :]
+        yield server.url
     finally:
         stop_server(server)
+
+
+def _served(printed: str, server_url: str) -> str:
+    """A printed link (for `mlflow ui` on :5000), pointed at the test's server."""
+    assert printed.startswith(PRINTED_BASE + "/#/"), printed
+    return server_url + printed[len(PRINTED_BASE) :]
+
+
+@pytest.fixture(scope="module")
+def ui_url(ui_sweep: UISweep, ui_server: str) -> str:
+    """The printed link to the runs."""
+    return _served(ui_sweep.link, ui_server)
 
 
 @pytest.fixture
@@ -183,9 +198,13 @@ NAME_CELL_CSS = "div[col-id='attributes.`Run Name`']"
 
 
 def _wait(driver: Any) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, PAGE_TIMEOUT_S)
+    # React re-renders the rows and chart cards while we read them: ask again.
+    return WebDriverWait(
+        driver, PAGE_TIMEOUT_S, ignored_exceptions=(StaleElementReferenceException,)
+    )
 
 
 def _until(driver: Any, condition: Any, shot: Path, what: str) -> Any:
@@ -240,18 +259,21 @@ def _open_runs(driver: Any, url: str, parent_id: str, shot: Path) -> None:
         f"the sweep's parent run {parent_id} never showed in the runs table",
     )
     _tidy(driver)
-    # The view switch at the top of the side bar: "Model training" is the selected one.
-    selected = driver.find_elements(By.CSS_SELECTOR, "input[value='machine_learning']")
-    assert selected and selected[0].is_selected(), "the link did not open the model-training view"
+    # The side bar lists the model-training pages (Runs, Models), not the GenAI ones.
+    sidebar = driver.find_element(By.CSS_SELECTOR, "aside").text.splitlines()
+    assert "Models" in sidebar and "Runs" in sidebar, sidebar
+    assert not {"Overview", "Judges", "Evaluation runs"} & set(sidebar), sidebar
     assert "workflowType=machine_learning" in driver.current_url
 
 
 def _expand_parent(driver: Any, parent_id: str, children: dict[str, str], shot: Path) -> None:
-    """Click the ⊞ beside the parent's name until its children are rows of the list."""
+    """Click the ⊞ beside the parent's name; wait until its children are rows of the list."""
     from selenium.webdriver.common.by import By
 
+    # The run-name cell's own button (in the chart view that column has another col-id).
     toggle = driver.find_elements(
-        By.CSS_SELECTOR, f"{ROWS_CSS}[row-id='{parent_id}'] {NAME_CELL_CSS} button"
+        By.CSS_SELECTOR,
+        f"{ROWS_CSS}[row-id='{parent_id}'] button[data-component-id*='runnamecellrenderer']",
     )
     assert toggle, "the parent run has no expand button: MLflow does not see its child runs"
     if not set(children) & set(_visible_rows(driver)):
@@ -387,26 +409,28 @@ def test_chart_view_shows_test_acc_of_the_children(
         shot,
         f"the test_acc chart does not draw the {len(ui_sweep.children)} child runs",
     )
-    time.sleep(1)
-    text = test_acc_card(driver).text
-    assert "Step" in text, "the test_acc chart is not per step (epoch)"
+    # Its x-axis is the step (= epoch).
+    _until(
+        driver,
+        lambda d: "Step" in test_acc_card(d).text,
+        shot,
+        "the test_acc chart is not per step (epoch)",
+    )
     driver.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
 
 
 @pytest.mark.slow
 def test_parent_run_description_shows_the_results_table(
-    ui_sweep: UISweep, ui_url: str, driver: Any
+    ui_sweep: UISweep, ui_server: str, driver: Any
 ) -> None:
-    """The parent's page shows the sweep's results table (one row per experiment, the
-    children's own best test accuracy) as the run's description."""
+    """The printed link to the parent run opens its page, in the model-training view, with
+    the sweep's results table (one row per experiment, each child's own best test accuracy)
+    as the run's description."""
     from selenium.webdriver.common.by import By
 
     shot = ui_sweep.workdir / "mlflow-ui-parent.png"
-    _open_runs(driver, ui_url, ui_sweep.parent_id, shot)
-    driver.find_element(
-        By.CSS_SELECTOR, f"{ROWS_CSS}[row-id='{ui_sweep.parent_id}'] {NAME_CELL_CSS} a"
-    ).click()
+    driver.get(_served(ui_sweep.parent_link, ui_server))
 
     def results_table(d: Any) -> Any:
         for table in d.find_elements(By.CSS_SELECTOR, "table"):
@@ -416,6 +440,7 @@ def test_parent_run_description_shows_the_results_table(
 
     _until(driver, results_table, shot, "the parent run's page shows no results table")
     _tidy(driver)
+    assert "Models" in driver.find_element(By.CSS_SELECTOR, "aside").text.splitlines()
     for more in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']"):
         more.click()  # the description starts folded
     table = results_table(driver)
