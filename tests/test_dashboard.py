@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import getpass
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_sweep
+from conftest import REPO, TINY, clean_env, run_sweep
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from pnn.run_context import dataset_digest
-
-pytestmark = pytest.mark.slow
+from pnn.dashboard import NOTE_LIMIT, description
+from pnn.run_context import dataset_digest, dataset_inputs
 
 
 def _git_head() -> str | None:
@@ -26,6 +27,44 @@ def _git_head() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _ui_link(store: Path) -> subprocess.CompletedProcess:
+    """What `make ui` prints before it starts the server."""
+    return subprocess.run(
+        [sys.executable, "-m", "pnn.ui", "--tracking-uri", f"sqlite:///{store}"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_make_ui_on_a_missing_store_says_so_and_creates_none(tmp_path: Path) -> None:
+    proc = _ui_link(tmp_path / "mlflow.db")
+    assert proc.returncode == 0, proc.stderr
+    assert "No MLflow store at" in proc.stdout and "make demo" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_datasets_of_a_torchvision_set_are_named_and_told_apart() -> None:
+    cfg = OmegaConf.create({"dataset": {"name": "cifar10", "test_name": None}})
+    train, test = dataset_inputs(cfg)
+    assert [train.dataset.name, test.dataset.name] == ["cifar10", "cifar10"]
+    assert [[t.value for t in i.tags] for i in (train, test)] == [["train"], ["test"]]
+    assert train.dataset.digest != test.dataset.digest  # five batch files against one
+    assert train.dataset.source_type == "http"
+    assert "cifar-10-python.tar.gz" in train.dataset.source
+
+
+def test_the_parent_description_stays_within_mlflow_tag_limit() -> None:
+    table = "## Results\n\n" + "".join(f"| e{i} | {'x' * 80} |\n" for i in range(200))
+    text = description("experiment=e1", table, "abc")
+    assert len(text) <= NOTE_LIMIT
+    assert text.startswith("`sweep.py experiment=e1`") and text.endswith("is results.md)")
+    assert description("(no arguments)", "t", "abc").startswith("`sweep.py`\n\nt")
+
+
+@pytest.mark.slow
 def test_sweep_end_puts_its_analysis_on_the_parent_run(tmp_path: Path) -> None:
     # One job finishes, one fails (its loss overflows): the analysis still runs.
     args = [
@@ -52,6 +91,7 @@ def test_sweep_end_puts_its_analysis_on_the_parent_run(tmp_path: Path) -> None:
         "?workflowType=machine_learning"
     )
     assert link in proc.stdout
+    assert _ui_link(tmp_path / "mlflow.db").stdout.strip() == f"Runs of 'pnn': {link}"
 
     # The parent holds what `analyze.py --sweep <parent>` writes, and the run is its dashboard.
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
