@@ -17,7 +17,7 @@ help:
 	@echo "make demo    smoke sweep of the eight experiments on synthetic data, then the table"
 	@echo "make test    the test suite (includes the browser test of the MLflow UI)"
 	@echo "make sweep   the eight experiments on CIFAR-10 (downloaded to data/), logged to mlflow.db"
-	@echo "make ui      MLflow UI for mlflow.db at http://127.0.0.1:5000"
+	@echo "make ui      MLflow UI for mlflow.db at http://127.0.0.1:5000 (prints the link to the runs)"
 	@echo "make lint    ruff check and ruff format --check"
 
 venv: $(STAMP)
@@ -41,8 +41,13 @@ demo: venv
 	$(BIN)/python sweep.py profile=smoke
 	$(BIN)/python analyze.py
 
+# The UI's address; the printed link opens the runs in MLflow 3's model-training view.
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+
 ui: venv
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@$(BIN)/python -m pnn.ui --tracking-uri sqlite:///mlflow.db --base-url http://$(UI_HOST):$(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(UI_HOST) --port $(UI_PORT)
 
 lint: venv
 	$(BIN)/ruff check .

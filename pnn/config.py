@@ -153,6 +153,8 @@ class TrackingConfig:
     uri: str | None = None
     experiment_name: str = "pnn"
     log_checkpoint: bool = True
+    # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) per job run
+    system_metrics: bool = False
 
 
 @dataclass

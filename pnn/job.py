@@ -134,7 +134,7 @@ def _train_and_log(
     ckpt_dir: Path,
     open_runs: set[str],
 ) -> dict[str, Any]:
-    from pnn import tracking
+    from pnn import run_context, tracking
     from pnn.checkpoint import load_checkpoint
     from pnn.data import load_data
     from pnn.engine import NonFiniteLossError, seed_everything, train
@@ -178,6 +178,7 @@ def _train_and_log(
         )
 
     first_epoch = len((state or {}).get("history", [])) + 1
+    monitor = run_context.start_system_metrics(cfg, client.tracking_uri, run_id)
     try:
         device = resolve_device(cfg.train.device)
         data = load_data(cfg, device, _absolute(cfg.dataset.root))
@@ -201,6 +202,8 @@ def _train_and_log(
         tracking.mark_run(client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
         log.error(f"[{name}] FAILED: {reason}")
         return {"status": "failed", "name": name, "reason": reason, "run_id": run_id}
+    finally:
+        run_context.stop_system_metrics(monitor)
 
     final = {
         "best_test_acc": result.best_test_acc,

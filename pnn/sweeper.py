@@ -131,7 +131,7 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        from pnn import tracking
+        from pnn import dashboard, tracking
         from pnn.storeguard import StoreError
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
@@ -174,6 +174,8 @@ class PNNSweeper(Sweeper):
                 reason = f"not started: the sweep got {signame}" if signame else crash
                 outcomes.append({"status": status, "name": " ".join(overrides), "reason": reason})
         failed = print_summary(outcomes, time.monotonic() - tic)
+        if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
+            dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
         status = "KILLED" if signame else "FAILED" if failed else "FINISHED"
         problem = tracking.end_sweep(status, signame)
         if problem:

@@ -9,6 +9,8 @@ Layout (``analyze.py`` and the MLflow UI rely on it):
   ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
   ``pnn.overrides``, ``git_commit`` and, on failure, ``pnn.failure``; run name
   ``<experiment>-seed<seed>``;
+- on every run, MLflow's own ``mlflow.source.*`` and ``mlflow.user`` tags, and on a job its
+  training and test datasets as run inputs (``pnn.run_context``);
 - child params: the flattened resolved config; metrics per epoch with step = epoch (from 1);
   final metrics at step 0.
 
@@ -33,7 +35,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pnn import storeguard
+from pnn import run_context, storeguard
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +208,7 @@ def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_job
     run = retry(
         lambda: client.create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep_id[:15]}")
     )
+    log_run_context(client, run.info.run_id)
     os.environ.update(
         {
             ENV_URI: uri,
@@ -304,7 +307,17 @@ def create_job_run(
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         chunk = params[start : start + 100]
         retry(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
+    log_run_context(client, run_id, cfg)
     return run_id
+
+
+def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = None) -> None:
+    """MLflow's standard tags (source, git commit, user) and, for a job, its training and test
+    datasets as run inputs: what the UI's Source, User and Dataset columns show."""
+    set_tags(client, run_id, run_context.standard_tags())
+    if cfg is not None:
+        inputs = run_context.dataset_inputs(cfg)
+        retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:

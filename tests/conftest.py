@@ -135,38 +135,54 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=20)
 
 
+def launch_mlflow_server(store: Path, log: Path, artifacts: Path | None = None) -> MlflowServer:
+    """``mlflow server`` on the SQLite file ``store`` (artifacts beside it, in
+    ``<store dir>/server-artifacts``), started and answering; stop it with :func:`stop_server`."""
+    port = free_port()
+    artifacts = artifacts or store.parent / "server-artifacts"
+    cmd = [
+        *(sys.executable, "-m", "mlflow", "server"),
+        *("--backend-store-uri", f"sqlite:///{store}"),
+        *("--default-artifact-root", artifacts.as_uri()),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    with log.open("w") as out:
+        # A session of its own, so that stopping it also stops its worker processes.
+        process = subprocess.Popen(
+            cmd,
+            cwd=store.parent,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = MlflowServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        _wait_until_up(server)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: MlflowServer) -> None:
+    _stop(server.process)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[Callable[..., MlflowServer]]:
     """A factory: ``mlflow_server(store)`` starts ``mlflow server`` on the SQLite file ``store``
     (artifacts beside it, in ``<store dir>/server-artifacts``) and waits until it answers."""
-    started: list[subprocess.Popen] = []
+    started: list[MlflowServer] = []
 
     def start(store: Path, artifacts: Path | None = None) -> MlflowServer:
-        port = free_port()
-        log = tmp_path / f"mlflow-server-{port}.log"
-        artifacts = artifacts or store.parent / "server-artifacts"
-        cmd = [
-            *(sys.executable, "-m", "mlflow", "server"),
-            *("--backend-store-uri", f"sqlite:///{store}"),
-            *("--default-artifact-root", artifacts.as_uri()),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        ]
-        with log.open("w") as out:
-            # A session of its own, so that stopping it also stops its worker processes.
-            process = subprocess.Popen(
-                cmd,
-                cwd=store.parent,
-                env=clean_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        started.append(process)
-        server = MlflowServer(f"http://127.0.0.1:{port}", process, log)
-        _wait_until_up(server)
+        server = launch_mlflow_server(
+            store, tmp_path / f"mlflow-server-{len(started)}.log", artifacts
+        )
+        started.append(server)
         return server
 
     yield start
-    for process in started:
-        _stop(process)
+    for server in started:
+        stop_server(server)

@@ -1,25 +1,36 @@
-"""The MLflow UI in a real browser, end to end.
+"""The MLflow UI in a real browser, end to end, from the link the sweep prints.
 
-The test runs what `make demo` runs (``sweep.py profile=smoke``: the eight experiments on
-synthetic data) into a store of its own, serves that store with ``mlflow server``, opens the
-experiment in headless Chromium and checks that the eight runs are nested under the sweep's
-parent run. A screenshot of the runs table is saved in the test's tmp dir (its path is printed;
-``pytest -s`` shows it).
+One sweep serves every check (a module-scoped fixture): the eight experiments of ``make demo``
+(``sweep.py profile=smoke``), with small models and 2 epochs so that the charts have lines, into
+a store of its own, served by ``mlflow server``. From the printed link, headless Chromium must:
+
+- reach the runs table in MLflow 3's model-training view, with the eight runs nested under the
+  sweep's parent run;
+- group the children by experiment;
+- show a ``test_acc`` chart of the child runs in the chart view;
+- show the results table in the parent run's description.
+
+Each check saves a screenshot in the module's tmp dir (its path is printed; ``pytest -s``).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them). Without them
-the test is skipped on a workstation, but fails in CI (``CI=true``): a skipped test proves nothing.
+the tests are skipped on a workstation, but fail in CI (``CI=true``): a skipped test proves
+nothing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import clean_env
+from conftest import TINY, clean_env, launch_mlflow_server, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,6 +52,11 @@ CHROMIUM_FLAGS = [
     "--window-size=1600,1000",
 ]
 
+# `make demo`'s sweep of the eight experiments, with TINY's small models (the full-size smoke
+# models cost minutes of CPU and show nothing more in the UI) and 2 epochs, so that the
+# per-epoch charts have lines.
+SWEEP_ARGS = [*TINY, "train.epochs=2", "tracking.log_checkpoint=false"]
+PRINTED_BASE = "http://127.0.0.1:5000"  # where the printed link expects `mlflow ui`
 SWEEP_TIMEOUT_S = 1800
 PAGE_TIMEOUT_S = 90
 
@@ -67,12 +83,24 @@ def _require_browser() -> None:
         _unavailable('selenium is not installed (pip install -e ".[dev]")')
 
 
-def _run_smoke_sweep(workdir: Path) -> Path:
-    """`make demo`'s sweep, with `workdir` as the launch dir; returns its sqlite store."""
+@dataclass
+class UISweep:
+    store: Path
+    link: str  # to the runs, as printed by the sweep, for `mlflow ui` on 127.0.0.1:5000
+    parent_link: str  # to the parent run's page, as printed
+    experiment_id: str
+    parent_id: str
+    children: dict[str, str]  # run id -> run name
+    best_test_acc: dict[str, float]  # experiment -> the child's best_test_acc
+    workdir: Path
+
+
+def _run_sweep(workdir: Path) -> str:
+    """The eight experiments, small, with `workdir` as the launch dir; returns the output."""
     log = workdir / "sweep.log"
     with log.open("w") as out:
         proc = subprocess.run(
-            [sys.executable, str(REPO / "sweep.py"), "profile=smoke"],
+            [sys.executable, str(REPO / "sweep.py"), *SWEEP_ARGS],
             cwd=workdir,
             env=clean_env(),
             stdin=subprocess.DEVNULL,
@@ -80,16 +108,15 @@ def _run_smoke_sweep(workdir: Path) -> Path:
             stderr=subprocess.STDOUT,
             timeout=SWEEP_TIMEOUT_S,
         )
+    output = log.read_text()
     if proc.returncode != 0:
-        tail = log.read_text()[-4000:]
-        pytest.fail(f"sweep.py profile=smoke exited {proc.returncode}:\n{tail}")
-    store = workdir / "mlflow.db"
-    assert store.exists(), f"sweep.py profile=smoke wrote no {store}"
-    return store
+        pytest.fail(f"sweep.py {' '.join(SWEEP_ARGS)} exited {proc.returncode}:\n{output[-4000:]}")
+    return output
 
 
-def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, str]]:
-    """(experiment id, parent run id, {child run id: run name}) of the store's one sweep."""
+def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, str], dict[str, float]]:
+    """(experiment id, parent run id, {child run id: run name}, {experiment: best_test_acc})
+    of the store's one sweep."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -102,7 +129,56 @@ def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, str]]:
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
     )
     names = {run.info.run_id: run.info.run_name for run in children}
-    return parent.info.experiment_id, parent.info.run_id, names
+    best = {run.data.tags["experiment"]: run.data.metrics["best_test_acc"] for run in children}
+    return parent.info.experiment_id, parent.info.run_id, names, best
+
+
+@pytest.fixture(scope="module")
+def ui_sweep(tmp_path_factory: pytest.TempPathFactory) -> UISweep:
+    _require_browser()
+    workdir = tmp_path_factory.mktemp("ui")
+    output = _run_sweep(workdir)
+    store = workdir / "mlflow.db"
+    assert store.exists(), f"the sweep wrote no {store}"
+    links = re.findall(r"runs \(model-training view\): (\S+)", output)
+    parent_links = re.findall(r"this sweep's results table: (\S+)", output)
+    assert links and parent_links, f"the sweep printed no link to the UI:\n{output[-3000:]}"
+    experiment_id, parent_id, children, best = _sweep_in_store(store)
+    return UISweep(
+        store, links[-1], parent_links[-1], experiment_id, parent_id, children, best, workdir
+    )
+
+
+@pytest.fixture(scope="module")
+def ui_server(ui_sweep: UISweep) -> Iterator[str]:
+    """The URL of an `mlflow server` on the sweep's store, on a free port."""
+    server = launch_mlflow_server(ui_sweep.store, ui_sweep.workdir / "mlflow-server.log")
+    try:
+        yield server.url
+    finally:
+        stop_server(server)
+
+
+def _served(printed: str, server_url: str) -> str:
+    """A printed link (for `mlflow ui` on :5000), pointed at the test's server."""
+    assert printed.startswith(PRINTED_BASE + "/#/"), printed
+    return server_url + printed[len(PRINTED_BASE) :]
+
+
+@pytest.fixture(scope="module")
+def ui_url(ui_sweep: UISweep, ui_server: str) -> str:
+    """The printed link to the runs."""
+    return _served(ui_sweep.link, ui_server)
+
+
+@pytest.fixture
+def driver(tmp_path: Path) -> Iterator[Any]:
+    """Headless Chromium with a fresh profile: nothing remembered from another test."""
+    browser = _open_browser(tmp_path / "chromium-profile")
+    try:
+        yield browser
+    finally:
+        browser.quit()
 
 
 def _open_browser(profile_dir: Path):
@@ -117,93 +193,267 @@ def _open_browser(profile_dir: Path):
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
-def _check_runs_table(
-    driver, url: str, experiment_id: str, parent_id: str, children: dict[str, str], shot: Path
-) -> None:
-    """Open the experiment's runs table and check that `children` appear under the parent."""
-    from selenium.common.exceptions import TimeoutException, WebDriverException
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
+ROWS_CSS = "div.ag-pinned-left-cols-container div[role='row']"  # the run-name column's rows
+NAME_CELL_CSS = "div[col-id='attributes.`Run Name`']"
+
+
+def _wait(driver: Any) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    # MLflow 3 opens an experiment on its GenAI overview; the runs table has its own route.
-    driver.get(f"{url}/#/experiments/{experiment_id}/runs")
-    wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
-
-    # The run-name column sits in ag-grid's pinned-left container; one row per visible run.
-    rows_css = "div.ag-pinned-left-cols-container div[role='row']"
-    parent_css = f"{rows_css}[row-id='{parent_id}']"
-
-    def visible_rows() -> dict[str, tuple[int, str]]:
-        rows = {}
-        for row in driver.find_elements(By.CSS_SELECTOR, rows_css):
-            rows[row.get_attribute("row-id")] = (int(row.get_attribute("row-index")), row.text)
-        return rows
-
-    try:
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, parent_css))
-    except TimeoutException:
-        driver.save_screenshot(str(shot))
-        pytest.fail(f"the sweep's parent run {parent_id} never showed in the UI; see {shot}")
-
-    # A parent with children gets an expand/collapse button beside its name; MLflow shows
-    # the children only once it is expanded (a fresh browser profile starts collapsed).
-    toggle = driver.find_elements(
-        By.CSS_SELECTOR, f"{parent_css} div[col-id='attributes.`Run Name`'] button"
+    # React re-renders the rows and chart cards while we read them: ask again.
+    return WebDriverWait(
+        driver, PAGE_TIMEOUT_S, ignored_exceptions=(StaleElementReferenceException,)
     )
-    assert toggle, "the parent run has no expand button: MLflow does not see its child runs"
-    if not set(children) & set(visible_rows()):
-        toggle[0].click()
+
+
+def _until(driver: Any, condition: Any, shot: Path, what: str) -> Any:
+    """Wait for ``condition``; on a timeout save the screenshot and fail saying ``what``."""
+    from selenium.common.exceptions import TimeoutException
+
     try:
-        wait.until(lambda d: set(children) <= set(visible_rows()))
+        return _wait(driver).until(condition)
     except TimeoutException:
         driver.save_screenshot(str(shot))
-        pytest.fail(f"the child runs did not appear under the parent; see {shot}")
+        pytest.fail(f"{what}; see {shot}")
 
-    rows = visible_rows()
-    parent_index = rows[parent_id][0]
-    child_indices = sorted(rows[run_id][0] for run_id in children)
-    # Nested: the children are the rows right after their parent, not top-level runs elsewhere.
-    assert child_indices == list(range(parent_index + 1, parent_index + 1 + len(children)))
-    for run_id, name in children.items():
-        assert name in rows[run_id][1].splitlines(), f"row {run_id} does not show {name!r}"
 
-    # Cosmetics for the screenshot: close the assistant side panel, widen the name column.
+def _visible_rows(driver: Any) -> dict[str, tuple[int, str]]:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    rows = {}
+    for row in driver.find_elements(By.CSS_SELECTOR, ROWS_CSS):
+        try:
+            rows[row.get_attribute("row-id")] = (int(row.get_attribute("row-index")), row.text)
+        except (StaleElementReferenceException, TypeError):
+            continue  # re-rendered while we read it; the next poll sees the new one
+    return rows
+
+
+def _tidy(driver: Any) -> None:
+    """Cosmetics for the screenshots: close the assistant side panel."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+
     try:
         for button in driver.find_elements(
             By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"
         ):
             button.click()
+        time.sleep(0.5)
+    except WebDriverException:
+        pass
+
+
+def _open_runs(driver: Any, url: str, parent_id: str, shot: Path) -> None:
+    """Open the printed link; wait for the parent's row in the model-training view."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    parent_css = f"{ROWS_CSS}[row-id='{parent_id}']"
+    _until(
+        driver,
+        lambda d: d.find_elements(By.CSS_SELECTOR, parent_css),
+        shot,
+        f"the sweep's parent run {parent_id} never showed in the runs table",
+    )
+    _tidy(driver)
+    # The side bar lists the model-training pages (Runs, Models), not the GenAI ones.
+    sidebar = driver.find_element(By.CSS_SELECTOR, "aside").text.splitlines()
+    assert "Models" in sidebar and "Runs" in sidebar, sidebar
+    assert not {"Overview", "Judges", "Evaluation runs"} & set(sidebar), sidebar
+    assert "workflowType=machine_learning" in driver.current_url
+
+
+def _expand_parent(driver: Any, parent_id: str, children: dict[str, str], shot: Path) -> None:
+    """Click the ⊞ beside the parent's name; wait until its children are rows of the list."""
+    from selenium.webdriver.common.by import By
+
+    # The run-name cell's own button (in the chart view that column has another col-id).
+    toggle = driver.find_elements(
+        By.CSS_SELECTOR,
+        f"{ROWS_CSS}[row-id='{parent_id}'] button[data-component-id*='runnamecellrenderer']",
+    )
+    assert toggle, "the parent run has no expand button: MLflow does not see its child runs"
+    if not set(children) & set(_visible_rows(driver)):
+        toggle[0].click()
+    _until(
+        driver,
+        lambda d: set(children) <= set(_visible_rows(d)),
+        shot,
+        "the child runs did not appear under the parent",
+    )
+
+
+@pytest.mark.slow
+def test_smoke_sweep_shows_in_mlflow_ui(ui_sweep: UISweep, ui_url: str, driver: Any) -> None:
+    """The printed link reaches the runs table in the training view; the eight experiments
+    are the parent's children, nested right under it."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    names = sorted(ui_sweep.children.values())
+    # One child per experiment, named after it (e.g. e1_baseline_resnet18-seed1).
+    assert len(names) == len(EXPERIMENTS) == 8, names
+    for experiment, name in zip(EXPERIMENTS, names, strict=True):
+        assert name.startswith(experiment), (experiment, name)
+
+    shot = ui_sweep.workdir / "mlflow-ui-runs.png"
+    _open_runs(driver, ui_url, ui_sweep.parent_id, shot)
+    _expand_parent(driver, ui_sweep.parent_id, ui_sweep.children, shot)
+
+    rows = _visible_rows(driver)
+    parent_index = rows[ui_sweep.parent_id][0]
+    child_indices = sorted(rows[run_id][0] for run_id in ui_sweep.children)
+    # Nested: the children are the rows right after their parent, not top-level runs elsewhere.
+    assert child_indices == list(range(parent_index + 1, parent_index + 1 + len(names)))
+    for run_id, name in ui_sweep.children.items():
+        assert name in rows[run_id][1].splitlines(), f"row {run_id} does not show {name!r}"
+
+    try:  # widen the name column for the screenshot
         handle = driver.find_element(
-            By.CSS_SELECTOR,
-            "div.ag-header-cell[col-id='attributes.`Run Name`'] div.ag-header-cell-resize",
+            By.CSS_SELECTOR, f"div.ag-header-cell{NAME_CELL_CSS[3:]} div.ag-header-cell-resize"
         )
         ActionChains(driver).drag_and_drop_by_offset(handle, 140, 0).perform()
         time.sleep(1)
     except WebDriverException:
         pass
     driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000, "the screenshot is (nearly) empty"
+    print(f"screenshot: {shot}")
 
 
 @pytest.mark.slow
-def test_smoke_sweep_shows_in_mlflow_ui(tmp_path: Path, mlflow_server) -> None:
-    _require_browser()
+def test_children_group_by_experiment(ui_sweep: UISweep, ui_url: str, driver: Any) -> None:
+    """Group by -> the tag `experiment`: one group per experiment, holding its run."""
+    from selenium.webdriver.common.by import By
 
-    store = _run_smoke_sweep(tmp_path)
-    experiment_id, parent_id, children = _sweep_in_store(store)
-    names = sorted(children.values())
-    # One child per experiment, named after it (e.g. e1_baseline_resnet18-seed1).
-    assert len(names) == len(EXPERIMENTS) == 8, names
-    for experiment, name in zip(EXPERIMENTS, names, strict=True):
-        assert name.startswith(experiment), (experiment, name)
+    shot = ui_sweep.workdir / "mlflow-ui-grouped.png"
+    _open_runs(driver, ui_url, ui_sweep.parent_id, shot)
+    driver.find_element(By.XPATH, "//button[.//text()[contains(., 'Group by')]]").click()
+    tag_items = _until(
+        driver,
+        lambda d: [
+            item
+            for item in d.find_elements(
+                By.CSS_SELECTOR, "[role='menuitemcheckbox'][data-component-id$='tsx_302']"
+            )
+            if item.text.strip() == "experiment"
+        ],
+        shot,
+        "the Group by menu does not offer the tag `experiment`",
+    )
+    tag_items[0].click()  # the Tags section's `experiment` (the params have one too)
 
-    url = mlflow_server(store).url
-    driver = _open_browser(tmp_path / "chromium-profile")
-    try:
-        shot = tmp_path / "mlflow-ui-runs.png"
-        _check_runs_table(driver, url, experiment_id, parent_id, children, shot)
-    finally:
-        driver.quit()
+    groups = {f"tag.experiment.{e}": e for e in EXPERIMENTS}
+    _until(
+        driver,
+        lambda d: set(groups) <= set(_visible_rows(d)),
+        shot,
+        "the runs were not grouped by experiment",
+    )
+    rows = _visible_rows(driver)
+    for group_id, experiment in groups.items():
+        lines = rows[group_id][1].splitlines()
+        assert f"Group: {experiment}" in lines, lines
+        assert "1" in lines, f"group {experiment} does not count its one run: {lines}"
+    # Each group is expanded and holds its experiment's run.
+    for run_id, name in ui_sweep.children.items():
+        experiment = name.rsplit("-seed", 1)[0]
+        assert f"tag.experiment.{experiment}.{run_id}" in rows, (name, sorted(rows))
+    driver.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
 
-    assert shot.stat().st_size > 10_000, "the screenshot is (nearly) empty"
+
+@pytest.mark.slow
+def test_chart_view_shows_test_acc_of_the_children(
+    ui_sweep: UISweep, ui_url: str, driver: Any
+) -> None:
+    """The chart view, with the parent expanded, draws test_acc per epoch for each child."""
+    from selenium.webdriver.common.by import By
+
+    shot = ui_sweep.workdir / "mlflow-ui-chart.png"
+    _open_runs(driver, ui_url, ui_sweep.parent_id, shot)
+    # The view switch is a radio group whose inputs are hidden behind their icons.
+    chart_mode = driver.find_element(By.CSS_SELECTOR, "input[value='CHART']")
+    driver.execute_script("arguments[0].click()", chart_mode)
+    _until(
+        driver,
+        lambda d: "compareRunsMode=CHART" in d.current_url,
+        shot,
+        "the chart view did not open",
+    )
+    _expand_parent(driver, ui_sweep.parent_id, ui_sweep.children, shot)
+
+    search = driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']")
+    search.send_keys("test_acc")
+    card_css = "[data-testid='experiment-view-compare-runs-card']"
+
+    def test_acc_card(d: Any) -> Any:
+        for card in d.find_elements(By.CSS_SELECTOR, card_css):
+            if card.text.splitlines()[:1] == ["test_acc"]:
+                return card
+        return None
+
+    card = _until(driver, test_acc_card, shot, "no test_acc chart in the chart view")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
+    # One line per child run (plotly draws a trace per run).
+    _until(
+        driver,
+        lambda d: (
+            len(test_acc_card(d).find_elements(By.CSS_SELECTOR, ".scatterlayer .trace"))
+            >= len(ui_sweep.children)
+        ),
+        shot,
+        f"the test_acc chart does not draw the {len(ui_sweep.children)} child runs",
+    )
+    # Its x-axis is the step (= epoch).
+    _until(
+        driver,
+        lambda d: "Step" in test_acc_card(d).text,
+        shot,
+        "the test_acc chart is not per step (epoch)",
+    )
+    driver.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+
+
+@pytest.mark.slow
+def test_parent_run_description_shows_the_results_table(
+    ui_sweep: UISweep, ui_server: str, driver: Any
+) -> None:
+    """The printed link to the parent run opens its page, in the model-training view, with
+    the sweep's results table (one row per experiment, each child's own best test accuracy)
+    as the run's description."""
+    from selenium.webdriver.common.by import By
+
+    shot = ui_sweep.workdir / "mlflow-ui-parent.png"
+    driver.get(_served(ui_sweep.parent_link, ui_server))
+
+    def results_table(d: Any) -> Any:
+        for table in d.find_elements(By.CSS_SELECTOR, "table"):
+            if "Best test acc. (%)" in table.text:
+                return table
+        return None
+
+    _until(driver, results_table, shot, "the parent run's page shows no results table")
+    _tidy(driver)
+    assert "Models" in driver.find_element(By.CSS_SELECTOR, "aside").text.splitlines()
+    for more in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']"):
+        more.click()  # the description starts folded
+    table = results_table(driver)
+    headers = [th.text.strip() for th in table.find_elements(By.CSS_SELECTOR, "th")]
+    best_col = headers.index("Best test acc. (%)")
+    shown = {}
+    for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr"):
+        cells = [td.text.strip() for td in tr.find_elements(By.CSS_SELECTOR, "td")]
+        shown[cells[0]] = cells[best_col]
+    assert sorted(shown) == EXPERIMENTS
+    for experiment, best in ui_sweep.best_test_acc.items():
+        assert shown[experiment] == f"{best:.2f}", (experiment, shown[experiment], best)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", table)
+    time.sleep(1)
+    driver.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
