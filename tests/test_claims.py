@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_analyze, run_sweep
 from scipy import stats
 
 from pnn.claims import CLAIM_COLUMNS, verdict
@@ -254,3 +255,43 @@ def test_claims_in_markdown_and_html(analysed: Path) -> None:
 def test_verdict_rules(kind: str, low: float, high: float, expected: str) -> None:
     assert verdict(kind, 1.0, low, high, enough=True) == expected
     assert verdict(kind, 1.0, low, high, enough=False) == "too few runs"
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: the real sweep.py with profile=demo, then analyze.py
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_sweep_then_claims(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    # profile=demo itself sweeps two seeds of each experiment.
+    done = run_sweep([f"experiment={E3},{E4}", "profile=demo"], tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = run_analyze([], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("pnn").experiment_id
+    best: dict[str, dict[int, float]] = {E3: {}, E4: {}}
+    curves = 0
+    for run in client.search_runs([experiment_id], "tags.`pnn.role` = 'job'"):
+        assert run.info.status == "FINISHED"
+        seed = int(run.data.params["train.seed"])
+        best[run.data.tags["experiment"]][seed] = run.data.metrics["best_test_acc"]
+        curves = max(curves, len(client.get_metric_history(run.info.run_id, "test_acc")))
+    assert {e: sorted(v) for e, v in best.items()} == {E3: [1, 2], E4: [1, 2]}
+    assert curves >= 5  # several points per curve
+
+    row = _claims(tmp_path / "results").loc["noise_worth_under_1pt"]
+    a, b = list(best[E3].values()), list(best[E4].values())
+    assert (row["a"], row["b"], row["n_a"], row["n_b"]) == (E3, E4, 2, 2)
+    assert row["diff_mean"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b), abs=1e-9)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(_welch(a, b), abs=1e-9)
+    # Demo runs are not the paper's: no published difference, no verdict.
+    assert not row["comparable"] and math.isnan(row["published_diff"])
+    assert row["verdict"] == "too few runs"
+    table = pd.read_csv(tmp_path / "results" / "results.csv").set_index("experiment")
+    assert math.isnan(table.loc[E3, "published_test_acc"])
+    assert table.loc[E3, "not_comparable_because"].startswith("synthetic data, model.nfilters=4")
