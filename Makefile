@@ -14,7 +14,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 .PHONY: help venv test sweep demo ui lint clean-venv
 
 help:
-	@echo "make demo    smoke sweep of the eight experiments on synthetic data, then the table"
+	@echo "make demo    the eight experiments x 2 seeds, narrow, on synthetic data (minutes on a CPU), then the tables"
 	@echo "make test    the test suite (includes the browser test of the MLflow UI)"
 	@echo "make sweep   the eight experiments on CIFAR-10 (downloaded to data/), logged to mlflow.db"
 	@echo "make ui      MLflow UI for mlflow.db at http://127.0.0.1:5000 (prints the link to the runs)"
@@ -38,7 +38,7 @@ sweep: venv
 	$(BIN)/python sweep.py
 
 demo: venv
-	$(BIN)/python sweep.py profile=smoke
+	$(BIN)/python sweep.py profile=demo
 	$(BIN)/python analyze.py
 
 # The UI's address; the printed link opens the runs in MLflow 3's model-training view.

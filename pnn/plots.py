@@ -138,3 +138,84 @@ def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def _claimed_span(kind: str, threshold: float, low: float, high: float) -> tuple[float, float]:
+    """The x-range of the claimed side, clipped to the axis limits [low, high]."""
+    if kind == "below":
+        return low, threshold
+    if kind == "within":
+        return -threshold, threshold
+    return threshold, high  # at_least, above
+
+
+def plot_claims(claims: pd.DataFrame) -> Figure:
+    """Each claim's a − b with its 95% interval (one row each), the claimed side shaded green
+    and the published difference marked; the reported − actual gaps below, on their own axis."""
+    drawn = claims.dropna(subset=["diff_mean"])
+    if drawn.empty:
+        raise SkipFigure("no claim has runs on both sides")
+    parts = [
+        drawn[~drawn["claim"].str.startswith("gap_")],
+        drawn[drawn["claim"].str.startswith("gap_")],
+    ]
+    parts = [p for p in parts if len(p)]
+    fig = Figure(figsize=(10, 1.2 + 0.55 * len(drawn) + 0.8 * len(parts)), dpi=DPI)
+    axes = fig.subplots(len(parts), 1, squeeze=False, height_ratios=[len(p) + 1 for p in parts])
+    for ax, part in zip(axes[:, 0], parts, strict=True):
+        values = pd.concat(
+            [part["diff_mean"], part["ci_low"], part["ci_high"], part["published_diff"]]
+            + [part["threshold"]]
+        ).dropna()
+        pad = max(1.0, 0.15 * (values.max() - values.min()))
+        low, high = values.min() - pad, values.max() + pad
+        for y, (_, row) in enumerate(part.iloc[::-1].iterrows()):
+            start, end = _claimed_span(row["kind"], row["threshold"], low, high)
+            ax.fill_betweenx([y - 0.4, y + 0.4], start, end, color="tab:green", alpha=0.15, lw=0)
+            ax.axvline(row["threshold"], ymin=0, ymax=1, color="0.85", lw=0.8, zorder=0)
+            has_ci = not pd.isna(row["ci_low"])
+            xerr = (
+                [[row["diff_mean"] - row["ci_low"]], [row["ci_high"] - row["diff_mean"]]]
+                if has_ci
+                else None
+            )
+            ax.errorbar(
+                row["diff_mean"],
+                y,
+                xerr=xerr,
+                fmt="o",
+                color="tab:blue",
+                capsize=4,
+                label="measured a − b, 95% CI" if y == 0 else None,
+            )
+            if not pd.isna(row["published_diff"]):
+                ax.plot(
+                    row["published_diff"],
+                    y,
+                    "D",
+                    color="tab:red",
+                    markersize=6,
+                    label="published a − b" if y == 0 else None,
+                )
+        labels = [f"{r['claim']}\n{r['verdict']}" for _, r in part.iloc[::-1].iterrows()]
+        ax.set_yticks(range(len(part)), labels, fontsize=8)
+        ax.set_xlim(low, high)
+        ax.set_ylim(-0.6, len(part) - 0.4)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_xlabel("difference in best test accuracy (pp)")
+    for ax, part in zip(axes[:, 0], parts, strict=True):
+        headline = part["claim"].str.startswith("gap_").all()
+        ax.set_title(
+            "Best reported − best actual, per experiment (95% interval)"
+            if headline
+            else "Claims: a − b with 95% interval; green = the claimed side"
+        )
+    handles, names = [], []
+    for ax in axes[:, 0]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    axes[0, 0].legend(handles, names, loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -14,8 +14,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pnn import plots
+from pnn.claims import CLAIM_COLUMNS, annotate_comparability, evaluate_claims
 from pnn.results import (
     choose_gap_run,
+    experiment_defaults,
     mixed_config_notes,
     reported_vs_actual,
     sort_experiments,
@@ -27,6 +29,21 @@ DASH = "—"
 STD_NOTE = (
     "Mean ± sample std (ddof=1) over seeds; with one run the std is undefined and left out "
     "(blank in the CSV). Accuracies in %, differences in percentage points (pp)."
+)
+COMPARABLE_NOTE = (
+    "Comparable: every run of the row has its experiment file's full config (profile=full, "
+    "CIFAR-10) apart from the seed and keys that do not change results (tracking, device, "
+    "checkpoint dir, data root...). Published and Best − published are shown for comparable "
+    "rows only."
+)
+CLAIMS_NOTE = (
+    "a − b in best test accuracy (pp), mean over runs, with Welch's 95% t-interval over seeds "
+    "(scipy.stats.ttest_ind, equal_var=False); gap rows: best reported − best actual per run, "
+    "one-sample 95% t-interval. Each experiment contributes its comparable runs if it has any, "
+    "else all its runs. Verdict: supported if the whole interval lies on the claimed side, "
+    "contradicted if it lies wholly on the other side, inconclusive otherwise; too few runs "
+    "when an experiment of the row has fewer than 2 comparable runs. Published a − b from the "
+    "published accuracies, shown for comparable rows only."
 )
 GAP_NOTE = (
     '"Reported" is the original code\'s test accuracy (per-batch accuracy smoothed as '
@@ -77,7 +94,20 @@ def results_table(summary: pd.DataFrame, by: list[str]) -> Table:
         'Best "reported" acc. (%)',
         "Published (%)",
         "Best − published (pp)",
+        "Comparable",
     ]
+    reasons: list[str] = []
+
+    def comparable(row: pd.Series) -> str:
+        if not row["n_runs"]:
+            return DASH
+        if row["comparable"]:
+            return "yes"
+        reason = row["not_comparable_because"]
+        if reason not in reasons:
+            reasons.append(reason)
+        return f"no [{reasons.index(reason) + 1}]"
+
     rows = [
         [
             r["experiment"],
@@ -91,10 +121,38 @@ def results_table(summary: pd.DataFrame, by: list[str]) -> Table:
             _num(r["best_test_acc_reported_mean"]),
             _num(r["published_test_acc"], 1),
             _num(r["diff_vs_published"], signed=True),
+            comparable(r),
         ]
         for _, r in summary.iterrows()
     ]
-    return Table("Results", headers, rows, STD_NOTE)
+    notes = [STD_NOTE, COMPARABLE_NOTE]
+    notes += [f"[{i}] Not comparable: {reason}." for i, reason in enumerate(reasons, start=1)]
+    return Table("Results", headers, rows, "\n\n".join(notes))
+
+
+def claims_table(claims: pd.DataFrame) -> Table:
+    rows = []
+    for _, r in claims.iterrows():
+        ci = DASH
+        if not pd.isna(r["ci_low"]):
+            ci = f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+        rows.append(
+            [
+                r["claim"],
+                r["statement"],
+                r["a"],
+                r["b"],
+                _num(r["diff_mean"], signed=True),
+                ci,
+                f"{r['n_a']} / {r['n_b']}",
+                _num(r["published_diff"], 1, signed=True),
+                r["verdict"],
+                "yes" if r["comparable"] else "no",
+            ]
+        )
+    headers = ["Claim", "Statement", "a", "b", "a − b (pp)", "95% CI (pp)", "Runs a / b"]
+    headers += ["Published a − b (pp)", "Verdict", "Comparable"]
+    return Table("Claims", headers, rows, CLAIMS_NOTE)
 
 
 def gap_tables(per_experiment: pd.DataFrame, per_run: pd.DataFrame) -> list[Table]:
@@ -187,6 +245,7 @@ def latex(table: Table) -> str:
     lines.append(r"\midrule")
     lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in table.rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {part}" for part in table.note.split("\n\n") if part]
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +254,9 @@ def html_table(table: Table) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows
     )
-    note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
+    note = "".join(
+        f"<p class='note'>{html.escape(part)}</p>" for part in table.note.split("\n\n") if part
+    )
     return (
         f"<h2>{html.escape(table.title)}</h2>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
@@ -238,7 +299,11 @@ def render_html(report: Report, title: str) -> str:
 
 
 def _figures(
-    runs: RunSet, curves: pd.DataFrame, by: list[str], gap_run: pd.Series | None
+    runs: RunSet,
+    curves: pd.DataFrame,
+    by: list[str],
+    gap_run: pd.Series | None,
+    claims: pd.DataFrame,
 ) -> tuple[list[tuple[str, str, Figure | None]], list[str]]:
     """(file name, caption, Figure or None when skipped) for each figure, and skip notes."""
     table_order = sort_experiments(runs.finished, [*(f"config.{k}" for k in by), "seed"])
@@ -262,6 +327,12 @@ def _figures(
             "resnet18_like_models.png",
             "ResNet-18-like models e1, e4, e7: test accuracy per epoch",
             lambda: plots.plot_resnet18_like(curves, table_order),
+        ),
+        (
+            "claims.png",
+            "Claims: a − b with its 95% interval, the claimed side shaded, the published "
+            "difference marked",
+            lambda: plots.plot_claims(claims),
         ),
     ]
     figures, notes = [], []
@@ -292,19 +363,29 @@ def write_report(
             f"{first['run_name']}: "
             f"{first['reason']}"
         )
+    runs.finished = annotate_comparability(runs.finished)
     summary = summarize(runs.finished, by)  # checks --by before anything is written
+    published = {k: v["published_test_acc"] for k, v in experiment_defaults().items()}
+    claims = evaluate_claims(runs.finished, published)
     per_experiment, per_run = reported_vs_actual(runs.finished)
     gap_run = choose_gap_run(per_run, run_id)  # checks --run
     curves = load_curves(tracking_uri, runs.finished)
 
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(tables=[results_table(summary, by), *gap_tables(per_experiment, per_run)])
+    report = Report(
+        tables=[
+            results_table(summary, by),
+            claims_table(claims),
+            *gap_tables(per_experiment, per_run),
+        ]
+    )
     mixed = mixed_config_notes(runs.finished, by)
     if mixed:
         report.tables[0].note += "".join(f"\n\nNote: {n}" for n in mixed)
     report.footer = footer(runs)
     frames = {
         "results.csv": summary,
+        "claims.csv": claims[list(CLAIM_COLUMNS)],
         "reported_vs_actual.csv": per_run,
         "reported_vs_actual_summary.csv": per_experiment,
         "curves.csv": curves,
@@ -313,7 +394,7 @@ def write_report(
         frame.to_csv(out / name, index=False)
         report.written.append(out / name)
 
-    figures, report.notes = _figures(runs, curves, by, gap_run)
+    figures, report.notes = _figures(runs, curves, by, gap_run, claims)
     for name, caption, fig in figures:
         report.figures[caption] = plots.save(fig, out / name) if fig is not None else None
         if fig is not None:
@@ -326,7 +407,7 @@ def write_report(
     figures_md = "\n## Figures\n\n" + "\n\n".join(images) + "\n" if images else ""
     (out / "results.md").write_text(f"# PNN reproduction: results\n\n{text}\n{figures_md}")
     tex = "\n".join(latex(t) for t in report.tables)
-    (out / "results.tex").write_text(f"% {STD_NOTE}\n% {GAP_NOTE}\n" + tex)
+    (out / "results.tex").write_text(tex)
     (out / "report.html").write_text(render_html(report, "PNN reproduction: results"))
     report.written += [out / "results.md", out / "results.tex", out / "report.html"]
     return report, text

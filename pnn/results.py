@@ -46,6 +46,8 @@ SUMMARY_COLUMNS = (
     "best_test_acc_reported_mean",
     "published_test_acc",
     "diff_vs_published",
+    "comparable",
+    "not_comparable_because",
 )
 
 
@@ -132,10 +134,17 @@ def _std(values: pd.Series) -> float:
 def summarize(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """The results table: one row per experiment (x ``by`` values), the columns of results.csv.
 
-    README experiments without runs appear as rows with ``n_runs == 0`` and blank numbers.
+    README experiments without runs appear as rows with ``n_runs == 0``, blank numbers and the
+    published accuracy. A row with runs gets the published accuracy and the difference only if
+    all its runs are comparable with the paper (:mod:`pnn.claims`); else
+    ``not_comparable_because`` says why not.
     """
+    from pnn.claims import annotate_comparability, row_reason
+
     by = by or []
     check_by(runs, by)
+    if "comparable" not in runs.columns:
+        runs = annotate_comparability(runs)
     defaults = experiment_defaults()
     group_keys = ["experiment", *(CONFIG_PREFIX + k for k in by)]
     rows = []
@@ -145,6 +154,8 @@ def summarize(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
             experiment = values[0]
             known = defaults.get(experiment, {})
             published = _first(group["published_test_acc"], known.get("published_test_acc"))
+            reason = row_reason(group)
+            published = math.nan if reason else to_float(published)
             best_mean = _mean(group["best_test_acc"])
             rows.append(
                 {
@@ -159,8 +170,10 @@ def summarize(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
                     "best_test_acc_mean": best_mean,
                     "best_test_acc_std": _std(group["best_test_acc"]),
                     "best_test_acc_reported_mean": _mean(group["best_test_acc_reported"]),
-                    "published_test_acc": to_float(published),
-                    "diff_vs_published": best_mean - to_float(published),
+                    "published_test_acc": published,
+                    "diff_vs_published": best_mean - published,
+                    "comparable": not reason,
+                    "not_comparable_because": reason,
                 }
             )
     present = {row["experiment"] for row in rows}
@@ -174,6 +187,8 @@ def summarize(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
                     "description": known.get("description", ""),
                     "n_runs": 0,
                     "published_test_acc": known.get("published_test_acc", math.nan),
+                    "comparable": None,
+                    "not_comparable_because": "",
                 }
             )
     columns = ["experiment", *by, *SUMMARY_COLUMNS[1:]]
