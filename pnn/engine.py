@@ -25,6 +25,7 @@ from torch import nn
 
 from pnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from pnn.data import DeviceData
+from pnn.packing import step_boundary
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -343,6 +344,7 @@ def train(
         totals = StepTotals.zeros(device)
         for index, begin in enumerate(range(0, len(labels), batch_size)):
             step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
+            step_boundary()  # packed seeds (pnn.packing) take turns here; else a no-op
             if show is not None:
                 show.step(epoch, index + 1)
         if device.type == "cuda":

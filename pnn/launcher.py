@@ -6,6 +6,10 @@ pair; a job holds its slot until its process exits, so no two jobs share a GPU b
 ``jobs_per_gpu``, however many jobs a slot runs one after another. Without GPUs the slots are
 ``cpu_workers`` CPU workers, each with an equal share of the cores.
 
+With ``seeds_per_process`` K > 1, jobs that differ only in ``train.seed`` are grouped K at a
+time into one job process that trains them together (:mod:`pnn.packing`); each stays its own
+job with its own MLflow run and result.
+
 A job process that dies (killed, out of memory) is reported as a failure with its exit code;
 the other jobs go on. The job processes ask the kernel to end them if this process dies, so a
 killed sweep leaves nothing running.
@@ -30,6 +34,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from pnn.packing import group_seeds, run_packed
 from pnn.sweeper import outcome_of
 
 log = logging.getLogger(__name__)
@@ -76,11 +81,16 @@ def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers:
 
 class GpuPoolLauncher(Launcher):
     def __init__(
-        self, gpus: list[int] | None = None, jobs_per_gpu: int = 1, cpu_workers: int = 1
+        self,
+        gpus: list[int] | None = None,
+        jobs_per_gpu: int = 1,
+        cpu_workers: int = 1,
+        seeds_per_process: int = 1,
     ) -> None:
         self.gpus = list(gpus) if gpus is not None else None
         self.jobs_per_gpu = jobs_per_gpu
         self.cpu_workers = cpu_workers
+        self.seeds_per_process = seeds_per_process
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -99,10 +109,12 @@ class GpuPoolLauncher(Launcher):
         slots = make_slots(self.gpus, self.jobs_per_gpu, self.cpu_workers)
         total = len(job_overrides)
         where = "GPU" if slots[0]["CUDA_VISIBLE_DEVICES"] else "CPU"
-        log.info(f"[sweep] launching {total} job(s) on {len(slots)} {where} slot(s)")
-        pending: queue.Queue[int] = queue.Queue()
-        for i in range(total):
-            pending.put(i)
+        groups = group_seeds(job_overrides, self.seeds_per_process)
+        packed = f" in {len(groups)} process(es)" if len(groups) < total else ""
+        log.info(f"[sweep] launching {total} job(s){packed} on {len(slots)} {where} slot(s)")
+        pending: queue.Queue[list[int]] = queue.Queue()
+        for group in groups:
+            pending.put(group)
         results: list[JobReturn | None] = [None] * total
         done = [0]
         lock = threading.Lock()
@@ -111,18 +123,22 @@ class GpuPoolLauncher(Launcher):
         def worker(slot: dict) -> None:
             while True:
                 try:
-                    i = pending.get_nowait()
+                    group = pending.get_nowait()
                 except queue.Empty:
                     return
-                idx = initial_job_idx + i
-                name = " ".join(filter_overrides(job_overrides[i]))
-                log.info(f"[sweep] job #{idx} starting on {slot['PNN_SLOT']}: {name}")
-                ret = self._run_one(list(job_overrides[i]), idx, slot, workdir)
-                results[i] = ret
-                with lock:
-                    done[0] += 1
-                    status = outcome_of(ret, job_overrides[i])["status"]
-                    log.info(f"[sweep] {done[0]}/{total} jobs done; job #{idx} {status}: {name}")
+                jobs = [(list(job_overrides[i]), initial_job_idx + i) for i in group]
+                for overrides, idx in jobs:
+                    name = " ".join(filter_overrides(overrides))
+                    log.info(f"[sweep] job #{idx} starting on {slot['PNN_SLOT']}: {name}")
+                rets = self._run_one(jobs, slot, workdir)
+                for i, ret, (overrides, idx) in zip(group, rets, jobs, strict=True):
+                    results[i] = ret
+                    name = " ".join(filter_overrides(overrides))
+                    with lock:
+                        done[0] += 1
+                        status = outcome_of(ret, overrides)["status"]
+                        progress = f"{done[0]}/{total} jobs done"
+                        log.info(f"[sweep] {progress}; job #{idx} {status}: {name}")
 
         threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in slots]
         for t in threads:
@@ -131,12 +147,21 @@ class GpuPoolLauncher(Launcher):
             t.join()
         return [r for r in results if r is not None]
 
-    def _run_one(self, overrides: list[str], idx: int, slot: dict, workdir: Path) -> JobReturn:
+    def _run_one(
+        self, jobs: list[tuple[list[str], int]], slot: dict, workdir: Path
+    ) -> list[JobReturn]:
+        """One job process for ``jobs`` ((overrides, index) pairs; several when packed)."""
         assert self.config is not None and self.hydra_context is not None
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
+        configs = []
+        for overrides, idx in jobs:
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                self.config, overrides
+            )
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = idx
+                sweep_config.hydra.job.num = idx
+            configs.append(sweep_config)
+        idx = jobs[0][1]
         payload = workdir / f"job{idx}.pkl"
         result = workdir / f"job{idx}.result.pkl"
         payload.write_bytes(
@@ -144,7 +169,7 @@ class GpuPoolLauncher(Launcher):
                 {
                     "hydra_context": self.hydra_context,
                     "task_function": self.task_function,
-                    "config": sweep_config,
+                    "configs": configs,
                     "singleton_state": Singleton.get_state(),
                 }
             )
@@ -158,15 +183,18 @@ class GpuPoolLauncher(Launcher):
         proc = subprocess.run(cmd, env=env, check=False)
         payload.unlink(missing_ok=True)
         if result.exists():
-            ret = cloudpickle.loads(result.read_bytes())
+            rets = cloudpickle.loads(result.read_bytes())
             result.unlink()
-            return ret
-        ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-        ret._return_value = RuntimeError(
-            f"job process exited with code {proc.returncode} before reporting "
-            f"(killed, or out of memory?); rerun the same command to resume it"
-        )
-        return ret
+            return rets
+        failures = []
+        for overrides, _ in jobs:
+            ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+            ret._return_value = RuntimeError(
+                f"job process exited with code {proc.returncode} before reporting "
+                f"(killed, or out of memory?); rerun the same command to resume it"
+            )
+            failures.append(ret)
+        return failures
 
 
 def run_child(payload_path: str, result_path: str) -> None:
@@ -177,19 +205,28 @@ def run_child(payload_path: str, result_path: str) -> None:
     payload = cloudpickle.loads(Path(payload_path).read_bytes())
     setup_globals()
     Singleton.set_state(payload["singleton_state"])
-    config = payload["config"]
-    HydraConfig.instance().set_config(config)
-    ret = run_job(
-        hydra_context=payload["hydra_context"],
-        task_function=payload["task_function"],
-        config=config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
-    if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):
-        ret._return_value = RuntimeError(repr(ret._return_value))
+
+    def one_job(config: DictConfig) -> JobReturn:
+        HydraConfig.instance().set_config(config)
+        try:
+            ret = run_job(
+                hydra_context=payload["hydra_context"],
+                task_function=payload["task_function"],
+                config=config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        except Exception as err:  # Hydra's own setup failed: report it, as a task error is
+            ret = JobReturn(overrides=list(config.hydra.overrides.task), status=JobStatus.FAILED)
+            ret._return_value = err
+        if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):
+            ret._return_value = RuntimeError(repr(ret._return_value))
+        return ret
+
+    configs = payload["configs"]
+    rets = [one_job(configs[0])] if len(configs) == 1 else run_packed(one_job, configs)
     tmp = Path(result_path + ".tmp")
-    tmp.write_bytes(cloudpickle.dumps(ret))
+    tmp.write_bytes(cloudpickle.dumps(rets))
     os.replace(tmp, result_path)
 
 
