@@ -21,19 +21,24 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
+# Every figure of bench/RESULTS.md comes from one of these steps (the file says which); the
+# limits add up to under 10 minutes, the most one device command may take.
 # 1. Correctness: layer vs reference formulation, graphed vs eager step, train() learns.
 step check 60 python3 bench/check_cuda.py --no-compile
-step graph_test 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
-# 2. The production step: CUDA graph, eager perturbation kernels (no compile time).
-step graph 50 python3 bench/throughput.py --device cuda --steps 100 --warmup 10 --no-compile \
-  --json "$OUT/graph.json"
-# 3. The reference's way, same machine, same call: the baseline for every ratio.
-step reference 70 python3 bench/throughput.py --device cuda --mode reference --steps 50 \
+step graph_test 40 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
+# 2. Seeds packed in one process (hydra.launcher.seeds_per_process) against the same seeds one
+#    after another, same call: img/s, ratio, K-seed time over one seed's, packed peak memory.
+step seeds 190 python3 bench/seeds.py --device cuda --experiments e1,e4,e7 --seeds 1,2,3,4,8 \
+  --steps 100 --warmup 10 --json "$OUT/seeds.json"
+# 3. The reference's way (DataLoader with pin_memory, as the reference's loaders), all eight:
+#    the baseline of every same-call ratio.
+step reference 80 python3 bench/throughput.py --device cuda --mode reference --steps 50 \
   --warmup 10 --json "$OUT/reference.json"
-# 4. The perturbation layer alone at the README shapes (e6, e7, e8), three ways: reference
-#    formulation, eager fused (what step 2 used), compiled; error vs reference, ms, peak MiB.
-step layer_paths 60 python3 bench/layer_paths.py
-# 5. A whole model with the compiled kernels (compile time shows in warm-up s).
-step compiled 50 python3 bench/throughput.py --device cuda --steps 100 --warmup 10 \
-  --experiments e7 --json "$OUT/compiled.json"
+# 4. Production, all eight, as train() runs it (CUDA graph + compiled layers, the defaults):
+#    every production row; peak memory with and without the warm-up (cuDNN autotuning).
+step production 160 python3 bench/throughput.py --device cuda --steps 100 --warmup 10 \
+  --json "$OUT/production.json"
+# 5. The perturbation layer alone at the README shapes (e6, e7, e8), three ways: reference
+#    formulation, eager fused, compiled; error vs reference, ms, peak MiB.
+step layer_paths 50 python3 bench/layer_paths.py
 exit 0

@@ -27,6 +27,7 @@ from torch import nn
 
 from pnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from pnn.data import DeviceData
+from pnn.packing import step_boundary
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -477,6 +478,7 @@ def run_steps(
     ``on_step(done)`` after each (the progress bar)."""
     for index, begin in enumerate(range(0, len(labels), batch_size)):
         step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
+        step_boundary()  # packed seeds (pnn.packing) take turns here; else a no-op
         if on_step is not None:
             on_step(index + 1)
 

@@ -7,6 +7,10 @@ pair; a job holds its slot until its process exits, so no two jobs share a GPU b
 ``cpu_workers`` CPU workers; a job's thread count is its own ``train.threads``, never derived
 from the number of workers, so that parallelism never changes a job's numbers.
 
+With ``seeds_per_process`` K > 1, jobs that differ only in ``train.seed`` are grouped K at a
+time into one job process that trains them together (:mod:`pnn.packing`); each stays its own
+job with its own MLflow run and result.
+
 A job process that dies (killed, out of memory) is reported as a failure with its exit code;
 the other jobs go on; so does an exception in a launcher thread (a FAILED job with its reason).
 The job processes ask the kernel to end them if this process dies, so a killed sweep leaves
@@ -35,6 +39,7 @@ from omegaconf import DictConfig, open_dict
 
 from pnn import interrupt
 from pnn.config import ConfigError
+from pnn.packing import group_seeds, run_packed
 from pnn.sweeper import outcome_of
 
 log = logging.getLogger(__name__)
@@ -67,9 +72,16 @@ def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers:
     return [{"CUDA_VISIBLE_DEVICES": "", "PNN_SLOT": f"cpu{k}"} for k in range(cpu_workers)]
 
 
-def check_launcher_keys(gpus: object, jobs_per_gpu: object, cpu_workers: object) -> None:
+def check_launcher_keys(
+    gpus: object, jobs_per_gpu: object, cpu_workers: object, seeds_per_process: object = 1
+) -> None:
     """The gpu_pool keys, checked by the sweeper before the parent run exists."""
-    for key, value in (("jobs_per_gpu", jobs_per_gpu), ("cpu_workers", cpu_workers)):
+    counts = (
+        ("jobs_per_gpu", jobs_per_gpu),
+        ("cpu_workers", cpu_workers),
+        ("seeds_per_process", seeds_per_process),
+    )
+    for key, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"hydra.launcher.{key} must be >= 1, a whole number (got {value!r})")
     if gpus is None:
@@ -88,11 +100,16 @@ def check_launcher_keys(gpus: object, jobs_per_gpu: object, cpu_workers: object)
 
 class GpuPoolLauncher(Launcher):
     def __init__(
-        self, gpus: list[int] | None = None, jobs_per_gpu: int = 1, cpu_workers: int = 1
+        self,
+        gpus: list[int] | None = None,
+        jobs_per_gpu: int = 1,
+        cpu_workers: int = 1,
+        seeds_per_process: int = 1,
     ) -> None:
         self.gpus = list(gpus) if gpus is not None else None
         self.jobs_per_gpu = jobs_per_gpu
         self.cpu_workers = cpu_workers
+        self.seeds_per_process = seeds_per_process
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -111,50 +128,66 @@ class GpuPoolLauncher(Launcher):
         slots = make_slots(self.gpus, self.jobs_per_gpu, self.cpu_workers)
         total = len(job_overrides)
         where = "GPU" if slots[0]["CUDA_VISIBLE_DEVICES"] else "CPU"
-        log.info(f"[sweep] launching {total} job(s) on {len(slots)} {where} slot(s)")
-        pending: queue.Queue[int] = queue.Queue()
-        for i in range(total):
-            pending.put(i)
+        groups = group_seeds(job_overrides, self.seeds_per_process)
+        packed = f" in {len(groups)} process(es)" if len(groups) < total else ""
+        log.info(f"[sweep] launching {total} job(s){packed} on {len(slots)} {where} slot(s)")
+        pending: queue.Queue[list[int]] = queue.Queue()
+        for group in groups:
+            pending.put(group)
         results: list[JobReturn | None] = [None] * total
         done = [0]
         lock = threading.Lock()
         workdir = Path(tempfile.mkdtemp(prefix="pnn-launch-"))
 
-        def run(i: int, idx: int, slot: dict) -> JobReturn:
-            overrides = list(job_overrides[i])
+        def run(jobs: list[tuple[list[str], int]], slot: dict) -> list[JobReturn]:
+            """The job process of ``jobs``: one JobReturn per job, whatever happens."""
             try:
                 if interrupt.received():
                     raise interrupt.Interrupted(interrupt.received())
-                ret = self._run_one(overrides, idx, slot, workdir)
-                if interrupt.received() and ret.status == JobStatus.FAILED:
+                rets = self._run_one(jobs, slot, workdir)
+                if interrupt.received():
                     # Stopped by the forwarded signal before it could report.
-                    ret = killed_return(overrides, f"by {interrupt.signal_name()}")
-                return ret
+                    why = f"by {interrupt.signal_name()}"
+                    rets = [
+                        killed_return(ret.overrides, why) if ret.status == JobStatus.FAILED else ret
+                        for ret in rets
+                    ]
+                return rets
             except interrupt.Interrupted as sig:
-                return killed_return(overrides, f"not started: the sweep got {sig.signal_name}")
+                why = f"not started: the sweep got {sig.signal_name}"
+                return [killed_return(overrides, why) for overrides, _ in jobs]
             except Exception as err:  # a job is never lost: it becomes a FAILED one
-                log.error(f"[sweep] job #{idx} could not be run: {type(err).__name__}: {err}")
-                ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-                ret._return_value = RuntimeError(
-                    f"the launcher could not run it ({type(err).__name__}: {err})"
-                )
-                return ret
+                first = jobs[0][1]
+                log.error(f"[sweep] job #{first} could not be run: {type(err).__name__}: {err}")
+                rets = []
+                for overrides, _ in jobs:
+                    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+                    ret._return_value = RuntimeError(
+                        f"the launcher could not run it ({type(err).__name__}: {err})"
+                    )
+                    rets.append(ret)
+                return rets
 
         def worker(slot: dict) -> None:
             while True:
                 try:
-                    i = pending.get_nowait()
+                    group = pending.get_nowait()
                 except queue.Empty:
                     return
-                idx = initial_job_idx + i
-                name = " ".join(filter_overrides(job_overrides[i]))
+                jobs = [(list(job_overrides[i]), initial_job_idx + i) for i in group]
                 if not interrupt.received():
-                    log.info(f"[sweep] job #{idx} starting on {slot['PNN_SLOT']}: {name}")
-                results[i] = ret = run(i, idx, slot)
-                with lock:
-                    done[0] += 1
-                    status = outcome_of(ret, job_overrides[i])["status"]
-                    log.info(f"[sweep] {done[0]}/{total} jobs done; job #{idx} {status}: {name}")
+                    for overrides, idx in jobs:
+                        name = " ".join(filter_overrides(overrides))
+                        log.info(f"[sweep] job #{idx} starting on {slot['PNN_SLOT']}: {name}")
+                rets = run(jobs, slot)
+                for i, ret, (overrides, idx) in zip(group, rets, jobs, strict=True):
+                    results[i] = ret
+                    name = " ".join(filter_overrides(overrides))
+                    with lock:
+                        done[0] += 1
+                        status = outcome_of(ret, overrides)["status"]
+                        progress = f"{done[0]}/{total} jobs done"
+                        log.info(f"[sweep] {progress}; job #{idx} {status}: {name}")
 
         threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in slots]
         try:
@@ -169,12 +202,21 @@ class GpuPoolLauncher(Launcher):
             for i, r in enumerate(results)
         ]
 
-    def _run_one(self, overrides: list[str], idx: int, slot: dict, workdir: Path) -> JobReturn:
+    def _run_one(
+        self, jobs: list[tuple[list[str], int]], slot: dict, workdir: Path
+    ) -> list[JobReturn]:
+        """One job process for ``jobs`` ((overrides, index) pairs; several when packed)."""
         assert self.config is not None and self.hydra_context is not None
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
+        configs = []
+        for overrides, idx in jobs:
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                self.config, overrides
+            )
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = idx
+                sweep_config.hydra.job.num = idx
+            configs.append(sweep_config)
+        idx = jobs[0][1]
         payload = workdir / f"job{idx}.pkl"
         result = workdir / f"job{idx}.result.pkl"
         payload.write_bytes(
@@ -182,7 +224,7 @@ class GpuPoolLauncher(Launcher):
                 {
                     "hydra_context": self.hydra_context,
                     "task_function": self.task_function,
-                    "config": sweep_config,
+                    "configs": configs,
                     "singleton_state": Singleton.get_state(),
                 }
             )
@@ -196,15 +238,18 @@ class GpuPoolLauncher(Launcher):
         proc = interrupt.run_process(cmd, env)
         payload.unlink(missing_ok=True)
         if result.exists():
-            ret = cloudpickle.loads(result.read_bytes())
+            rets = cloudpickle.loads(result.read_bytes())
             result.unlink()
-            return ret
-        ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-        ret._return_value = RuntimeError(
-            f"job process exited with code {proc.returncode} before reporting "
-            f"(killed, or out of memory?); rerun the same command to resume it"
-        )
-        return ret
+            return rets
+        failures = []
+        for overrides, _ in jobs:
+            ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+            ret._return_value = RuntimeError(
+                f"job process exited with code {proc.returncode} before reporting "
+                f"(killed, or out of memory?); rerun the same command to resume it"
+            )
+            failures.append(ret)
+        return failures
 
 
 def run_child(payload_path: str, result_path: str) -> None:
@@ -215,22 +260,30 @@ def run_child(payload_path: str, result_path: str) -> None:
     payload = cloudpickle.loads(Path(payload_path).read_bytes())
     setup_globals()
     Singleton.set_state(payload["singleton_state"])
-    config = payload["config"]
-    HydraConfig.instance().set_config(config)
-    try:
-        ret = run_job(
-            hydra_context=payload["hydra_context"],
-            task_function=payload["task_function"],
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-    except interrupt.Interrupted as sig:  # the job marked its run KILLED
-        ret = killed_return(list(config.hydra.overrides.task), f"by {sig.signal_name}")
-    if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):
-        ret._return_value = RuntimeError(repr(ret._return_value))
+
+    def one_job(config: DictConfig) -> JobReturn:
+        HydraConfig.instance().set_config(config)
+        try:
+            ret = run_job(
+                hydra_context=payload["hydra_context"],
+                task_function=payload["task_function"],
+                config=config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        except interrupt.Interrupted as sig:  # the job marked its run KILLED
+            ret = killed_return(list(config.hydra.overrides.task), f"by {sig.signal_name}")
+        except Exception as err:  # Hydra's own setup failed: report it, as a task error is
+            ret = JobReturn(overrides=list(config.hydra.overrides.task), status=JobStatus.FAILED)
+            ret._return_value = err
+        if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):
+            ret._return_value = RuntimeError(repr(ret._return_value))
+        return ret
+
+    configs = payload["configs"]
+    rets = [one_job(configs[0])] if len(configs) == 1 else run_packed(one_job, configs)
     tmp = Path(result_path + ".tmp")
-    tmp.write_bytes(cloudpickle.dumps(ret))
+    tmp.write_bytes(cloudpickle.dumps(rets))
     os.replace(tmp, result_path)
 
 

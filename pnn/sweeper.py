@@ -226,7 +226,12 @@ def check_launcher_config(launcher: DictConfig) -> bool:
 
         gpus = launcher.get("gpus")
         gpus = list(gpus) if gpus is not None and not isinstance(gpus, int | str) else gpus
-        check_launcher_keys(gpus, launcher.get("jobs_per_gpu"), launcher.get("cpu_workers"))
+        check_launcher_keys(
+            gpus,
+            launcher.get("jobs_per_gpu"),
+            launcher.get("cpu_workers"),
+            launcher.get("seeds_per_process", 1),
+        )
         return bool(gpus) if gpus is not None else bool(visible_gpus())
     if "submitit" in target:
         for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):

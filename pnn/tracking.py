@@ -24,8 +24,10 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +47,8 @@ ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
     "PNN_SWEEP_ID",
     "PNN_SWEEP_JOBS",
 )
+# This process, as no other one: host, pid and a random part (pids are reused).
+PROCESS_GROUP = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 # What every child run holds: these per epoch (step = epoch, from 1) ...
 EPOCH_METRICS = (
     "train_loss",
@@ -297,6 +301,8 @@ def create_job_run(
     # Which GPU (or CPU slot) the launcher gave this job, for debugging a crowded machine.
     tags["pnn.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
     tags["pnn.slot"] = os.environ.get("PNN_SLOT", "in-process")
+    # Seeds trained together in one process (hydra.launcher.seeds_per_process) share this.
+    tags["pnn.process_group"] = PROCESS_GROUP
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit

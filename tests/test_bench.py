@@ -100,3 +100,24 @@ def test_layer_paths_agree_on_cpu() -> None:
     rows = layer_paths.check_fast_path("cpu", batch=2, cases=[(4, 8, 6, 3, True, True, "prelu")])
     assert [row["way"] for row in rows] == ["reference", "eager", "fast"]
     assert rows[0]["max_rel_error"] == 0 and all(row["max_rel_error"] < 1e-5 for row in rows)
+
+
+@pytest.mark.slow  # two e1 models, three steps each, on the CPU
+def test_seeds_bench_packs_seeds_without_hydra(tmp_path: Path) -> None:
+    out = tmp_path / "seeds.json"
+    code = (
+        "import runpy, sys; sys.modules['hydra'] = None; "
+        f"sys.argv = ['seeds.py', '--device', 'cpu', '--steps', '1', '--warmup', '1', "
+        f"'--experiments', 'e1', '--seeds', '1,2', '--json', {str(out)!r}]; "
+        f"runpy.run_path({str(ROOT / 'bench' / 'seeds.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["results"]
+    e1 = "e1_baseline_resnet18"
+    assert [(r["experiment"], r["k"]) for r in rows] == [(e1, 1), (e1, 2)]
+    for row in rows:
+        # On the CPU a packed seed computes bitwise what it computes alone.
+        assert row["packed"]["mean_loss"] == row["one_after_another"]["mean_loss"]
+        assert row["loss_max_abs_diff"] == 0.0 and row["packed"]["img_per_s"] > 0
+    assert rows[1]["packed"]["mean_loss"][0] != rows[1]["packed"]["mean_loss"][1]
