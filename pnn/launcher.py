@@ -88,13 +88,13 @@ def check_launcher_keys(
         return
     ids = [gpus] if isinstance(gpus, int | str) else gpus
     try:
-        ok = len(ids) > 0 and all(int(str(g)) >= 0 for g in ids)
+        ok = all(int(str(g)) >= 0 for g in ids)
     except (TypeError, ValueError):
         ok = False
     if not ok:
         raise ConfigError(
-            "hydra.launcher.gpus must be null (every visible GPU) or a non-empty list of GPU "
-            f"indices >= 0, e.g. '[0,1]' (got {gpus!r})"
+            "hydra.launcher.gpus must be null (every visible GPU), [] (none: CPU workers) or a "
+            f"list of GPU indices >= 0, e.g. '[0,1]' (got {gpus!r})"
         )
 
 

@@ -39,14 +39,16 @@ def test_launcher_keys() -> None:
     from pnn.config import ConfigError
     from pnn.launcher import check_launcher_keys
 
-    for gpus, per_gpu, workers, key in (
-        (None, 0, 1, "jobs_per_gpu"),
-        (None, 1, 0, "cpu_workers"),
-        ([], 1, 1, "gpus"),
-        (["x"], 1, 1, "gpus"),
+    for gpus, per_gpu, workers, per_process, key in (
+        (None, 0, 1, 1, "jobs_per_gpu"),
+        (None, 1, 0, 1, "cpu_workers"),
+        (None, 1, 1, 0, "seeds_per_process"),
+        ([-1], 1, 1, 1, "gpus"),
+        (["x"], 1, 1, 1, "gpus"),
     ):
         with pytest.raises(ConfigError, match=f"hydra.launcher.{key} must be"):
-            check_launcher_keys(gpus, per_gpu, workers)
+            check_launcher_keys(gpus, per_gpu, workers, per_process)
+    check_launcher_keys([], 1, 1, 1)  # no GPU: CPU workers
 
 
 def test_a_failing_launcher_thread_gives_a_failed_job(tmp_path: Path, monkeypatch) -> None:
@@ -56,7 +58,7 @@ def test_a_failing_launcher_thread_gives_a_failed_job(tmp_path: Path, monkeypatc
     from pnn.sweeper import outcome_of, print_summary
 
     class Broken(GpuPoolLauncher):
-        def _run_one(self, overrides, idx, slot, workdir):  # fails before any process starts
+        def _run_one(self, jobs, slot, workdir):  # fails before any process starts
             raise OSError(28, "No space left on device")
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
