@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,36 @@ def show_progress(cfg: DictConfig) -> bool:
     return sys.stderr.isatty() and os.environ.get("PNN_SWEEP_JOBS", "1") == "1"
 
 
+@dataclass
+class Job:
+    """One job's identity and where its things live: its store, its hash, its checkpoint."""
+
+    cfg: DictConfig
+    name: str
+    client: Any
+    experiment_id: str
+    chash: str
+    ckpt_dir: Path
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    def outcome(self, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        """What the job reports to the sweeper (see ``pnn.sweeper.outcome_of``)."""
+        out: dict[str, Any] = {"status": status, "name": self.name}
+        if reason is not None:
+            out["reason"] = reason
+        return {**out, **extra}
+
+
+def job_name(cfg: DictConfig) -> str:
+    return f"{cfg.experiment}-seed{cfg.train.seed}"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    name = f"{cfg.experiment}-seed{cfg.train.seed}"
+    """One job, in phases: check -> decide (skip or go) -> open its run -> train -> finish."""
+    name = job_name(cfg)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -95,6 +124,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dry_run(cfg)
         return {"status": "finished", "name": name, "reason": "dry run"}
 
+    job = locate(cfg, name)
+    with exclusive(job.ckpt_dir) as owned:
+        if not owned:
+            reason = f"running in another process (lock held on {job.ckpt_dir})"
+            log.info(f"[{name}] skipped: {reason}")
+            return job.outcome("skipped", reason)
+        skipped, open_runs = decide(job)
+        if skipped is not None:
+            return skipped
+        run_id, state = open_run(job, open_runs)
+        return train_and_finish(job, run_id, state)
+
+
+def locate(cfg: DictConfig, name: str) -> Job:
+    """The job's store, experiment, identity and checkpoint folder."""
     from mlflow.tracking import MlflowClient
 
     from pnn import tracking
@@ -106,69 +150,99 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     chash = tracking.config_hash(cfg)
     ckpt_dir = Path(cfg.train.checkpoint_dir)
     ckpt_dir = (ckpt_dir if ckpt_dir.is_absolute() else root / ckpt_dir) / f"{name}-{chash}"
-    with exclusive(ckpt_dir) as owned:
-        if not owned:
-            reason = f"running in another process (lock held on {ckpt_dir})"
-            log.info(f"[{name}] skipped: {reason}")
-            return {"status": "skipped", "name": name, "reason": reason}
-        # Asked under the lock: a twin job that held it may have just finished.
-        runs = tracking.find_job_runs(client, experiment_id, chash)
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        if finished and not cfg.sweep.rerun:
-            run_id = finished[0].info.run_id
-            reason = f"already FINISHED as run {run_id} (sweep.rerun=true to redo)"
-            log.info(f"[{name}] skipped: {reason}")
-            if not (ckpt_dir / "last.pt").exists():
-                shutil.rmtree(ckpt_dir, ignore_errors=True)  # only our lock file is in it
-            return {"status": "skipped", "name": name, "reason": reason}
-        open_runs = {r.info.run_id for r in runs if r.info.status != "FINISHED"}
-        return _train_and_log(cfg, name, client, experiment_id, chash, ckpt_dir, open_runs)
+    return Job(cfg, name, client, experiment_id, chash, ckpt_dir)
 
 
-def _train_and_log(
-    cfg: DictConfig,
-    name: str,
-    client: Any,
-    experiment_id: str,
-    chash: str,
-    ckpt_dir: Path,
-    open_runs: set[str],
-) -> dict[str, Any]:
+def decide(job: Job) -> tuple[dict[str, Any] | None, set[str]]:
+    """Skip a job that has FINISHED in this store (the outcome), else go on (None) with the
+    ids of the job's runs that are not finished. Asked under the job's lock: a twin job that
+    held it may have just finished."""
+    from pnn import tracking
+
+    runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished and not job.cfg.sweep.rerun:
+        run_id = finished[0].info.run_id
+        reason = f"already FINISHED as run {run_id} (sweep.rerun=true to redo)"
+        log.info(f"[{job.name}] skipped: {reason}")
+        if not job.ckpt_path.exists():
+            shutil.rmtree(job.ckpt_dir, ignore_errors=True)  # only our lock file is in it
+        return job.outcome("skipped", reason), set()
+    return None, {r.info.run_id for r in runs if r.info.status != "FINISHED"}
+
+
+def open_run(job: Job, open_runs: set[str]) -> tuple[str, dict[str, Any] | None]:
+    """Resume the open run the checkpoint belongs to, or create a new one: (run id, state)."""
     from pnn import tracking
     from pnn.checkpoint import load_checkpoint
-    from pnn.data import load_data
-    from pnn.engine import NonFiniteLossError, seed_everything, train
-    from pnn.models import build_model, count_parameters
 
-    ckpt_path = ckpt_dir / "last.pt"
-    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    cfg = job.cfg
+    state = load_checkpoint(job.ckpt_path) if job.ckpt_path.exists() else None
     run_id = (state or {}).get("extra_state", {}).get("mlflow_run_id")
     if cfg.sweep.rerun or run_id not in open_runs:
         # A fresh run: a checkpoint of a finished, deleted or forced-over run is not ours.
-        ckpt_path.unlink(missing_ok=True)
+        job.ckpt_path.unlink(missing_ok=True)
         state, run_id = None, None
 
+    if run_id is None:
+        run_id = _create_run(job)
+        log.info(f"[{job.name}] new MLflow run {run_id}")
+    else:
+        tracking.retry(lambda: job.client.update_run(run_id, status="RUNNING"))
+        _log_missing_epochs(job.client, run_id, state.get("history", []))
+        log.info(f"[{job.name}] resuming MLflow run {run_id} after epoch {len(state['history'])}")
+    return run_id, state
+
+
+def _create_run(job: Job) -> str:
+    """A new child run with the job's config, parameter counts and model summary."""
+    from pnn import tracking
+    from pnn.engine import seed_everything
+    from pnn.models import build_model, count_parameters
+
+    cfg = job.cfg
     seed_everything(cfg.train.seed)
     model = build_model(cfg)
     counts = count_parameters(model)
-    if run_id is None:
-        run_id = tracking.create_job_run(client, experiment_id, cfg, chash, _overrides())
-        tracking.log_metrics(client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
-        _log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        summary = f"{model}\n\n{json.dumps(counts, indent=2)}\n"
-        _log_text(client, run_id, summary, "model_summary.txt")
-        log.info(f"[{name}] new MLflow run {run_id}")
-    else:
-        tracking.retry(lambda: client.update_run(run_id, status="RUNNING"))
-        _log_missing_epochs(client, run_id, state.get("history", []))
-        log.info(f"[{name}] resuming MLflow run {run_id} after epoch {len(state['history'])}")
+    run_id = tracking.create_job_run(job.client, job.experiment_id, cfg, job.chash, _overrides())
+    tracking.log_metrics(job.client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
+    _log_text(job.client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    summary = f"{model}\n\n{json.dumps(counts, indent=2)}\n"
+    _log_text(job.client, run_id, summary, "model_summary.txt")
+    return run_id
 
-    epochs = cfg.train.epochs
+
+def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
+    """Train in ``run_id`` (from ``state``'s epoch on); mark the run FINISHED or FAILED."""
+    from pnn.engine import NonFiniteLossError
+
+    try:
+        result = _train(job, run_id, state)
+    except KeyboardInterrupt:
+        from pnn import tracking
+
+        tracking.retry(lambda: job.client.set_terminated(run_id, "KILLED"))
+        raise
+    except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
+        reason = str(err) if isinstance(err, NonFiniteLossError) else f"{type(err).__name__}: {err}"
+        return _mark_failed(job, run_id, reason)
+    return _finish(job, run_id, result)
+
+
+def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
+    """The training loop, logging each epoch to ``run_id``; the engine's TrainResult."""
+    from pnn import tracking
+    from pnn.data import load_data
+    from pnn.engine import seed_everything, train
+    from pnn.models import build_model
+
+    cfg, name, epochs = job.cfg, job.name, job.cfg.train.epochs
+    first_epoch = len((state or {}).get("history", [])) + 1
     started = time.monotonic()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         per_epoch = {k: metrics[k] for k in tracking.EPOCH_METRICS}
-        tracking.log_metrics(client, run_id, per_epoch, step=epoch)
+        tracking.log_metrics(job.client, run_id, per_epoch, step=epoch)
         left = (time.monotonic() - started) / max(1, epoch - first_epoch + 1) * (epochs - epoch)
         log.info(
             f"[{name}] epoch {epoch}/{epochs}  test_acc {metrics['test_acc']:.2f}%  "
@@ -177,30 +251,36 @@ def _train_and_log(
             f"ETA {_duration(left)}"
         )
 
-    first_epoch = len((state or {}).get("history", [])) + 1
-    try:
-        device = resolve_device(cfg.train.device)
-        data = load_data(cfg, device, _absolute(cfg.dataset.root))
-        result = train(
-            cfg,
-            model,
-            data,
-            device=device,
-            checkpoint_path=ckpt_path,
-            on_epoch=on_epoch,
-            extra_state={"mlflow_run_id": run_id},
-            progress=show_progress(cfg),
-        )
-    except KeyboardInterrupt:
-        tracking.retry(lambda: client.set_terminated(run_id, "KILLED"))
-        raise
-    except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
-        reason = str(err) if isinstance(err, NonFiniteLossError) else f"{type(err).__name__}: {err}"
-        tracking.set_tags(client, run_id, {"pnn.failure": reason[:5000]})
-        tracking.retry(lambda: client.set_terminated(run_id, "FAILED"))
-        log.error(f"[{name}] FAILED: {reason}")
-        return {"status": "failed", "name": name, "reason": reason, "run_id": run_id}
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    device = resolve_device(cfg.train.device)
+    data = load_data(cfg, device, _absolute(cfg.dataset.root))
+    return train(
+        cfg,
+        model,
+        data,
+        device=device,
+        checkpoint_path=job.ckpt_path,
+        on_epoch=on_epoch,
+        extra_state={"mlflow_run_id": run_id},
+        progress=show_progress(cfg),
+    )
 
+
+def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
+    from pnn import tracking
+
+    tracking.set_tags(job.client, run_id, {"pnn.failure": reason[:5000]})
+    tracking.retry(lambda: job.client.set_terminated(run_id, "FAILED"))
+    log.error(f"[{job.name}] FAILED: {reason}")
+    return job.outcome("failed", reason, run_id=run_id)
+
+
+def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
+    """Final metrics, the checkpoint as an artifact, and the run FINISHED."""
+    from pnn import tracking
+
+    cfg, client = job.cfg, job.client
     final = {
         "best_test_acc": result.best_test_acc,
         "best_epoch": result.best_epoch,
@@ -208,16 +288,16 @@ def _train_and_log(
         "best_test_acc_reported": result.best_test_acc_reported,
     }
     tracking.log_metrics(client, run_id, final, step=0)
-    if cfg.tracking.log_checkpoint and ckpt_path.exists():
-        tracking.retry(lambda: client.log_artifact(run_id, str(ckpt_path), "checkpoint"))
+    if cfg.tracking.log_checkpoint and job.ckpt_path.exists():
+        tracking.retry(lambda: client.log_artifact(run_id, str(job.ckpt_path), "checkpoint"))
     tracking.retry(lambda: client.set_terminated(run_id, "FINISHED"))
     if cfg.tracking.log_checkpoint:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the artifact store holds it now
+        shutil.rmtree(job.ckpt_dir, ignore_errors=True)  # the artifact store holds it now
     log.info(
-        f"[{name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
+        f"[{job.name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
         f"{result.best_epoch}, reported {result.best_test_acc_reported:.2f}%"
     )
-    return {"status": "finished", "name": name, "run_id": run_id, **final}
+    return job.outcome("finished", run_id=run_id, **final)
 
 
 def _absolute(path: str) -> Path:
