@@ -1,7 +1,14 @@
-"""One job of a sweep: decide whether to skip, resume or start; train; log to MLflow.
+"""One job of a sweep: decide whether to skip, adopt or start; train; log to MLflow.
 
 The job never raises for a failed run: it marks the MLflow run FAILED with the reason and
 returns ``{"status": "failed", ...}``, so the sweep goes on and reports it at the end.
+
+A job's claim on its work lives in the tracking store, so that it holds across launch
+directories and machines: its run is RUNNING with an owner and a heartbeat tag (see
+``pnn.tracking.claim_status``). A live run of the same job means "running elsewhere"; a stale,
+KILLED or FAILED one is adopted, never duplicated. A checkpoint with finished epochs is never
+deleted: it is resumed (into a new run if its own is not in this store), or moved aside with a
+message when it is unreadable or ``sweep.rerun=true``.
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pnn.config import ConfigError, validate
 
@@ -43,14 +49,6 @@ def launch_dir() -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.cwd)
     return Path.cwd()
-
-
-def _overrides() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return " ".join(HydraConfig.get().overrides.task)
-    return ""
 
 
 @contextmanager
@@ -95,11 +93,17 @@ class Job:
     client: Any
     experiment_id: str
     chash: str
+    ckpt_root: Path  # train.checkpoint_dir: nothing outside it is ever removed
     ckpt_dir: Path
+    owner: str  # this job's claim on its run (pnn.tracking.owner_id)
 
     @property
     def ckpt_path(self) -> Path:
         return self.ckpt_dir / "last.pt"
+
+    def skip(self, reason: str) -> dict[str, Any]:
+        log.info(f"[{self.name}] skipped: {reason}")
+        return self.outcome("skipped", reason)
 
     def outcome(self, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
         """What the job reports to the sweeper (see ``pnn.sweeper.outcome_of``)."""
@@ -114,7 +118,8 @@ def job_name(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One job, in phases: check -> decide (skip or go) -> open its run -> train -> finish."""
+    """One job, in phases: check -> decide (skip or go; pnn.claim) -> open its run (adopt or
+    create; pnn.claim) -> train -> finish."""
     name = job_name(cfg)
     try:
         validate(cfg)
@@ -124,17 +129,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dry_run(cfg)
         return {"status": "finished", "name": name, "reason": "dry run"}
 
+    from pnn import claim, tracking
+    from pnn.data import DatasetUnavailableError, check_available
+
     job = locate(cfg, name)
+    # The file lock guards this checkpoint folder on this machine; the claim in the store
+    # (decide, open_run) guards the job across launch directories and machines.
     with exclusive(job.ckpt_dir) as owned:
         if not owned:
-            reason = f"running in another process (lock held on {job.ckpt_dir})"
-            log.info(f"[{name}] skipped: {reason}")
-            return job.outcome("skipped", reason)
-        skipped, open_runs = decide(job)
+            return job.skip(f"running in another process (lock held on {job.ckpt_dir})")
+        skipped, open_runs = claim.decide(job)
         if skipped is not None:
             return skipped
-        run_id, state = open_run(job, open_runs)
-        return train_and_finish(job, run_id, state)
+        try:  # a set-up error, found before any run is created or adopted
+            check_available(cfg, _absolute(cfg.dataset.root))
+        except DatasetUnavailableError as err:
+            log.error(f"[{name}] FAILED: {err}")
+            return job.outcome("failed", str(err))
+        opened = claim.open_run(job, open_runs)
+        if isinstance(opened, dict):
+            return opened  # another process claimed the job first
+        run_id, state = opened
+        claim.report_run_id(run_id, job.owner)
+        with tracking.Heartbeat(job.client, run_id):
+            return train_and_finish(job, run_id, state)
 
 
 def locate(cfg: DictConfig, name: str) -> Job:
@@ -148,68 +166,12 @@ def locate(cfg: DictConfig, name: str) -> Job:
     client = MlflowClient(uri)
     experiment_id = tracking.get_experiment_id(client, cfg.tracking.experiment_name, uri)
     chash = tracking.config_hash(cfg)
-    ckpt_dir = Path(cfg.train.checkpoint_dir)
-    ckpt_dir = (ckpt_dir if ckpt_dir.is_absolute() else root / ckpt_dir) / f"{name}-{chash}"
-    return Job(cfg, name, client, experiment_id, chash, ckpt_dir)
-
-
-def decide(job: Job) -> tuple[dict[str, Any] | None, set[str]]:
-    """Skip a job that has FINISHED in this store (the outcome), else go on (None) with the
-    ids of the job's runs that are not finished. Asked under the job's lock: a twin job that
-    held it may have just finished."""
-    from pnn import tracking
-
-    runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished and not job.cfg.sweep.rerun:
-        run_id = finished[0].info.run_id
-        reason = f"already FINISHED as run {run_id} (sweep.rerun=true to redo)"
-        log.info(f"[{job.name}] skipped: {reason}")
-        if not job.ckpt_path.exists():
-            shutil.rmtree(job.ckpt_dir, ignore_errors=True)  # only our lock file is in it
-        return job.outcome("skipped", reason), set()
-    return None, {r.info.run_id for r in runs if r.info.status != "FINISHED"}
-
-
-def open_run(job: Job, open_runs: set[str]) -> tuple[str, dict[str, Any] | None]:
-    """Resume the open run the checkpoint belongs to, or create a new one: (run id, state)."""
-    from pnn import tracking
-    from pnn.checkpoint import load_checkpoint
-
-    cfg = job.cfg
-    state = load_checkpoint(job.ckpt_path) if job.ckpt_path.exists() else None
-    run_id = (state or {}).get("extra_state", {}).get("mlflow_run_id")
-    if cfg.sweep.rerun or run_id not in open_runs:
-        # A fresh run: a checkpoint of a finished, deleted or forced-over run is not ours.
-        job.ckpt_path.unlink(missing_ok=True)
-        state, run_id = None, None
-
-    if run_id is None:
-        run_id = _create_run(job)
-        log.info(f"[{job.name}] new MLflow run {run_id}")
-    else:
-        tracking.retry(lambda: job.client.update_run(run_id, status="RUNNING"))
-        _log_missing_epochs(job.client, run_id, state.get("history", []))
-        log.info(f"[{job.name}] resuming MLflow run {run_id} after epoch {len(state['history'])}")
-    return run_id, state
-
-
-def _create_run(job: Job) -> str:
-    """A new child run with the job's config, parameter counts and model summary."""
-    from pnn import tracking
-    from pnn.engine import seed_everything
-    from pnn.models import build_model, count_parameters
-
-    cfg = job.cfg
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg)
-    counts = count_parameters(model)
-    run_id = tracking.create_job_run(job.client, job.experiment_id, cfg, job.chash, _overrides())
-    tracking.log_metrics(job.client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
-    _log_text(job.client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    summary = f"{model}\n\n{json.dumps(counts, indent=2)}\n"
-    _log_text(job.client, run_id, summary, "model_summary.txt")
-    return run_id
+    ckpt_root = Path(cfg.train.checkpoint_dir)
+    ckpt_root = ckpt_root if ckpt_root.is_absolute() else root / ckpt_root
+    owner = tracking.owner_id(os.urandom(4).hex())
+    return Job(
+        cfg, name, client, experiment_id, chash, ckpt_root, ckpt_root / f"{name}-{chash}", owner
+    )
 
 
 def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
@@ -278,7 +240,7 @@ def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
 
 def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
     """Final metrics, the checkpoint as an artifact, and the run FINISHED."""
-    from pnn import tracking
+    from pnn import claim, tracking
 
     cfg, client = job.cfg, job.client
     final = {
@@ -290,9 +252,10 @@ def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
     tracking.log_metrics(client, run_id, final, step=0)
     if cfg.tracking.log_checkpoint and job.ckpt_path.exists():
         tracking.retry(lambda: client.log_artifact(run_id, str(job.ckpt_path), "checkpoint"))
-    tracking.retry(lambda: client.set_terminated(run_id, "FINISHED"))
-    if cfg.tracking.log_checkpoint:
-        shutil.rmtree(job.ckpt_dir, ignore_errors=True)  # the artifact store holds it now
+    tracking.finish_job_run(client, run_id)
+    if cfg.tracking.log_checkpoint:  # the artifact store holds it now
+        job.ckpt_path.unlink(missing_ok=True)
+        claim.remove_folder_if_only_lock(job)
     log.info(
         f"[{job.name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
         f"{result.best_epoch}, reported {result.best_test_acc_reported:.2f}%"
@@ -303,23 +266,6 @@ def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
 def _absolute(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else launch_dir() / p
-
-
-def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
-    """Log the epochs a checkpoint holds but MLflow missed (killed between the two writes)."""
-    from pnn import tracking
-
-    logged = tracking.logged_steps(client, run_id, tracking.EPOCH_METRICS)
-    for epoch, metrics in enumerate(history, start=1):
-        missing = {k: metrics[k] for k in tracking.EPOCH_METRICS if epoch not in logged[k]}
-        if missing:
-            tracking.log_metrics(client, run_id, missing, step=epoch)
-
-
-def _log_text(client: Any, run_id: str, text: str, filename: str) -> None:
-    from pnn import tracking
-
-    tracking.retry(lambda: client.log_text(run_id, text, filename))
 
 
 def _duration(seconds: float) -> str:
