@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import time
 import warnings
@@ -60,10 +61,13 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
         state = load_checkpoint(path)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        raise UnreadableCheckpointError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {first_line[:300]}"
-        ) from err
+        text = str(err).strip()
+        if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+            # Not torch's advice to retry with weights_only=False: this file is not trusted.
+            why = "torch's safe (weights-only) loader refused it: corrupted, or not ours"
+        else:
+            why = f"{type(err).__name__}: {text.split('. ')[0][:200]}"
+        raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {why}") from err
     if state is None:
         return None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]

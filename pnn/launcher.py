@@ -166,9 +166,9 @@ class GpuPoolLauncher(Launcher):
             result.unlink()
             run_ids.unlink(missing_ok=True)
             return ret
-        code = proc.returncode
-        if code < 0:
-            code = f"{code} ({signal.Signals(-code).name})"
+        code: int | str = proc.returncode
+        if proc.returncode < 0 and -proc.returncode in signal.valid_signals():
+            code = f"{proc.returncode} ({signal.Signals(-proc.returncode).name})"
         reason = (
             f"job process exited with code {code} before reporting (killed, or out of "
             "memory?); rerun the same command to resume it"

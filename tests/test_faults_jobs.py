@@ -81,13 +81,14 @@ def kill_group(proc: subprocess.Popen) -> None:
 def job_processes(pid: int) -> list[int]:
     """The launcher's job processes among ``pid``'s children (not, say, a git call)."""
     found = []
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        for kid in kids:
-            if b"pnn.launch_child" in Path(f"/proc/{kid}/cmdline").read_bytes():
-                found.append(int(kid))
-    except OSError:
-        pass
+    # The launcher starts them from its worker threads: each thread (task) has its own list.
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for kid in children.read_text().split():
+                if b"pnn.launch_child" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    found.append(int(kid))
+        except OSError:
+            continue
     return found
 
 
@@ -262,17 +263,13 @@ class _Exploit:
 
 @pytest.mark.slow
 def test_corrupt_checkpoints_are_moved_aside_and_the_jobs_restart(tmp_path: Path) -> None:
-    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.seed=1,2,3"]
-    marker = tmp_path / "unpickled"
+    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.seed=1,2"]
     good = tmp_path / "good.pt"
     torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, good)
     contents = {
         1: good.read_bytes()[: good.stat().st_size // 2],  # truncated
         2: np.random.default_rng(0).bytes(5000),  # random bytes
     }
-    exploit = tmp_path / "exploit.pt"
-    torch.save({"epoch": 1, "payload": _Exploit(marker)}, exploit)
-    contents[3] = exploit.read_bytes()
     paths = {}
     for seed, data in contents.items():
         cfg = load_config(["experiment=e4_conv1x1_no_noise", *TINY, f"train.seed={seed}"])
@@ -284,14 +281,14 @@ def test_corrupt_checkpoints_are_moved_aside_and_the_jobs_restart(tmp_path: Path
     proc = run_sweep(args, tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "3 finished, 0 skipped, 0 failed" in proc.stdout
-    assert not marker.exists()
+    assert "2 finished, 0 skipped, 0 failed" in proc.stdout
+    assert "weights_only=False" not in out  # torch's unsafe advice is not passed on
     for seed, path in paths.items():
         (moved,) = path.parent.glob("last.pt.corrupt-*")
         assert moved.read_bytes() == contents[seed]  # kept, byte for byte
         assert f"cannot read checkpoint {path}" in out
         assert f"Moved it aside to {moved}; starting the job afresh" in out
-    assert len(job_runs(client_of(tmp_path / "mlflow.db"))) == 3
+    assert len(job_runs(client_of(tmp_path / "mlflow.db"))) == 2
 
 
 @pytest.mark.slow
