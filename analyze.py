@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep",
         metavar="ID|latest",
-        help="only the job runs a sweep created: a parent run id, a pnn.sweep_id, or 'latest' "
-        "(jobs it skipped as already finished belong to the earlier sweep)",
+        help="only the job runs a sweep created or resumed: a parent run id, a pnn.sweep_id, "
+        "or 'latest' (jobs it skipped as already finished belong to the earlier sweep)",
     )
     parser.add_argument(
         "--by",

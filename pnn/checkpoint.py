@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,49 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
     # weights_only: a checkpoint is plain containers, numbers, strings and tensors.
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# What :func:`pnn.engine.train` writes; a file without these is not one of our checkpoints.
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "reported_ema", "history", "extra_state")
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read back (truncated, not ours, or unsafe to load)."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """:func:`load_checkpoint`, but any failure (a truncated file, random bytes, a pickle that
+    ``weights_only`` refuses, a dict without our keys) is one UnreadableCheckpointError that
+    names the file. Nothing is ever unpickled with ``weights_only=False``."""
+    try:
+        state = load_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        text = str(err).strip()
+        if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+            # Not torch's advice to retry with weights_only=False: this file is not trusted.
+            why = "torch's safe (weights-only) loader refused it: corrupted, or not ours"
+        else:
+            why = f"{type(err).__name__}: {text.split('. ')[0][:200]}"
+        raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {why}") from err
+    if state is None:
+        return None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UnreadableCheckpointError(
+            f"cannot read checkpoint {path}: not a pnn checkpoint (missing {', '.join(missing)})"
+        )
+    return state
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename ``path`` to ``<path>.<why>-<time>`` beside it (never deleted) and return that."""
+    target = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}.{n}")
+        n += 1
+    os.replace(path, target)
+    return target
 
 
 def rng_states(generator: torch.Generator) -> dict[str, Any]:

@@ -11,6 +11,7 @@ This module imports neither torch nor mlflow, so configs can be checked cheaply.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,6 +196,18 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key} must be one of {{{shown}}} (got {value!r})")
 
 
+# Values that become a file or folder name (the checkpoint folder, Hydra's job folder).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _plain_name(key: str, value: Any) -> None:
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value) or set(value) == {"."}:
+        raise ConfigError(
+            f"{key} must be a plain name of letters, digits, '_', '-' and '.' (it names the "
+            f"job's checkpoint folder) (got {value!r})"
+        )
+
+
 def _at_least(key: str, value: float, bound: float) -> None:
     if value < bound:
         raise ConfigError(f"{key} must be >= {bound} (got {value})")
@@ -239,6 +252,7 @@ def validate_model_options(
 
 def validate(cfg: DictConfig) -> None:
     """Reject impossible configurations with a short message that names the key."""
+    _plain_name("experiment", cfg.experiment)
     _choice("dataset.name", cfg.dataset.name, tuple(DATASETS))
     if cfg.dataset.test_name is not None:
         _choice("dataset.test_name", cfg.dataset.test_name, tuple(DATASETS))

@@ -190,11 +190,7 @@ def _load_split(
             size = spec.train_size if train else spec.test_size
         return synthetic_split(size, cfg.dataset.seed, train, spec.num_classes)
 
-    from torchvision import datasets
-
-    dataset_class = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(
-        name, datasets.MNIST
-    )
+    dataset_class = _torchvision_class(name)
     try:
         # Parallel jobs share dataset.root: one downloads and extracts, the others wait for it.
         root.mkdir(parents=True, exist_ok=True)
@@ -202,8 +198,9 @@ def _load_split(
             fcntl.flock(lock, fcntl.LOCK_EX)
             dataset = dataset_class(str(root), train=train, download=cfg.dataset.download)
     except (RuntimeError, OSError) as error:  # not found, corrupted, or the download failed
+        detail = f"torchvision said: {str(error).strip()}"
         raise DatasetUnavailableError(
-            _unavailable_message(name, dataset_class, Path(root), cfg.dataset.download, error)
+            _unavailable_message(name, dataset_class, Path(root), cfg.dataset.download, detail)
         ) from error
     if name == "mnist":
         return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
@@ -211,8 +208,47 @@ def _load_split(
     return images, torch.tensor(dataset.targets, dtype=torch.int64)
 
 
+def _torchvision_class(name: str) -> type:
+    from torchvision import datasets
+
+    return {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(name, datasets.MNIST)
+
+
+def _expected_files(name: str, dataset_class: type, root: Path) -> list[Path]:
+    """The files torchvision reads for ``name`` under ``root`` (both splits)."""
+    if name == "mnist":
+        raw = root / dataset_class.__name__ / "raw"
+        return [raw / Path(url).name.removesuffix(".gz") for url, _ in dataset_class.resources]
+    folder = root / dataset_class.base_folder
+    lists = dataset_class.train_list + dataset_class.test_list
+    return [folder / file for file, _ in lists] + [folder / dataset_class.meta["filename"]]
+
+
+def check_available(cfg: DictConfig, root: Path) -> None:
+    """Fail fast, before a job's run is created, if its datasets are not on disk.
+
+    Looks only for the files (no md5, no loading); :func:`load_data` still checks their
+    integrity. A missing dataset with ``dataset.download=true`` is downloaded here, so that a
+    failed download is a set-up error too.
+    """
+    for name in dict.fromkeys((cfg.dataset.name, cfg.dataset.test_name or cfg.dataset.name)):
+        if name == "synthetic":
+            continue
+        dataset_class = _torchvision_class(name)
+        missing = [f for f in _expected_files(name, dataset_class, root) if not f.is_file()]
+        if not missing:
+            continue
+        if cfg.dataset.download:
+            _load_split(cfg, name, root, train=True)  # downloads, or raises our message
+            continue
+        detail = f"missing: {missing[0].resolve()}"
+        raise DatasetUnavailableError(
+            _unavailable_message(name, dataset_class, Path(root), False, detail)
+        )
+
+
 def _unavailable_message(
-    name: str, dataset_class: type, root: Path, download: bool, error: BaseException
+    name: str, dataset_class: type, root: Path, download: bool, detail: str
 ) -> str:
     root = root.resolve()
     if name == "mnist":
@@ -230,8 +266,8 @@ def _unavailable_message(
     how = "downloading it failed" if download else "dataset.download is false"
     fetch = "" if download else ", or set dataset.download=true on a machine with internet access"
     return (
-        f"Dataset {name} is not available: looked for {wanted} and {how} (torchvision said: "
-        f"{str(error).strip()}). To provide it, download {source} {place}, or point "
+        f"Dataset {name} is not available: looked for {wanted} and {how} ({detail}). "
+        f"To provide it, download {source} {place}, or point "
         f"dataset.root at the folder that holds it{fetch}. To run without it, use "
         f"dataset=synthetic or profile=smoke."
     )

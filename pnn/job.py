@@ -1,7 +1,14 @@
-"""One job of a sweep: decide whether to skip, resume or start; train; log to MLflow.
+"""One job of a sweep: decide whether to skip, adopt or start; train; log to MLflow.
 
 The job never raises for a failed run: it marks the MLflow run FAILED with the reason and
 returns ``{"status": "failed", ...}``, so the sweep goes on and reports it at the end.
+
+A job's claim on its work lives in the tracking store, so that it holds across launch
+directories and machines: its run is RUNNING with an owner and a heartbeat tag (see
+``pnn.tracking.claim_status``). A live run of the same job means "running elsewhere"; a stale,
+KILLED or FAILED one is adopted, never duplicated. A checkpoint with finished epochs is never
+deleted: it is resumed (into a new run if its own is not in this store), or moved aside with a
+message when it is unreadable or ``sweep.rerun=true``.
 """
 
 from __future__ import annotations
@@ -10,15 +17,15 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pnn.config import ConfigError, validate
 
@@ -42,14 +49,6 @@ def launch_dir() -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.cwd)
     return Path.cwd()
-
-
-def _overrides() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return " ".join(HydraConfig.get().overrides.task)
-    return ""
 
 
 @contextmanager
@@ -85,8 +84,43 @@ def show_progress(cfg: DictConfig) -> bool:
     return sys.stderr.isatty() and os.environ.get("PNN_SWEEP_JOBS", "1") == "1"
 
 
+@dataclass
+class Job:
+    """One job's identity and where its things live: its store, its hash, its checkpoint."""
+
+    cfg: DictConfig
+    name: str
+    client: Any
+    experiment_id: str
+    chash: str
+    ckpt_root: Path  # train.checkpoint_dir: nothing outside it is ever removed
+    ckpt_dir: Path
+    owner: str  # this job's claim on its run (pnn.tracking.owner_id)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    def skip(self, reason: str) -> dict[str, Any]:
+        log.info(f"[{self.name}] skipped: {reason}")
+        return self.outcome("skipped", reason)
+
+    def outcome(self, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        """What the job reports to the sweeper (see ``pnn.sweeper.outcome_of``)."""
+        out: dict[str, Any] = {"status": status, "name": self.name}
+        if reason is not None:
+            out["reason"] = reason
+        return {**out, **extra}
+
+
+def job_name(cfg: DictConfig) -> str:
+    return f"{cfg.experiment}-seed{cfg.train.seed}"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    name = f"{cfg.experiment}-seed{cfg.train.seed}"
+    """One job, in phases: check -> decide (skip or go; pnn.claim) -> open its run (adopt or
+    create; pnn.claim) -> train -> finish."""
+    name = job_name(cfg)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -95,6 +129,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dry_run(cfg)
         return {"status": "finished", "name": name, "reason": "dry run"}
 
+    from pnn import claim, tracking
+    from pnn.data import DatasetUnavailableError, check_available
+
+    job = locate(cfg, name)
+    # The file lock guards this checkpoint folder on this machine; the claim in the store
+    # (decide, open_run) guards the job across launch directories and machines.
+    with exclusive(job.ckpt_dir) as owned:
+        if not owned:
+            return job.skip(f"running in another process (lock held on {job.ckpt_dir})")
+        skipped, open_runs = claim.decide(job)
+        if skipped is not None:
+            return skipped
+        try:  # a set-up error, found before any run is created or adopted
+            check_available(cfg, _absolute(cfg.dataset.root))
+        except DatasetUnavailableError as err:
+            log.error(f"[{name}] FAILED: {err}")
+            return job.outcome("failed", str(err))
+        opened = claim.open_run(job, open_runs)
+        if isinstance(opened, dict):
+            return opened  # another process claimed the job first
+        run_id, state = opened
+        claim.report_run_id(run_id, job.owner)
+        with tracking.Heartbeat(job.client, run_id):
+            return train_and_finish(job, run_id, state)
+
+
+def locate(cfg: DictConfig, name: str) -> Job:
+    """The job's store, experiment, identity and checkpoint folder."""
     from mlflow.tracking import MlflowClient
 
     from pnn import tracking
@@ -104,71 +166,51 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     client = MlflowClient(uri)
     experiment_id = tracking.get_experiment_id(client, cfg.tracking.experiment_name, uri)
     chash = tracking.config_hash(cfg)
-    ckpt_dir = Path(cfg.train.checkpoint_dir)
-    ckpt_dir = (ckpt_dir if ckpt_dir.is_absolute() else root / ckpt_dir) / f"{name}-{chash}"
-    with exclusive(ckpt_dir) as owned:
-        if not owned:
-            reason = f"running in another process (lock held on {ckpt_dir})"
-            log.info(f"[{name}] skipped: {reason}")
-            return {"status": "skipped", "name": name, "reason": reason}
-        # Asked under the lock: a twin job that held it may have just finished.
-        runs = tracking.find_job_runs(client, experiment_id, chash)
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        if finished and not cfg.sweep.rerun:
-            run_id = finished[0].info.run_id
-            reason = f"already FINISHED as run {run_id} (sweep.rerun=true to redo)"
-            log.info(f"[{name}] skipped: {reason}")
-            if not (ckpt_dir / "last.pt").exists():
-                shutil.rmtree(ckpt_dir, ignore_errors=True)  # only our lock file is in it
-            return {"status": "skipped", "name": name, "reason": reason}
-        open_runs = {r.info.run_id for r in runs if r.info.status != "FINISHED"}
-        return _train_and_log(cfg, name, client, experiment_id, chash, ckpt_dir, open_runs)
+    ckpt_root = Path(cfg.train.checkpoint_dir)
+    ckpt_root = ckpt_root if ckpt_root.is_absolute() else root / ckpt_root
+    owner = tracking.owner_id(os.urandom(4).hex())
+    return Job(
+        cfg, name, client, experiment_id, chash, ckpt_root, ckpt_root / f"{name}-{chash}", owner
+    )
 
 
-def _train_and_log(
-    cfg: DictConfig,
-    name: str,
-    client: Any,
-    experiment_id: str,
-    chash: str,
-    ckpt_dir: Path,
-    open_runs: set[str],
-) -> dict[str, Any]:
+def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
+    """Train in ``run_id`` (from ``state``'s epoch on); mark the run FINISHED, FAILED or KILLED.
+
+    The marks go through ``tracking.mark_run``, which never raises a store error: the store
+    may be what just failed."""
     from pnn import run_context, tracking
-    from pnn.checkpoint import load_checkpoint
+    from pnn.engine import NonFiniteLossError
+
+    monitor = run_context.start_system_metrics(job.cfg, job.client.tracking_uri, run_id)
+    try:
+        result = _train(job, run_id, state)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT through pnn.interrupt
+        signal_name = getattr(err, "signal_name", "SIGINT")
+        tracking.mark_run(job.client, run_id, "KILLED", {"pnn.killed_by": signal_name})
+        raise
+    except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
+        reason = str(err) if isinstance(err, NonFiniteLossError) else f"{type(err).__name__}: {err}"
+        return _mark_failed(job, run_id, reason)
+    finally:
+        run_context.stop_system_metrics(monitor)
+    return _finish(job, run_id, result)
+
+
+def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
+    """The training loop, logging each epoch to ``run_id``; the engine's TrainResult."""
+    from pnn import tracking
     from pnn.data import load_data
-    from pnn.engine import NonFiniteLossError, seed_everything, train
-    from pnn.models import build_model, count_parameters
+    from pnn.engine import seed_everything, train
+    from pnn.models import build_model
 
-    ckpt_path = ckpt_dir / "last.pt"
-    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    run_id = (state or {}).get("extra_state", {}).get("mlflow_run_id")
-    if cfg.sweep.rerun or run_id not in open_runs:
-        # A fresh run: a checkpoint of a finished, deleted or forced-over run is not ours.
-        ckpt_path.unlink(missing_ok=True)
-        state, run_id = None, None
-
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg)
-    counts = count_parameters(model)
-    if run_id is None:
-        run_id = tracking.create_job_run(client, experiment_id, cfg, chash, _overrides())
-        tracking.log_metrics(client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
-        _log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        summary = f"{model}\n\n{json.dumps(counts, indent=2)}\n"
-        _log_text(client, run_id, summary, "model_summary.txt")
-        log.info(f"[{name}] new MLflow run {run_id}")
-    else:
-        tracking.retry(lambda: client.update_run(run_id, status="RUNNING"))
-        _log_missing_epochs(client, run_id, state.get("history", []))
-        log.info(f"[{name}] resuming MLflow run {run_id} after epoch {len(state['history'])}")
-
-    epochs = cfg.train.epochs
+    cfg, name, epochs = job.cfg, job.name, job.cfg.train.epochs
+    first_epoch = len((state or {}).get("history", [])) + 1
     started = time.monotonic()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         per_epoch = {k: metrics[k] for k in tracking.EPOCH_METRICS}
-        tracking.log_metrics(client, run_id, per_epoch, step=epoch)
+        tracking.log_metrics(job.client, run_id, per_epoch, step=epoch)
         left = (time.monotonic() - started) / max(1, epoch - first_epoch + 1) * (epochs - epoch)
         log.info(
             f"[{name}] epoch {epoch}/{epochs}  test_acc {metrics['test_acc']:.2f}%  "
@@ -177,34 +219,35 @@ def _train_and_log(
             f"ETA {_duration(left)}"
         )
 
-    first_epoch = len((state or {}).get("history", [])) + 1
-    monitor = run_context.start_system_metrics(cfg, client.tracking_uri, run_id)
-    try:
-        device = resolve_device(cfg.train.device)
-        data = load_data(cfg, device, _absolute(cfg.dataset.root))
-        result = train(
-            cfg,
-            model,
-            data,
-            device=device,
-            checkpoint_path=ckpt_path,
-            on_epoch=on_epoch,
-            extra_state={"mlflow_run_id": run_id},
-            progress=show_progress(cfg),
-        )
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT through pnn.interrupt
-        signal_name = getattr(err, "signal_name", "SIGINT")
-        tracking.mark_run(client, run_id, "KILLED", {"pnn.killed_by": signal_name})
-        raise
-    except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
-        reason = str(err) if isinstance(err, NonFiniteLossError) else f"{type(err).__name__}: {err}"
-        # mark_run never raises a store error: the store may be what just failed.
-        tracking.mark_run(client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
-        log.error(f"[{name}] FAILED: {reason}")
-        return {"status": "failed", "name": name, "reason": reason, "run_id": run_id}
-    finally:
-        run_context.stop_system_metrics(monitor)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    device = resolve_device(cfg.train.device)
+    data = load_data(cfg, device, _absolute(cfg.dataset.root))
+    return train(
+        cfg,
+        model,
+        data,
+        device=device,
+        checkpoint_path=job.ckpt_path,
+        on_epoch=on_epoch,
+        extra_state={"mlflow_run_id": run_id},
+        progress=show_progress(cfg),
+    )
 
+
+def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
+    from pnn import tracking
+
+    tracking.mark_run(job.client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
+    log.error(f"[{job.name}] FAILED: {reason}")
+    return job.outcome("failed", reason, run_id=run_id)
+
+
+def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
+    """Final metrics, the checkpoint as an artifact, and the run FINISHED."""
+    from pnn import claim, tracking
+
+    cfg, client = job.cfg, job.client
     final = {
         "best_test_acc": result.best_test_acc,
         "best_epoch": result.best_epoch,
@@ -212,38 +255,22 @@ def _train_and_log(
         "best_test_acc_reported": result.best_test_acc_reported,
     }
     tracking.log_metrics(client, run_id, final, step=0)
-    if cfg.tracking.log_checkpoint and ckpt_path.exists():
-        tracking.retry(lambda: client.log_artifact(run_id, str(ckpt_path), "checkpoint"))
-    tracking.retry(lambda: client.set_terminated(run_id, "FINISHED"))
-    if cfg.tracking.log_checkpoint:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the artifact store holds it now
+    if cfg.tracking.log_checkpoint and job.ckpt_path.exists():
+        tracking.retry(lambda: client.log_artifact(run_id, str(job.ckpt_path), "checkpoint"))
+    tracking.finish_job_run(client, run_id)
+    if cfg.tracking.log_checkpoint:  # the artifact store holds it now
+        job.ckpt_path.unlink(missing_ok=True)
+        claim.remove_folder_if_only_lock(job)
     log.info(
-        f"[{name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
+        f"[{job.name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
         f"{result.best_epoch}, reported {result.best_test_acc_reported:.2f}%"
     )
-    return {"status": "finished", "name": name, "run_id": run_id, **final}
+    return job.outcome("finished", run_id=run_id, **final)
 
 
 def _absolute(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else launch_dir() / p
-
-
-def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
-    """Log the epochs a checkpoint holds but MLflow missed (killed between the two writes)."""
-    from pnn import tracking
-
-    logged = tracking.logged_steps(client, run_id, tracking.EPOCH_METRICS)
-    for epoch, metrics in enumerate(history, start=1):
-        missing = {k: metrics[k] for k in tracking.EPOCH_METRICS if epoch not in logged[k]}
-        if missing:
-            tracking.log_metrics(client, run_id, missing, step=epoch)
-
-
-def _log_text(client: Any, run_id: str, text: str, filename: str) -> None:
-    from pnn import tracking
-
-    tracking.retry(lambda: client.log_text(run_id, text, filename))
 
 
 def _duration(seconds: float) -> str:

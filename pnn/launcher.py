@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -41,6 +42,7 @@ from pnn import interrupt
 from pnn.config import ConfigError
 from pnn.packing import group_seeds, run_packed
 from pnn.sweeper import outcome_of
+from pnn.tracking import ENV_RUN_ID_FILE, ENV_URI
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -234,22 +236,58 @@ class GpuPoolLauncher(Launcher):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
+        run_ids = workdir / f"job{idx}.run"
+        env[ENV_RUN_ID_FILE] = str(run_ids)  # the job writes "<run id> <owner>" once it claims
         cmd = [sys.executable, "-m", "pnn.launch_child", str(payload), str(result)]
         proc = interrupt.run_process(cmd, env)
         payload.unlink(missing_ok=True)
         if result.exists():
             rets = cloudpickle.loads(result.read_bytes())
             result.unlink()
+            run_ids.unlink(missing_ok=True)
             return rets
+        code: int | str = proc.returncode
+        if proc.returncode < 0 and -proc.returncode in signal.valid_signals():
+            code = f"{proc.returncode} ({signal.Signals(-proc.returncode).name})"
+        reason = (
+            f"job process exited with code {code} before reporting (killed, or out of "
+            "memory?); rerun the same command to resume it"
+        )
+        marked_note = "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, reason))
         failures = []
         for overrides, _ in jobs:
             ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-            ret._return_value = RuntimeError(
-                f"job process exited with code {proc.returncode} before reporting "
-                f"(killed, or out of memory?); rerun the same command to resume it"
-            )
+            ret._return_value = RuntimeError(reason + marked_note)
             failures.append(ret)
         return failures
+
+
+def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
+    """Mark KILLED the runs a dead job process had claimed (listed in ``run_ids``), unless
+    another process has adopted them since. The ids of the runs marked."""
+    if not run_ids.exists() or not os.environ.get(ENV_URI):
+        return []
+    from mlflow.tracking import MlflowClient
+
+    from pnn import storeguard
+    from pnn.tracking import mark_killed
+
+    try:  # MlflowClient would create a new store in place of a deleted one
+        storeguard.check_same(os.environ[ENV_URI])
+    except storeguard.StoreError as err:
+        log.warning(f"[sweep] could not mark the dead job's runs KILLED: {err}")
+        return []
+    client = MlflowClient(os.environ[ENV_URI])
+    marked = []
+    for line in run_ids.read_text().splitlines():
+        run_id, _, owner = line.partition(" ")
+        try:
+            if mark_killed(client, run_id, reason, owner=owner or None):
+                marked.append(run_id)
+        except Exception as err:  # noqa: BLE001 - the store may be what failed
+            log.warning(f"[sweep] could not mark run {run_id} KILLED: {err}")
+    run_ids.unlink(missing_ok=True)
+    return marked
 
 
 def run_child(payload_path: str, result_path: str) -> None:
@@ -308,7 +346,6 @@ def die_with_parent() -> None:
     if sys.platform != "linux":
         return
     import ctypes
-    import signal
 
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)

@@ -197,6 +197,8 @@ def _counts(excluded: pd.DataFrame) -> str:
 
 def footer(runs: RunSet) -> list[str]:
     scope = f"sweep {runs.sweep_name} ({runs.sweep_run_id})" if runs.sweep_run_id else "all sweeps"
+    if runs.resumed:
+        scope += f", with {runs.resumed} run(s) it resumed from an earlier sweep"
     lines = [
         f"Source: {runs.tracking_uri}, experiment {runs.experiment_name!r}, {scope}; "
         f"{len(runs.finished)} finished run(s) summarised."

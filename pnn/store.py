@@ -19,7 +19,10 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from pnn.tracking import SUMMARY_METRICS  # logged once per run, at step 0
+from pnn.tracking import (
+    SUMMARY_METRICS,  # logged once per run, at step 0
+    TAG_SWEEPS,
+)
 
 # Per-epoch metrics fetched for the figures.
 CURVE_METRICS = ("test_acc", "test_acc_reported")
@@ -93,6 +96,9 @@ class RunSet:
     excluded: pd.DataFrame
     sweep_run_id: str | None = None
     sweep_name: str | None = None
+    # With a sweep: how many of its runs it resumed (created by an earlier sweep; column
+    # ``in_sweep`` says "resumed" for those, "created" for the others).
+    resumed: int = 0
 
 
 def _client(uri: str) -> Any:
@@ -137,6 +143,8 @@ def _run_record(run: Any) -> dict[str, Any]:
         "start_time": run.info.start_time,
         "parent_run_id": tags.get("mlflow.parentRunId", ""),
         "sweep_id": tags.get("pnn.sweep_id", ""),
+        # Every sweep that worked on the run: the one that created it, then those that resumed it.
+        "sweep_ids": tags.get(TAG_SWEEPS, ""),
         "experiment": tags.get("experiment") or params.get("experiment") or "custom",
         "description": tags.get("description", ""),
         "published_test_acc": to_float(tags.get("published_test_acc")),
@@ -185,10 +193,19 @@ def load_runs(uri: str, experiment_name: str = "pnn", sweep: str | None = None) 
         for r in _search_all(client, experiment.experiment_id, "tags.`pnn.role` = 'job'")
     ]
     sweep_run_id = sweep_name = None
+    resumed = 0
     if sweep is not None:
         parents, newest = _pick_sweep(client, experiment.experiment_id, sweep)
         parent_ids = {p.info.run_id for p in parents}
-        records = [r for r in records if r["parent_run_id"] in parent_ids]
+        sweep_ids = {p.data.tags.get("pnn.sweep_id") for p in parents} - {None}
+        for r in records:
+            r["in_sweep"] = "created" if r["parent_run_id"] in parent_ids else "resumed"
+        records = [
+            r
+            for r in records
+            if r["in_sweep"] == "created" or sweep_ids.intersection(r["sweep_ids"].split(","))
+        ]
+        resumed = sum(r["in_sweep"] == "resumed" for r in records)
         sweep_run_id, sweep_name = newest.info.run_id, newest.info.run_name
     if not records:
         if sweep is not None:
@@ -224,6 +241,7 @@ def load_runs(uri: str, experiment_name: str = "pnn", sweep: str | None = None) 
         excluded=excluded.reset_index(drop=True),
         sweep_run_id=sweep_run_id,
         sweep_name=sweep_name,
+        resumed=resumed,
     )
 
 

@@ -1,0 +1,372 @@
+"""A job's lifecycle under faults: kills, a change of store, two launch directories, corrupt
+checkpoints, a missing dataset and a name that would become a path. Through the real sweep.py,
+real SQLite stores and a real ``mlflow server``; every kill is triggered by a file or a store
+state that the test observes, never by a sleep."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, run_analyze, run_sweep, start_sweep
+from mlflow.tracking import MlflowClient
+
+from pnn import tracking
+from pnn.checkpoint import UnreadableCheckpointError, read_checkpoint
+from pnn.config import ConfigError, load_config, validate
+from pnn.data import DatasetUnavailableError, check_available
+from pnn.tracking import EPOCH_METRICS
+
+# One job of a small model that takes a few seconds per epoch here, so that a kill triggered
+# by its first checkpoint lands before it ends.
+SLOW_TINY = [
+    "experiment=e4_conv1x1_no_noise",
+    *TINY,
+    "dataset.train_size=400",
+    "train.max_steps_per_epoch=null",
+    "train.epochs=3",
+]
+WAIT_S = 600
+
+
+def client_of(path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{path}")
+
+
+def job_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("pnn")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], "tags.`pnn.role` = 'job'")
+
+
+def created_yet(store: Path) -> bool:
+    """Whether a job run exists in ``store``, which a sweep may be creating right now."""
+    try:
+        return store.exists() and bool(job_runs(client_of(store)))
+    except Exception:  # noqa: BLE001 - tables not all there yet
+        return False
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    """Every logged step of a metric, duplicates included."""
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"the sweep ended before {what}"
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def job_processes(pid: int) -> list[int]:
+    """The launcher's job processes among ``pid``'s children (not, say, a git call)."""
+    found = []
+    # The launcher starts them from its worker threads: each thread (task) has its own list.
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for kid in children.read_text().split():
+                if b"pnn.launch_child" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    found.append(int(kid))
+        except OSError:
+            continue
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints survive a change of store; a killed job process leaves no zombie run
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_checkpoint_continues_into_a_new_store(tmp_path: Path) -> None:
+    log = tmp_path / "first.log"
+    proc = start_sweep(SLOW_TINY, tmp_path, output=log)
+    try:
+        wait_for(lambda: list(tmp_path.glob("checkpoints/*/last.pt")), proc, "a checkpoint")
+    finally:
+        kill_group(proc)
+    (checkpoint,) = tmp_path.glob("checkpoints/*/last.pt")
+    done = len(torch.load(checkpoint, weights_only=True)["history"])
+    assert 1 <= done < 3
+
+    other = tmp_path / "other.db"
+    rerun = run_sweep([*SLOW_TINY, f"tracking.uri=sqlite:///{other}"], tmp_path)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    assert f"continues from checkpoint {checkpoint} after epoch {done}" in out
+    assert f"epochs 1-{done} logged from the checkpoint's history" in out
+    assert "epoch 1/3 " not in out  # epoch 1 was not trained again
+    (run,) = job_runs(client_of(other))
+    assert run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert steps(client_of(other), run.info.run_id, key) == [1, 2, 3], key
+    # The first store still has its run (RUNNING: the whole sweep was SIGKILLed).
+    (old,) = job_runs(client_of(tmp_path / "mlflow.db"))
+    assert old.info.run_id != run.info.run_id
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
+    tmp_path: Path,
+) -> None:
+    proc = start_sweep(SLOW_TINY, tmp_path, output=tmp_path / "first.log")
+    job_pid: list[int] = []
+
+    def job_started_and_checkpointed() -> bool:
+        # The launcher's child is the job process; remember it before the checkpoint lands.
+        job_pid[:] = job_pid or job_processes(proc.pid)
+        return bool(job_pid) and bool(list(tmp_path.glob("checkpoints/*/last.pt")))
+
+    try:
+        wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
+        os.kill(job_pid[0], signal.SIGKILL)
+        assert proc.wait(timeout=WAIT_S) == 1
+    finally:
+        kill_group(proc)
+    assert "exited with code -9 (SIGKILL)" in (tmp_path / "first.log").read_text()
+    client = client_of(tmp_path / "mlflow.db")
+    (killed,) = job_runs(client)
+    assert killed.info.status == "KILLED"
+    assert "exited with code -9 (SIGKILL)" in killed.data.tags["pnn.failure"]
+
+    rerun = run_sweep(SLOW_TINY, tmp_path)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert "1 finished, 0 skipped, 0 failed" in rerun.stdout
+    (run,) = job_runs(client)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert "pnn.failure" not in run.data.tags  # cleared when the run finished
+    for key in EPOCH_METRICS:
+        assert steps(client, run.info.run_id, key) == [1, 2, 3], key
+    assert len(run.data.tags[tracking.TAG_SWEEPS].split(",")) == 2  # created, then resumed
+
+    # analyze.py --sweep latest counts the resumed job as the latest sweep's, and says so.
+    analysis = run_analyze(["--sweep", "latest", "--out", str(tmp_path / "res")], tmp_path)
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    assert "with 1 run(s) it resumed from an earlier sweep" in analysis.stdout
+    assert "1 finished run(s) summarised" in analysis.stdout
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def _small_mnist(root: Path) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("t10k", 8)):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), "u1"))
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, "u1"))
+
+
+@pytest.mark.slow
+def test_kill_before_the_first_checkpoint_leaves_one_run_per_job(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _small_mnist(data)
+    args = [
+        "experiment=none",
+        "model=lenet",
+        "dataset=mnist",
+        f"dataset.root={data}",
+        "dataset.download=false",
+        "train.epochs=1",
+        "train.batch_size=4",
+    ]
+    client = client_of(tmp_path / "mlflow.db")
+    # Holding the dataset's download lock stops the job inside load_data: after its run is
+    # created, before any epoch, whatever the machine's speed.
+    with open(data / ".pnn-download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = start_sweep(args, tmp_path, output=tmp_path / "first.log")
+        try:
+            wait_for(lambda: created_yet(tmp_path / "mlflow.db"), proc, "the job's run")
+        finally:
+            kill_group(proc)
+    (first,) = job_runs(client)
+    assert first.info.status == "RUNNING" and not list(tmp_path.glob("checkpoints/*/last.pt"))
+
+    rerun = run_sweep(args, tmp_path)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    assert f"adopting MLflow run {first.info.run_id} (RUNNING, no checkpoint)" in out
+    (run,) = job_runs(client)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------------------------
+# The claim lives in the store: two launch directories, one server
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_launch_directories_on_one_server_train_a_job_once(
+    tmp_path: Path, mlflow_server
+) -> None:
+    uri = mlflow_server(tmp_path / "server.db").url
+    client = MlflowClient(uri)
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.epochs=100000"]
+    env = {"MLFLOW_TRACKING_URI": uri}
+    proc = start_sweep(args, first_dir, env=env, output=tmp_path / "a.log")
+    try:
+        wait_for(lambda: list(first_dir.glob("checkpoints/*/last.pt")), proc, "training")
+        second = run_sweep(args, second_dir, env=env)
+        assert proc.poll() is None, "the first sweep should still be training"
+    finally:
+        kill_group(proc)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert "0 finished, 1 skipped, 0 failed" in second.stdout
+    (run,) = job_runs(client)
+    assert f"running elsewhere as run {run.info.run_id}" in second.stdout
+    assert f"owner {socket.gethostname()}/" in second.stdout
+    assert not list(second_dir.glob("checkpoints/*/last.pt"))
+
+
+# --------------------------------------------------------------------------------------------
+# Corrupt checkpoints, names that become paths, a missing dataset
+# --------------------------------------------------------------------------------------------
+
+
+class _Exploit:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoints_are_moved_aside_and_the_jobs_restart(tmp_path: Path) -> None:
+    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.seed=1,2"]
+    good = tmp_path / "good.pt"
+    torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, good)
+    contents = {
+        1: good.read_bytes()[: good.stat().st_size // 2],  # truncated
+        2: np.random.default_rng(0).bytes(5000),  # random bytes
+    }
+    paths = {}
+    for seed, data in contents.items():
+        cfg = load_config(["experiment=e4_conv1x1_no_noise", *TINY, f"train.seed={seed}"])
+        name = f"e4_conv1x1_no_noise-seed{seed}-{tracking.config_hash(cfg)}"
+        paths[seed] = tmp_path / "checkpoints" / name / "last.pt"
+        paths[seed].parent.mkdir(parents=True)
+        paths[seed].write_bytes(data)
+
+    proc = run_sweep(args, tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 finished, 0 skipped, 0 failed" in proc.stdout
+    assert "weights_only=False" not in out  # torch's unsafe advice is not passed on
+    for seed, path in paths.items():
+        (moved,) = path.parent.glob("last.pt.corrupt-*")
+        assert moved.read_bytes() == contents[seed]  # kept, byte for byte
+        assert f"cannot read checkpoint {path}" in out
+        assert f"Moved it aside to {moved}; starting the job afresh" in out
+    assert len(job_runs(client_of(tmp_path / "mlflow.db"))) == 2
+
+
+@pytest.mark.slow
+def test_an_experiment_name_with_dots_and_slashes_is_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "pwn.yaml").write_text('# @package _global_\nexperiment: "../../x/pwn"\n')
+    proc = run_sweep(["--config-dir", str(tmp_path / "conf"), "experiment=pwn", *TINY], tmp_path)
+    assert proc.returncode != 0
+    assert "experiment must be a plain name" in proc.stderr + proc.stdout
+    assert "'../../x/pwn'" in proc.stderr + proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path.parent / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_dataset_fails_before_its_run_is_created(tmp_path: Path) -> None:
+    args = ["experiment=none", "model=lenet", "dataset=mnist", "dataset.download=false"]
+    proc = run_sweep([*args, f"dataset.root={tmp_path / 'nowhere'}"], tmp_path)
+    assert proc.returncode == 1
+    assert "Dataset mnist is not available" in proc.stdout
+    assert job_runs(client_of(tmp_path / "mlflow.db")) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The rules themselves, without subprocesses
+# --------------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.data = type("Data", (), {"tags": tags})()
+
+
+def test_claim_status_rules() -> None:
+    here, now = socket.gethostname(), time.time()
+    beat = {tracking.TAG_HEARTBEAT: f"{now:.0f}"}
+    alive = _Run({**beat, tracking.TAG_OWNER: f"{here}/{os.getpid()}/ab"})
+    assert tracking.claim_status(alive, now)[0]
+    assert not tracking.claim_status(alive, now + tracking.STALE_S + 1)[0]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = _Run({**beat, tracking.TAG_OWNER: f"{here}/{dead.pid}/ab"})
+    assert tracking.claim_status(gone, now) == (
+        False,
+        f"its process {dead.pid} on this host is gone",
+    )
+    # Another host's process cannot be checked: only its heartbeat counts.
+    remote = _Run({**beat, tracking.TAG_OWNER: f"elsewhere.example/{dead.pid}/ab"})
+    assert tracking.claim_status(remote, now)[0]
+    assert not tracking.claim_status(_Run({}), now)[0]
+
+
+def test_read_checkpoint_never_unpickles_unsafely(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "last.pt"
+    torch.save({"epoch": 1, "payload": _Exploit(marker)}, path)
+    with pytest.raises(UnreadableCheckpointError, match=f"cannot read checkpoint {path}"):
+        read_checkpoint(path)
+    assert not marker.exists()
+    torch.save({"epoch": 1}, path)
+    with pytest.raises(UnreadableCheckpointError, match="not a pnn checkpoint"):
+        read_checkpoint(path)
+
+
+def test_experiment_names_must_be_plain() -> None:
+    cfg = load_config(["experiment=e4_conv1x1_no_noise"])
+    for bad in ("../../x/pwn", "..", "a/b", "a b", ""):
+        cfg.experiment = bad
+        with pytest.raises(ConfigError, match="experiment must be a plain name"):
+            validate(cfg)
+    cfg.experiment = "e4_conv1x1.v2-b"
+    validate(cfg)
+
+
+def test_check_available_looks_for_files_without_loading(tmp_path: Path) -> None:
+    cfg = load_config(["dataset=mnist", "model=lenet", "dataset.download=false"])
+    with pytest.raises(DatasetUnavailableError, match="missing: .*train-images-idx3-ubyte"):
+        check_available(cfg, tmp_path)
+    _small_mnist(tmp_path)
+    check_available(cfg, tmp_path)
