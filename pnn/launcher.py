@@ -187,7 +187,7 @@ def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
         return []
     from mlflow.tracking import MlflowClient
 
-    from pnn.tracking import mark_killed
+    from pnn.claim import mark_killed
 
     client = MlflowClient(os.environ[ENV_URI])
     marked = []
