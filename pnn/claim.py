@@ -1,6 +1,6 @@
 """Which run a job trains in, and with which checkpoint: skip, adopt or create.
 
-The claim on a job lives in the tracking store (``pnn.tracking.claim_status``): a live RUNNING
+The claim on a job lives in the tracking store (:func:`claim_status`): a live RUNNING
 run of the same job means "running elsewhere"; a stale, KILLED or FAILED one is adopted;
 otherwise a new run is created, and if two processes create one at once, the oldest wins. A
 checkpoint with finished epochs is never deleted without a message: it is resumed (into a new
@@ -13,9 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
+
+from pnn import tracking
 
 if TYPE_CHECKING:
     from pnn.job import Job
@@ -23,12 +28,127 @@ if TYPE_CHECKING:
 log = logging.getLogger("pnn")
 
 
+# A job claims its run in the store: tag TAG_OWNER names the process ("<host>/<pid>/<token>")
+# and TAG_HEARTBEAT holds the Unix time of its last beat, renewed every HEARTBEAT_S by a
+# background thread. A RUNNING run is *live* (running elsewhere) while its heartbeat is younger
+# than STALE_S, unless its owner is on this host and its process is gone; otherwise it is
+# stale, and a rerun adopts it.
+TAG_OWNER, TAG_HEARTBEAT = "pnn.owner", "pnn.heartbeat"
+HEARTBEAT_S = 30.0
+STALE_S = 180.0
+_TOKEN = os.urandom(4).hex()
+
+
+def owner_id(token: str = _TOKEN) -> str:
+    """Who claims a run: this host, this process and a token (several jobs per process)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{token}"
+
+
+def parse_owner(owner: str) -> tuple[str, int | None]:
+    """(host, pid) of an owner id; pid None if it cannot be read."""
+    host, _, rest = owner.partition("/")
+    pid = rest.partition("/")[0]
+    return host, int(pid) if pid.isdigit() else None
+
+
+def claim_tags(owner: str) -> dict[str, str]:
+    return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def claim_status(run: Any, now: float | None = None) -> tuple[bool, str]:
+    """Whether a RUNNING run is live, i.e. some process is training it, and why."""
+    tags = run.data.tags
+    owner = tags.get(TAG_OWNER, "")
+    try:
+        age = (now or time.time()) - float(tags[TAG_HEARTBEAT])
+    except (KeyError, ValueError):
+        return False, "it has no heartbeat"
+    host, pid = parse_owner(owner)
+    if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
+        return False, f"its process {pid} on this host is gone"
+    if age > STALE_S:
+        return False, f"its heartbeat is {age:.0f}s old (stale after {STALE_S:.0f}s)"
+    return True, f"owner {owner}, heartbeat {max(age, 0):.0f}s ago (stale after {STALE_S:.0f}s)"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def first_live_run(client: Any, experiment_id: str, chash: str) -> Any | None:
+    """The oldest live run of a job: when two processes create a run for it at once, both
+    then ask this, and the one whose run is oldest trains."""
+    runs = tracking.find_job_runs(client, experiment_id, chash)
+    live = [r for r in runs if r.info.status == "RUNNING" and claim_status(r)[0]]
+    return live[0] if live else None
+
+
+def adopt_job_run(client: Any, run: Any, owner: str) -> bool:
+    """Claim an open run of this job for ``owner``: RUNNING, our heartbeat, this sweep's id
+    added to tracking.TAG_SWEEPS. False if another process claimed it at the same time."""
+    sweeps = [s for s in run.data.tags.get(tracking.TAG_SWEEPS, "").split(",") if s]
+    sweep = os.environ.get(tracking.ENV_SWEEP)
+    if sweep and sweep not in sweeps:
+        sweeps.append(sweep)
+    run_id = run.info.run_id
+    tracking.set_tags(client, run_id, {**claim_tags(owner), tracking.TAG_SWEEPS: ",".join(sweeps)})
+    tracking.retry(lambda: client.update_run(run_id, status="RUNNING"))
+    # Read back: of two processes that adopted it at once, the last writer owns it.
+    now = tracking.retry(lambda: client.get_run(run_id))
+    return now.data.tags.get(TAG_OWNER) == owner
+
+
+def mark_killed(client: Any, run_id: str, reason: str, owner: str | None = None) -> bool:
+    """Mark a RUNNING run KILLED with ``reason`` (tag ``pnn.failure``), if it is still
+    RUNNING and, when ``owner`` is given, still claimed by it. True if it was marked."""
+    run = tracking.retry(lambda: client.get_run(run_id))
+    if run.info.status != "RUNNING":
+        return False
+    if owner is not None and run.data.tags.get(TAG_OWNER) != owner:
+        return False
+    tracking.set_tags(client, run_id, {"pnn.failure": reason[:5000]})
+    tracking.retry(lambda: client.set_terminated(run_id, "KILLED"))
+    return True
+
+
+class Heartbeat:
+    """Renews a run's TAG_HEARTBEAT every HEARTBEAT_S from a daemon thread, while a job
+    trains; a missed beat (store busy or away) is retried at the next one."""
+
+    def __init__(self, client: Any, run_id: str, interval: float = HEARTBEAT_S):
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="pnn-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                from mlflow.entities import RunTag
+
+                tag = RunTag(TAG_HEARTBEAT, f"{time.time():.0f}")
+                self.client.log_batch(self.run_id, tags=[tag])
+            except Exception:  # noqa: BLE001 - the next beat tries again
+                continue
+
+
 def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
     """Skip a job that has FINISHED in this store or whose run is live elsewhere (the
     outcome), else go on (None) with the job's runs that are open (not FINISHED), oldest
     first. Asked under the job's lock: a twin job that held it may have just finished."""
-    from pnn import tracking
-
     runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished and not job.cfg.sweep.rerun:
@@ -39,7 +159,7 @@ def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
         ), []
     open_runs = [r for r in runs if r.info.status != "FINISHED"]
     for r in open_runs:
-        live, why = tracking.claim_status(r) if r.info.status == "RUNNING" else (False, "")
+        live, why = claim_status(r) if r.info.status == "RUNNING" else (False, "")
         if live:
             return job.skip(f"running elsewhere as run {r.info.run_id} ({why})"), []
     return None, open_runs
@@ -49,13 +169,11 @@ def open_run(job: Job, open_runs: list[Any]) -> tuple[str, dict[str, Any] | None
     """Claim the job's run: adopt an open one (the checkpoint's, else the newest) or create
     one. Returns (run id, checkpoint state or None), or a skip outcome if another process
     claimed the job at the same moment."""
-    from pnn import tracking
-
     state = _usable_checkpoint(job)
     if job.cfg.sweep.rerun:
         for r in open_runs:  # stale runs of the old attempt must not stay RUNNING
             reason = "superseded: sweep.rerun=true started this job again in a new run"
-            tracking.mark_killed(job.client, r.info.run_id, reason)
+            mark_killed(job.client, r.info.run_id, reason)
         open_runs = []
     ckpt_run = (state or {}).get("extra_state", {}).get("mlflow_run_id")
     mine = [r for r in open_runs if r.info.run_id == ckpt_run]
@@ -88,10 +206,8 @@ def _usable_checkpoint(job: Job) -> dict[str, Any] | None:
 def _new_run(
     job: Job, state: dict[str, Any] | None, ckpt_run: str | None
 ) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
-    from pnn import tracking
-
     run_id = _create_run(job)
-    first = tracking.first_live_run(job.client, job.experiment_id, job.chash)
+    first = first_live_run(job.client, job.experiment_id, job.chash)
     if first is not None and first.info.run_id != run_id:  # two created at once: oldest wins
         tracking.retry(lambda: job.client.delete_run(run_id))
         return job.skip(f"running elsewhere as run {first.info.run_id} (claimed first)")
@@ -111,10 +227,8 @@ def _new_run(
 def _adopt_run(
     job: Job, run: Any, state: dict[str, Any] | None, ckpt_run: str | None
 ) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
-    from pnn import tracking
-
     run_id, was = run.info.run_id, run.info.status
-    if not tracking.adopt_job_run(job.client, run, job.owner):
+    if not adopt_job_run(job.client, run, job.owner):
         return job.skip(f"running elsewhere as run {run_id} (claimed at the same moment)")
     if state is None:
         log.info(f"[{job.name}] adopting MLflow run {run_id} ({was}, no checkpoint): from epoch 1")
@@ -131,8 +245,6 @@ def _adopt_run(
 def report_run_id(run_id: str, owner: str) -> None:
     """Tell the launcher which run this process trains, so it can mark the run KILLED if the
     process dies (pnn.launcher)."""
-    from pnn import tracking
-
     path = os.environ.get(tracking.ENV_RUN_ID_FILE)
     if path:
         with open(path, "a") as file:
@@ -141,7 +253,6 @@ def report_run_id(run_id: str, owner: str) -> None:
 
 def _create_run(job: Job) -> str:
     """A new child run with the job's config, parameter counts and model summary."""
-    from pnn import tracking
     from pnn.engine import seed_everything
     from pnn.models import build_model, count_parameters
 
@@ -181,8 +292,6 @@ def _overrides() -> str:
 
 def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
     """Log the epochs a checkpoint holds but MLflow missed (killed between the two writes)."""
-    from pnn import tracking
-
     logged = tracking.logged_steps(client, run_id, tracking.EPOCH_METRICS)
     for epoch, metrics in enumerate(history, start=1):
         missing = {k: metrics[k] for k in tracking.EPOCH_METRICS if epoch not in logged[k]}
@@ -191,6 +300,4 @@ def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]
 
 
 def _log_text(client: Any, run_id: str, text: str, filename: str) -> None:
-    from pnn import tracking
-
     tracking.retry(lambda: client.log_text(run_id, text, filename))

@@ -5,7 +5,7 @@ returns ``{"status": "failed", ...}``, so the sweep goes on and reports it at th
 
 A job's claim on its work lives in the tracking store, so that it holds across launch
 directories and machines: its run is RUNNING with an owner and a heartbeat tag (see
-``pnn.tracking.claim_status``). A live run of the same job means "running elsewhere"; a stale,
+``pnn.claim.claim_status``). A live run of the same job means "running elsewhere"; a stale,
 KILLED or FAILED one is adopted, never duplicated. A checkpoint with finished epochs is never
 deleted: it is resumed (into a new run if its own is not in this store), or moved aside with a
 message when it is unreadable or ``sweep.rerun=true``.
@@ -95,7 +95,7 @@ class Job:
     chash: str
     ckpt_root: Path  # train.checkpoint_dir: nothing outside it is ever removed
     ckpt_dir: Path
-    owner: str  # this job's claim on its run (pnn.tracking.owner_id)
+    owner: str  # this job's claim on its run (pnn.claim.owner_id)
 
     @property
     def ckpt_path(self) -> Path:
@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dry_run(cfg)
         return {"status": "finished", "name": name, "reason": "dry run"}
 
-    from pnn import claim, tracking
+    from pnn import claim
     from pnn.data import DatasetUnavailableError, check_available
 
     job = locate(cfg, name)
@@ -151,7 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return opened  # another process claimed the job first
         run_id, state = opened
         claim.report_run_id(run_id, job.owner)
-        with tracking.Heartbeat(job.client, run_id):
+        with claim.Heartbeat(job.client, run_id):
             return train_and_finish(job, run_id, state)
 
 
@@ -159,7 +159,7 @@ def locate(cfg: DictConfig, name: str) -> Job:
     """The job's store, experiment, identity and checkpoint folder."""
     from mlflow.tracking import MlflowClient
 
-    from pnn import tracking
+    from pnn import claim, tracking
 
     root = launch_dir()
     uri = tracking.resolve_uri(cfg, root)
@@ -168,7 +168,7 @@ def locate(cfg: DictConfig, name: str) -> Job:
     chash = tracking.config_hash(cfg)
     ckpt_root = Path(cfg.train.checkpoint_dir)
     ckpt_root = ckpt_root if ckpt_root.is_absolute() else root / ckpt_root
-    owner = tracking.owner_id(os.urandom(4).hex())
+    owner = claim.owner_id(os.urandom(4).hex())
     return Job(
         cfg, name, client, experiment_id, chash, ckpt_root, ckpt_root / f"{name}-{chash}", owner
     )

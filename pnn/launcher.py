@@ -270,7 +270,7 @@ def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     from pnn import storeguard
-    from pnn.tracking import mark_killed
+    from pnn.claim import mark_killed
 
     try:  # MlflowClient would create a new store in place of a deleted one
         storeguard.check_same(os.environ[ENV_URI])

@@ -7,7 +7,8 @@ Layout (``analyze.py`` and the MLflow UI rely on it):
 - one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep`` and ``pnn.sweep_id``;
 - one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
   ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
-  ``pnn.overrides``, ``git_commit`` and, on failure, ``pnn.failure``; run name
+  ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the claim ``pnn.owner`` and
+  ``pnn.heartbeat`` (``pnn.claim``) and, on failure, ``pnn.failure``; run name
   ``<experiment>-seed<seed>``;
 - on every run, MLflow's own ``mlflow.source.*`` and ``mlflow.user`` tags, and on a job its
   training and test datasets as run inputs (``pnn.run_context``);
@@ -26,7 +27,6 @@ import os
 import random
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -275,60 +275,12 @@ def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str
 # --------------------------------------------------------------------------------------------
 
 
-# A job claims its run in the store: tag TAG_OWNER names the process ("<host>/<pid>/<token>")
-# and TAG_HEARTBEAT holds the Unix time of its last beat, renewed every HEARTBEAT_S by a
-# background thread. A RUNNING run is *live* (running elsewhere) while its heartbeat is younger
-# than STALE_S, unless its owner is on this host and its process is gone; otherwise it is
-# stale, and a rerun adopts it.
-TAG_OWNER, TAG_HEARTBEAT, TAG_SWEEPS = "pnn.owner", "pnn.heartbeat", "pnn.sweep_ids"
-HEARTBEAT_S = 30.0
-STALE_S = 180.0
-# The launcher's job processes write their run id here, so that the launcher can mark the run
-# KILLED if the process dies (see ``pnn.launcher``).
+# Every sweep that worked on a job run (comma-separated pnn.sweep_id values): the one that
+# created it, then those that resumed it (``analyze.py --sweep``).
+TAG_SWEEPS = "pnn.sweep_ids"
+# The launcher's job processes write "<run id> <owner>" here once they claim a run, so that
+# the launcher can mark the run KILLED if the process dies (see ``pnn.launcher``).
 ENV_RUN_ID_FILE = "PNN_RUN_ID_FILE"
-_TOKEN = os.urandom(4).hex()
-
-
-def owner_id(token: str = _TOKEN) -> str:
-    """Who claims a run: this host, this process and a token (several jobs per process)."""
-    return f"{socket.gethostname()}/{os.getpid()}/{token}"
-
-
-def parse_owner(owner: str) -> tuple[str, int | None]:
-    """(host, pid) of an owner id; pid None if it cannot be read."""
-    host, _, rest = owner.partition("/")
-    pid = rest.partition("/")[0]
-    return host, int(pid) if pid.isdigit() else None
-
-
-def claim_tags(owner: str) -> dict[str, str]:
-    return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time():.0f}"}
-
-
-def claim_status(run: Any, now: float | None = None) -> tuple[bool, str]:
-    """Whether a RUNNING run is live, i.e. some process is training it, and why."""
-    tags = run.data.tags
-    owner = tags.get(TAG_OWNER, "")
-    try:
-        age = (now or time.time()) - float(tags[TAG_HEARTBEAT])
-    except (KeyError, ValueError):
-        return False, "it has no heartbeat"
-    host, pid = parse_owner(owner)
-    if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
-        return False, f"its process {pid} on this host is gone"
-    if age > STALE_S:
-        return False, f"its heartbeat is {age:.0f}s old (stale after {STALE_S:.0f}s)"
-    return True, f"owner {owner}, heartbeat {max(age, 0):.0f}s ago (stale after {STALE_S:.0f}s)"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def find_job_runs(client: MlflowClient, experiment_id: str, chash: str) -> list:
@@ -349,6 +301,8 @@ def create_job_run(
     overrides: str,
     owner: str | None = None,
 ) -> str:
+    from pnn.claim import claim_tags, owner_id
+
     tags = {
         "pnn.role": "job",
         "pnn.config_hash": chash,
@@ -392,74 +346,12 @@ def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = 
         retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
-def first_live_run(client: MlflowClient, experiment_id: str, chash: str) -> Any | None:
-    """The oldest live run of a job: when two processes create a run for it at once, both
-    then ask this, and the one whose run is oldest trains."""
-    runs = find_job_runs(client, experiment_id, chash)
-    live = [r for r in runs if r.info.status == "RUNNING" and claim_status(r)[0]]
-    return live[0] if live else None
-
-
-def adopt_job_run(client: MlflowClient, run: Any, owner: str) -> bool:
-    """Claim an open run of this job for ``owner``: RUNNING, our heartbeat, this sweep's id
-    added to TAG_SWEEPS. False if another process claimed it at the same time."""
-    sweeps = [s for s in run.data.tags.get(TAG_SWEEPS, "").split(",") if s]
-    sweep = os.environ.get(ENV_SWEEP)
-    if sweep and sweep not in sweeps:
-        sweeps.append(sweep)
-    run_id = run.info.run_id
-    set_tags(client, run_id, {**claim_tags(owner), TAG_SWEEPS: ",".join(sweeps)})
-    retry(lambda: client.update_run(run_id, status="RUNNING"))
-    # Read back: of two processes that adopted it at once, the last writer owns it.
-    now = retry(lambda: client.get_run(run_id))
-    return now.data.tags.get(TAG_OWNER) == owner
-
-
-def mark_killed(client: MlflowClient, run_id: str, reason: str, owner: str | None = None) -> bool:
-    """Mark a RUNNING run KILLED with ``reason`` (tag ``pnn.failure``), if it is still
-    RUNNING and, when ``owner`` is given, still claimed by it. True if it was marked."""
-    run = retry(lambda: client.get_run(run_id))
-    if run.info.status != "RUNNING":
-        return False
-    if owner is not None and run.data.tags.get(TAG_OWNER) != owner:
-        return False
-    set_tags(client, run_id, {"pnn.failure": reason[:5000]})
-    retry(lambda: client.set_terminated(run_id, "KILLED"))
-    return True
-
-
 def finish_job_run(client: MlflowClient, run_id: str) -> None:
     """FINISHED, without the failure tag of an earlier attempt."""
     run = retry(lambda: client.get_run(run_id))
     if "pnn.failure" in run.data.tags:
         retry(lambda: client.delete_tag(run_id, "pnn.failure"))
     retry(lambda: client.set_terminated(run_id, "FINISHED"))
-
-
-class Heartbeat:
-    """Renews a run's TAG_HEARTBEAT every HEARTBEAT_S from a daemon thread, while a job
-    trains; a missed beat (store busy or away) is retried at the next one."""
-
-    def __init__(self, client: MlflowClient, run_id: str, interval: float = HEARTBEAT_S):
-        self.client, self.run_id, self.interval = client, run_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="pnn-heartbeat", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                tag = RunTag(TAG_HEARTBEAT, f"{time.time():.0f}")
-                self.client.log_batch(self.run_id, tags=[tag])
-            except Exception:  # noqa: BLE001 - the next beat tries again
-                continue
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:

@@ -20,7 +20,7 @@ import torch
 from conftest import TINY, run_analyze, run_sweep, start_sweep
 from mlflow.tracking import MlflowClient
 
-from pnn import tracking
+from pnn import claim, tracking
 from pnn.checkpoint import UnreadableCheckpointError, read_checkpoint
 from pnn.config import ConfigError, load_config, validate
 from pnn.data import DatasetUnavailableError, check_available
@@ -325,21 +325,21 @@ class _Run:
 
 def test_claim_status_rules() -> None:
     here, now = socket.gethostname(), time.time()
-    beat = {tracking.TAG_HEARTBEAT: f"{now:.0f}"}
-    alive = _Run({**beat, tracking.TAG_OWNER: f"{here}/{os.getpid()}/ab"})
-    assert tracking.claim_status(alive, now)[0]
-    assert not tracking.claim_status(alive, now + tracking.STALE_S + 1)[0]
+    beat = {claim.TAG_HEARTBEAT: f"{now:.0f}"}
+    alive = _Run({**beat, claim.TAG_OWNER: f"{here}/{os.getpid()}/ab"})
+    assert claim.claim_status(alive, now)[0]
+    assert not claim.claim_status(alive, now + claim.STALE_S + 1)[0]
     dead = subprocess.Popen(["true"])
     dead.wait()
-    gone = _Run({**beat, tracking.TAG_OWNER: f"{here}/{dead.pid}/ab"})
-    assert tracking.claim_status(gone, now) == (
+    gone = _Run({**beat, claim.TAG_OWNER: f"{here}/{dead.pid}/ab"})
+    assert claim.claim_status(gone, now) == (
         False,
         f"its process {dead.pid} on this host is gone",
     )
     # Another host's process cannot be checked: only its heartbeat counts.
-    remote = _Run({**beat, tracking.TAG_OWNER: f"elsewhere.example/{dead.pid}/ab"})
-    assert tracking.claim_status(remote, now)[0]
-    assert not tracking.claim_status(_Run({}), now)[0]
+    remote = _Run({**beat, claim.TAG_OWNER: f"elsewhere.example/{dead.pid}/ab"})
+    assert claim.claim_status(remote, now)[0]
+    assert not claim.claim_status(_Run({}), now)[0]
 
 
 def test_read_checkpoint_never_unpickles_unsafely(tmp_path: Path) -> None:
