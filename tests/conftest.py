@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +90,38 @@ def run_analyze(
 ) -> subprocess.CompletedProcess:
     """``python analyze.py *args`` run from ``cwd``; output captured as text."""
     return run_script(ANALYZE, args, cwd, env, timeout)
+
+
+def checkpoints(launch_dir: Path) -> list[Path]:
+    """The job checkpoints a sweep launched from ``launch_dir`` has written so far."""
+    return list(launch_dir.glob("checkpoints/*/last.pt"))
+
+
+def wait_for(
+    condition: Callable[[], object], proc: subprocess.Popen, what: str, timeout: float = 600
+) -> None:
+    """Poll ``condition`` until it holds; fail if the sweep ``proc`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"the sweep ended before {what}"
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a sweep started by :func:`start_sweep`: the launcher and every job process."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def write_idx(path: Path, array: Any) -> None:
+    """An MNIST IDX file: zero, zero, type 0x08 (uint8), the number of dimensions, then
+    big-endian sizes and the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
 
 
 def free_port() -> int:

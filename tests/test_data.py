@@ -7,7 +7,6 @@ import hashlib
 import io
 import pickle
 import pickletools
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
+from conftest import write_idx
 from PIL import Image
 
 from pnn.config import CIFAR_MEAN, CIFAR_STD, load_config
@@ -166,12 +166,6 @@ def test_missing_dataset_explains_how_to_provide_it(tmp_path: Path) -> None:
     assert "\n" not in message  # one paragraph
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    # IDX: zero, zero, type 0x08 (uint8), number of dimensions; then big-endian sizes.
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.tobytes())
-
-
 def test_mnist_through_torchvision(tmp_path: Path) -> None:
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -180,8 +174,8 @@ def test_mnist_through_torchvision(tmp_path: Path) -> None:
     images = {s: rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8) for s, n in sizes.items()}
     labels = {s: rng.integers(0, 10, size=len(images[s]), dtype=np.uint8) for s in images}
     for split in images:
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images[split])
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels[split])
+        write_idx(raw / f"{split}-images-idx3-ubyte", images[split])
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels[split])
 
     data = load_data(cifar_config(tmp_path, "dataset=mnist", "model=lenet"), CPU, tmp_path)
     assert data.train_images.shape == (6, 1, 28, 28)

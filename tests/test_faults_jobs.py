@@ -9,7 +9,6 @@ import fcntl
 import os
 import signal
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_analyze, run_sweep, start_sweep
+from conftest import TINY, kill_group, run_analyze, run_sweep, start_sweep, wait_for, write_idx
 from mlflow.tracking import MlflowClient
 
 from pnn import claim, tracking
@@ -60,22 +59,6 @@ def created_yet(store: Path) -> bool:
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     """Every logged step of a metric, duplicates included."""
     return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert proc.poll() is None, f"the sweep ended before {what}"
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def job_processes(pid: int) -> list[int]:
@@ -166,18 +149,13 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
     assert "1 finished run(s) summarised" in analysis.stdout
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.tobytes())
-
-
 def _small_mnist(root: Path) -> None:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", 16), ("t10k", 8)):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), "u1"))
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, "u1"))
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), "u1"))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, "u1"))
 
 
 @pytest.mark.slow

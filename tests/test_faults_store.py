@@ -8,11 +8,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import SWEEP, TINY, clean_env, run_analyze, run_sweep, start_sweep
+from conftest import (
+    SWEEP,
+    TINY,
+    checkpoints,
+    clean_env,
+    run_analyze,
+    run_sweep,
+    start_sweep,
+    wait_for,
+)
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -77,11 +85,7 @@ def test_sigterm_ends_the_sweep_cleanly_and_the_rerun_resumes(tmp_path: Path) ->
     args += ["dataset.train_size=400", "train.max_steps_per_epoch=null"]
     log = tmp_path / "sweep.log"
     proc = start_sweep(args, tmp_path, env={"TMPDIR": str(tmp)}, output=log)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(tmp_path.glob("checkpoints/*/last.pt")):
-            break
-        time.sleep(0.05)
+    wait_for(lambda: checkpoints(tmp_path), proc, "a checkpoint", timeout=300)
     assert proc.poll() is None, "the sweep finished before it could be signalled"
     os.kill(proc.pid, signal.SIGTERM)  # the sweep process only, as `kill` does
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM
@@ -168,11 +172,7 @@ def test_a_deleted_store_is_never_recreated(tmp_path: Path) -> None:
     args += ["dataset.train_size=400", "train.max_steps_per_epoch=null"]
     log = tmp_path / "sweep.log"
     proc = start_sweep(args, tmp_path, output=log)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(tmp_path.glob("checkpoints/*/last.pt")):
-            break
-        time.sleep(0.05)
+    wait_for(lambda: checkpoints(tmp_path), proc, "a checkpoint", timeout=300)
     assert proc.poll() is None, "the sweep finished before the store could be deleted"
     (tmp_path / "mlflow.db").unlink()
     assert proc.wait(timeout=600) == 1

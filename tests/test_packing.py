@@ -3,14 +3,11 @@ scheduler on its own, real jobs packed in-process, and real sweeps (SQLite, subp
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_sweep, start_sweep
+from conftest import TINY, checkpoints, kill_group, run_sweep, start_sweep, wait_for
 from mlflow.tracking import MlflowClient
 
 from pnn.packing import group_seeds, run_packed, step_boundary
@@ -219,20 +216,12 @@ def test_a_killed_packed_sweep_resumes_every_seed(tmp_path: Path) -> None:
     proc = start_sweep(args, tmp_path)
     # The seeds step in lockstep, so all three checkpoints land within one turn of each other;
     # then every seed is in its second epoch when the whole sweep is killed.
-    deadline = time.monotonic() + 300
-    killed = False
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list(tmp_path.glob("checkpoints/*/last.pt"))) == 3:
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-            time.sleep(0.05)
+        wait_for(
+            lambda: len(checkpoints(tmp_path)) == 3, proc, "the checkpoints to kill at", timeout=300
+        )
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert killed, "the sweep finished before it could be killed"
+        kill_group(proc)
     before = {name: r.info.run_id for name, r in _jobs(tmp_path).items()}
     assert len(before) == 3
     assert all(r.info.status == "RUNNING" for r in _jobs(tmp_path).values())

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_sweep, start_sweep
+from conftest import TINY, checkpoints, kill_group, run_sweep, start_sweep, wait_for
 from mlflow.tracking import MlflowClient
 
 from pnn.tracking import EPOCH_METRICS, SUMMARY_METRICS
@@ -142,19 +139,10 @@ def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
     # Kill the whole sweep (launcher and job processes) right after the first epoch's
     # checkpoint lands: the first job is then mid-way, and MLflow may or may not have that
     # epoch yet (the checkpoint is written first), which the resume must reconcile.
-    deadline = time.monotonic() + 300
-    killed = False
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if list(tmp_path.glob("checkpoints/*/last.pt")):
-                killed = True
-                break
-            time.sleep(0.05)
+        wait_for(lambda: checkpoints(tmp_path), proc, "the checkpoints to kill at", timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert killed, "the sweep finished before it could be killed"
+        kill_group(proc)
     client = store(tmp_path)
     before = {r.info.run_name: r.info.run_id for r in runs_of(client, "job")}
     assert before and all(r.info.status == "RUNNING" for r in runs_of(client, "job"))
