@@ -337,13 +337,28 @@ def create_job_run(
     return run_id
 
 
+DATASET_ATTEMPTS = 5
+
+
 def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = None) -> None:
     """MLflow's standard tags (source, git commit, user) and, for a job, its training and test
     datasets as run inputs: what the UI's Source, User and Dataset columns show."""
     set_tags(client, run_id, run_context.standard_tags())
     if cfg is not None:
         inputs = run_context.dataset_inputs(cfg)
-        retry(lambda: client.log_inputs(run_id, datasets=inputs))
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                retry(lambda: client.log_inputs(run_id, datasets=inputs))
+                return
+            except Exception as err:
+                # MLflow's get-or-create of a dataset is not atomic: when parallel jobs log the
+                # same (name, digest) at once, one insert loses. Asked again, it finds the
+                # winner's row and links it.
+                text = str(err)
+                lost = "UNIQUE constraint" in text or "IntegrityError" in text
+                if not lost or attempt == DATASET_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (1 + random.random()))
 
 
 def finish_job_run(client: MlflowClient, run_id: str) -> None:

@@ -1,0 +1,36 @@
+import threading
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pnn import tracking
+from pnn.config import load_config
+
+
+def test_parallel_jobs_log_the_same_datasets(tmp_path: Path) -> None:
+    """Jobs starting together log the same (name, digest) datasets: MLflow's get-or-create of
+    a dataset is not atomic, so one of them used to fail with a UNIQUE constraint error."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(["experiment=e4_conv1x1_no_noise", "profile=smoke"])
+    client = MlflowClient(uri)
+    experiment_id = tracking.get_experiment_id(client, "pnn", uri)
+    runs = [client.create_run(experiment_id).info.run_id for _ in range(6)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(runs))
+
+    def log(run_id: str) -> None:
+        try:
+            start.wait()
+            tracking.log_run_context(MlflowClient(uri), run_id, cfg)
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for run_id in runs:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.name for i in inputs) == ["synthetic", "synthetic"]
