@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # On the project's machines pip finds these two on local disk; elsewhere it downloads them.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv test sweep demo ui lint clean-venv
+.PHONY: help venv test sweep demo ui lint device-wheels clean-venv
 
 help:
 	@echo "make demo    the eight experiments x 2 seeds, narrow, on synthetic data (minutes on a CPU), then the tables"
@@ -19,6 +19,7 @@ help:
 	@echo "make sweep   the eight experiments on CIFAR-10 (downloaded to data/), logged to mlflow.db"
 	@echo "make ui      MLflow UI for mlflow.db at http://127.0.0.1:5000 (prints the link to the runs)"
 	@echo "make lint    ruff check and ruff format --check"
+	@echo "make device-wheels  .whl/: the wheels bench/device_run.sh needs on a GPU image without them"
 
 venv: $(STAMP)
 
@@ -52,6 +53,16 @@ ui: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The GPU machine's image has torch but not Hydra, OmegaConf or pytest: bench/device_run.sh
+# installs .whl/*.whl when the call carries .whl (the versions of this venv, built as wheels).
+DEVICE_PKGS := hydra-core|omegaconf|antlr4-python3-runtime|pytest|pluggy|iniconfig|packaging|pygments
+
+device-wheels: venv
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip freeze | grep -iE '^($(DEVICE_PKGS))==' > .whl/requirements.txt
+	$(BIN)/pip wheel -q --no-deps -w .whl -r .whl/requirements.txt
+	@ls .whl
 
 clean-venv:
 	rm -rf $(VENV)
