@@ -23,14 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.throughput import experiment_config  # noqa: E402
 from pnn import layers  # noqa: E402
 from pnn.cuda_graph import GraphedTrainStep  # noqa: E402
-from pnn.engine import (  # noqa: E402
-    StepTotals,
-    build_optimizer,
-    make_train_step,
-    seed_everything,
-)
+from pnn.engine import build_optimizer, seed_everything  # noqa: E402
 from pnn.fused import FusedSettings, perturb_conv  # noqa: E402
 from pnn.models import build_model  # noqa: E402
+from pnn.step import StepTotals, make_train_step  # noqa: E402
 
 FAILURES: list[str] = []
 

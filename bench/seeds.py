@@ -5,7 +5,7 @@
 
 "Packed" is what ``hydra.launcher.seeds_per_process=K`` runs: K models (seeds 0..K-1), each
 in a thread of :func:`pnn.packing.run_packed` (its own CUDA stream), taking turns after every
-step of the production step (``pnn.engine.build_train_step``: CUDA graph, compiled layers).
+step of the production step (``pnn.step.build_train_step``: CUDA graph, compiled layers).
 "One after another" is the same K seeds, each alone in this process, timed one by one. Both
 time ``--steps`` steps per seed after ``--warmup`` untimed ones (graph capture, compilation),
 training steps only (no test pass), data already on the device, as ``throughput.py`` does.

@@ -4,7 +4,7 @@
     python bench/throughput.py --steps 3 --warmup 1 --device cpu --experiments e1,e4
 
 For each experiment: the README model and batch size, the production step
-(``pnn.engine.build_train_step``: forward, backward, optimizer step, on-device accumulation),
+(``pnn.step.build_train_step``: forward, backward, optimizer step, on-device accumulation),
 fed from augmented synthetic CIFAR-shaped data already on the device. ``--warmup`` steps, then
 ``--steps`` timed steps, synchronised only at the two ends; the step slices its batch from an
 epoch tensor exactly as ``train`` does. ``--mode reference`` times the reference code's own
@@ -36,17 +36,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as well
 
+from pnn.accuracy import EVAL_BATCHES_PER_STEP, evaluate  # noqa: E402
 from pnn.config import DATASETS, FAST_CHOICES, PNNConfig  # noqa: E402
 from pnn.data import normalize, random_crop_flip, synthetic_split  # noqa: E402
-from pnn.engine import (  # noqa: E402
-    EVAL_BATCHES_PER_STEP,
-    StepTotals,
-    build_optimizer,
-    build_train_step,
-    evaluate,
-    execution,
-    seed_everything,
-)
+from pnn.engine import build_optimizer, seed_everything  # noqa: E402
+from pnn.step import StepTotals, build_train_step, execution  # noqa: E402
 
 # The experiment files' overrides of the defaults (conf/experiment/*.yaml), for machines
 # without Hydra. Keys are dotted paths into PNNConfig.

@@ -1,11 +1,8 @@
-"""Training: optimizer, lr schedule, the train step, both accuracies, checkpoint and resume.
+"""Training: seeding, optimizer, lr schedule, the epoch loop, checkpoint and resume.
 
-The step loop (:func:`run_steps`) never waits for the host: losses, correct counts and the
-first non-finite loss are accumulated in device tensors (:class:`StepTotals`) and read once per
-epoch. The step itself (:func:`make_train_step`: forward, backward, optimizer step,
-accumulation) is one function of tensors; on CUDA :func:`build_train_step` replays it from a
-CUDA graph (:mod:`pnn.cuda_graph`) without touching the loop, and :func:`execution` sets the
-cuDNN autotuning and the PNN layers' compiled kernels for the length of a run only.
+The step loop (:func:`run_steps`) never waits for the host: the step (:mod:`pnn.step`)
+accumulates losses, correct counts and the first non-finite loss in device tensors, read once
+per epoch. Each epoch ends with the test pass and both accuracies (:mod:`pnn.accuracy`).
 """
 
 from __future__ import annotations
@@ -16,39 +13,28 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pnn.accuracy import EVAL_BATCHES_PER_STEP, batch_accuracies, evaluate, reported_accuracy
 from pnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from pnn.data import DeviceData
 from pnn.packing import step_boundary
+from pnn.step import StepTotals, TrainStep, build_train_step, execution
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-# Evaluation batches are this many training batches: no gradients are kept, so the peak
-# memory stays near the training step's while the test pass needs ~8x fewer launches.
-EVAL_BATCHES_PER_STEP = 8
-
 __all__ = [
     "NonFiniteLossError",
-    "StepTotals",
     "TrainResult",
-    "batch_accuracies",
     "build_optimizer",
-    "build_train_step",
-    "evaluate",
-    "execution",
-    "load_checkpoint",
     "lr_for_epoch",
-    "make_train_step",
-    "reported_accuracy",
     "run_steps",
     "seed_everything",
     "train",
@@ -114,173 +100,6 @@ def lr_for_epoch(cfg: DictConfig, epoch: int) -> float:
     """
     reached = sum(1 for milestone in cfg.dataset.lr_milestones if epoch >= milestone)
     return cfg.optimizer.lr * cfg.dataset.lr_gamma**reached
-
-
-# --------------------------------------------------------------------------------------------
-# The step
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepTotals:
-    """Per-epoch sums kept on the device, so that no step has to wait for the host."""
-
-    loss_sum: torch.Tensor  # sum over samples of the (batch-mean) loss x batch size
-    correct: torch.Tensor
-    steps: torch.Tensor
-    first_bad_step: torch.Tensor  # 1-based step of the first non-finite loss, -1 if none
-    first_bad_loss: torch.Tensor
-
-    @classmethod
-    def zeros(cls, device: torch.device) -> StepTotals:
-        def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(value, dtype=dtype, device=device)
-
-        return cls(
-            loss_sum=scalar(0.0, torch.float32),
-            correct=scalar(0, torch.int64),
-            steps=scalar(0, torch.int64),
-            first_bad_step=scalar(-1, torch.int64),
-            first_bad_loss=scalar(0.0, torch.float32),
-        )
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        # In-place updates only: a captured CUDA graph keeps pointing at the same tensors.
-        loss = loss.detach().float()
-        self.steps += 1
-        first = ~torch.isfinite(loss) & (self.first_bad_step < 0)
-        self.first_bad_step.copy_(torch.where(first, self.steps, self.first_bad_step))
-        self.first_bad_loss.copy_(torch.where(first, loss, self.first_bad_loss))
-        self.loss_sum += loss * labels.shape[0]
-        self.correct += (logits.detach().argmax(1) == labels).sum()
-
-
-# step(inputs, labels, totals): one batch, accumulated into totals on the device.
-TrainStep = Callable[[torch.Tensor, torch.Tensor, StepTotals], None]
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        # No cast cache: a CUDA graph must not capture casts cached from an earlier step.
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
-
-
-def make_train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, precision: str, device: torch.device
-) -> TrainStep:
-    """Forward, backward, optimizer step and accumulation for one batch; no host sync."""
-
-    def step(inputs: torch.Tensor, labels: torch.Tensor, totals: StepTotals) -> None:
-        with _autocast(precision, device):
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        totals.add(loss, logits, labels)
-
-    return step
-
-
-def use_fast_path(cfg: DictConfig, device: torch.device) -> bool:
-    """Whether ``train.fast`` asks for the GPU speed-ups ("auto": on CUDA only; CPU stays eager)."""
-    return device.type == "cuda" and cfg.train.fast == "auto"
-
-
-@contextlib.contextmanager
-def execution(cfg: DictConfig, model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Inside the block, ``model`` runs as ``train.fast`` and ``train.compile`` ask; everything
-    is as before afterwards.
-
-    On the fast path (CUDA only) cuDNN autotunes kernels for the fixed shapes
-    (``cudnn.benchmark``) and the PNN layers may use their compiled kernels
-    (:class:`pnn.fused.FusedSettings`); otherwise the layers stay eager.
-    """
-    from pnn.fused import FusedSettings
-    from pnn.layers import use_fused
-
-    fast = use_fast_path(cfg, device)
-    settings = FusedSettings(compiled=fast and bool(getattr(cfg.train, "compile", True)))
-    benchmark = torch.backends.cudnn.benchmark
-    if fast:
-        torch.backends.cudnn.benchmark = True
-    try:
-        with use_fused(model, settings):
-            yield
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
-
-
-def build_train_step(
-    cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
-) -> TrainStep:
-    """The step :func:`train` runs, as ``train.fast`` and ``train.precision`` ask (the bench
-    times this same function); run it inside :func:`execution`.
-
-    On the fast path (CUDA only) the whole step is replayed from a CUDA graph
-    (:mod:`pnn.cuda_graph`). On the CPU the step stays eager, which keeps it bit-reproducible.
-    """
-    from pnn.cuda_graph import GraphedTrainStep, graph_unsupported
-
-    step = make_train_step(model, optimizer, cfg.train.precision, device)
-    if not use_fast_path(cfg, device):
-        return step
-    reason = graph_unsupported(model, optimizer)
-    if reason is not None:
-        print(f"[pnn] training step not graph-captured: {reason}", file=sys.stderr)
-        return step
-    return GraphedTrainStep(step, optimizer, cfg.train.batch_size)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation and the two accuracies
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    precision: str = "fp32",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss (a device scalar) and per-sample correctness (bool, len(labels)) in eval mode.
-
-    Keeping per-sample correctness lets the caller group it into batches of any size: eval-mode
-    outputs do not depend on how the test set is batched.
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float32, device=inputs.device)
-    correct = torch.empty(len(labels), dtype=torch.bool, device=inputs.device)
-    for start in range(0, len(labels), batch_size):
-        batch_labels = labels[start : start + batch_size]
-        with _autocast(precision, inputs.device):
-            logits = model(inputs[start : start + batch_size])
-        loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum")
-        correct[start : start + batch_size] = logits.argmax(1) == batch_labels
-    model.train(was_training)
-    return loss_sum, correct
-
-
-def batch_accuracies(correct: torch.Tensor, batch_size: int) -> list[float]:
-    """Per-batch accuracies (%) of consecutive batches of ``batch_size``; a last, smaller batch
-    is left out, as the original authors' smoothing skipped it."""
-    full = len(correct) // batch_size
-    counts = correct[: full * batch_size].view(full, batch_size).sum(1).tolist()
-    return [count * 100.0 / batch_size for count in counts]
-
-
-def reported_accuracy(previous: float, accuracies: Iterable[float]) -> float:
-    """The original authors' "accuracy": an EMA over per-batch accuracies, carried over from
-    ``previous`` (0 before the first epoch; never reset between epochs)."""
-    smoothed = previous
-    for accuracy in accuracies:
-        # 0.3 written out: 1 - 0.7 is 0.30000000000000004 in floating point.
-        smoothed = 0.7 * smoothed + 0.3 * accuracy
-    return smoothed
 
 
 # --------------------------------------------------------------------------------------------

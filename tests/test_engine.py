@@ -18,21 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnn import models
+from pnn.accuracy import batch_accuracies, reported_accuracy
+from pnn.checkpoint import load_checkpoint
 from pnn.config import load_config
 from pnn.data import load_data
 from pnn.engine import (
     NonFiniteLossError,
     TrainResult,
-    batch_accuracies,
     build_optimizer,
-    build_train_step,
-    execution,
-    load_checkpoint,
     lr_for_epoch,
-    reported_accuracy,
     seed_everything,
     train,
 )
+from pnn.step import build_train_step, execution
 
 CPU = torch.device("cpu")
 TIMING = ("epoch_time_s", "train_img_per_s")
