@@ -17,8 +17,6 @@ Needs no Hydra (the GPU image has none): configs come from ``throughput.py``'s t
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from throughput import (  # noqa: E402
     experiment_config,
     experiment_name,
     production_steps,
+    write_json,
 )
 
 from pnn.engine import seed_everything  # noqa: E402
@@ -156,16 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.json:
-        report = {
-            "device": device_description(device),
-            "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "results": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, device, results, steps=args.steps, warmup=args.warmup)
     return 0
 
 

@@ -401,17 +401,13 @@ def run_all(args: argparse.Namespace, device: torch.device) -> list[dict[str, An
     return results
 
 
-def write_json(path: Path, args: argparse.Namespace, device: torch.device, results: list) -> None:
+def write_json(path: Path, device: torch.device, results: list, **settings: Any) -> None:
+    """The report: the machine, the date, the run's ``settings`` (steps, warm-up, ...), results."""
     report = {
         "device": device_description(device),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "precision": args.precision,
-        "mode": args.mode,
-        "fast": args.fast,
-        "compile": not args.no_compile,
+        **settings,
         "results": results,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,7 +419,17 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     results = run_all(args, device)
     if args.json:
-        write_json(args.json, args, device, results)
+        write_json(
+            args.json,
+            device,
+            results,
+            steps=args.steps,
+            warmup=args.warmup,
+            precision=args.precision,
+            mode=args.mode,
+            fast=args.fast,
+            compile=not args.no_compile,
+        )
     return 0
 
 
