@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -31,6 +31,7 @@ import pandas as pd
 from scipy import stats
 
 from pnn.config import CONF_DIR
+from pnn.results import README_EXPERIMENTS, sort_experiments
 from pnn.store import CONFIG_PREFIX, to_float
 
 # Labels, not settings: they never change what a run computes.
@@ -51,7 +52,6 @@ CLAIM_COLUMNS = (
     "verdict",
     "comparable",
 )
-VERDICTS = ("supported", "contradicted", "inconclusive", "too few runs")
 CONFIDENCE = 0.95
 
 
@@ -60,7 +60,9 @@ CONFIDENCE = 0.95
 # --------------------------------------------------------------------------------------------
 
 
-def _ignored(key: str) -> bool:
+def ignored_key(key: str) -> bool:
+    """Whether a config key is left out of comparisons: the seed, labels, and keys that do not
+    change results."""
     from pnn.tracking import VOLATILE_KEYS  # another module may extend it; read it late
 
     keys = (*VOLATILE_KEYS, *LABEL_KEYS, "train.seed")
@@ -86,7 +88,7 @@ def paper_config(experiment: str) -> dict[str, str] | None:
         restore_gh_from_backup(backup)
     if cfg.published_test_acc is None or cfg.experiment != experiment:
         return None
-    return {k: v for k, v in flatten(cfg).items() if not _ignored(k)}
+    return {k: v for k, v in flatten(cfg).items() if not ignored_key(k)}
 
 
 def _same(logged: str, expected: str) -> bool:
@@ -107,7 +109,7 @@ def run_differences(run: pd.Series) -> list[str] | None:
         for c in run.index
         if c.startswith(CONFIG_PREFIX) and isinstance(run[c], str)
     }
-    logged = {k: v for k, v in logged.items() if not _ignored(k)}
+    logged = {k: v for k, v in logged.items() if not ignored_key(k)}
     items: list[str] = []
     synthetic = logged.get("dataset.name") == "synthetic" != expected.get("dataset.name")
     for key in [*expected, *(k for k in logged if k not in expected)]:
@@ -156,16 +158,7 @@ def row_reason(group: pd.DataFrame) -> str:
 # Claims
 # --------------------------------------------------------------------------------------------
 
-E = {
-    "e1": "e1_baseline_resnet18",
-    "e2": "e2_original_noiseresnet18",
-    "e3": "e3_original_first3x3",
-    "e4": "e4_conv1x1_no_noise",
-    "e5": "e5_pnn_all_layers",
-    "e6": "e6_pnn_unique_masks_mix_maps",
-    "e7": "e7_pnn_shared_masks",
-    "e8": "e8_pnn_trained_masks",
-}
+E = {f"e{i}": name for i, name in enumerate(README_EXPERIMENTS, 1)}
 
 
 @dataclass(frozen=True)
@@ -263,10 +256,11 @@ def _used_runs(runs: pd.DataFrame, experiment: str) -> pd.DataFrame:
     return comparable if len(comparable) else mine
 
 
-def _side(runs: pd.DataFrame, members: Sequence[str], metric: str = "best_test_acc") -> _Side:
-    used = {m: _used_runs(runs, m)[metric].dropna() for m in members}
+def _side(runs: pd.DataFrame, members: Sequence[str]) -> _Side:
+    frames = {m: _used_runs(runs, m) for m in members}
+    used = {m: frame["best_test_acc"].dropna() for m, frame in frames.items()}
     present = {m: v for m, v in used.items() if len(v)}
-    counts = {m: int(_used_runs(runs, m)["comparable"].sum()) for m in members}
+    counts = {m: int(frame["comparable"].sum()) for m, frame in frames.items()}
     comparable = all(counts[m] > 0 for m in members)
     enough = all(counts[m] >= 2 for m in members)
     if not present:
@@ -279,9 +273,15 @@ def welch_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float
     """Welch's t-interval for mean(a) − mean(b); NaN with fewer than 2 values on a side."""
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
-    with warnings.catch_warnings():  # identical values: a NaN interval, shown as such
+    return _interval(stats.ttest_ind, a, b, equal_var=False)
+
+
+def _interval(test: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, float]:
+    """The CONFIDENCE interval of the scipy.stats t-test ``test(*args, **kwargs)``; identical
+    values give a NaN interval, shown as such (scipy's RuntimeWarning about it is silenced)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(CONFIDENCE)
+        ci = test(*args, **kwargs).confidence_interval(CONFIDENCE)
     return float(ci.low), float(ci.high)
 
 
@@ -341,8 +341,6 @@ def evaluate_claims(runs: pd.DataFrame, published: dict[str, float]) -> pd.DataF
 
 def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
     """The headline per experiment: the original code's reported accuracy exceeds the actual."""
-    from pnn.results import sort_experiments
-
     rows = []
     experiments = sort_experiments(pd.DataFrame({"experiment": runs["experiment"].unique()}), [])
     for experiment in experiments["experiment"]:
@@ -352,10 +350,7 @@ def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
             continue
         low = high = math.nan
         if len(gaps) >= 2:
-            with warnings.catch_warnings():  # identical gaps: a NaN interval, shown as such
-                warnings.simplefilter("ignore", RuntimeWarning)
-                ci = stats.ttest_1samp(gaps, 0.0).confidence_interval(CONFIDENCE)
-            low, high = float(ci.low), float(ci.high)
+            low, high = _interval(stats.ttest_1samp, gaps, 0.0)
         comparable = bool(used["comparable"].all())
         enough = comparable and len(gaps) >= 2
         rows.append(

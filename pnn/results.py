@@ -139,12 +139,10 @@ def summarize(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     all its runs are comparable with the paper (:mod:`pnn.claims`); else
     ``not_comparable_because`` says why not.
     """
-    from pnn.claims import annotate_comparability, row_reason
+    from pnn.claims import row_reason
 
     by = by or []
     check_by(runs, by)
-    if "comparable" not in runs.columns:
-        runs = annotate_comparability(runs)
     defaults = experiment_defaults()
     group_keys = ["experiment", *(CONFIG_PREFIX + k for k in by)]
     rows = []
@@ -264,17 +262,12 @@ def mixed_config_notes(runs: pd.DataFrame, by: list[str]) -> list[str]:
     Such a row mixes settings (say two ``masks.nmasks``), and its std is not a seed spread;
     ``--by`` splits it.
     """
-    from pnn.tracking import VOLATILE_KEYS
+    from pnn.claims import ignored_key
 
-    ignored = (*VOLATILE_KEYS, "train.seed", "description", "published_test_acc")
     config_columns = [
         c
         for c in runs.columns
-        if c.startswith(CONFIG_PREFIX)
-        and not any(
-            c.removeprefix(CONFIG_PREFIX) == k or c.removeprefix(CONFIG_PREFIX).startswith(k + ".")
-            for k in ignored
-        )
+        if c.startswith(CONFIG_PREFIX) and not ignored_key(c.removeprefix(CONFIG_PREFIX))
     ]
     notes = []
     group_keys = ["experiment", *(CONFIG_PREFIX + k for k in by)]
