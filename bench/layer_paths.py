@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as well
 
+from throughput import _sync  # noqa: E402
+
 from pnn.fused import FusedSettings, perturb_conv  # noqa: E402
 from pnn.layers import ACTIVATIONS, make_act  # noqa: E402
 
@@ -100,11 +102,6 @@ def _check_case(device, batch, cin, cout, size, nmasks, unique, train, act_name)
             {"case": case, "way": way, "max_rel_error": error, "ms": ms, "peak_mib": peak / 2**20}
         )
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ Needs no Hydra (the GPU image has none): configs come from ``throughput.py``'s t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -40,13 +41,19 @@ from throughput import (  # noqa: E402
 
 from pnn.engine import seed_everything  # noqa: E402
 from pnn.packing import run_packed, step_boundary  # noqa: E402
+from pnn.step import execution  # noqa: E402
 
 
-def one_seed(cfg: Any, device: torch.device, seed: int) -> tuple[Any, Any]:
+def one_seed(
+    cfg: Any, device: torch.device, seed: int, stack: contextlib.ExitStack
+) -> tuple[Any, Any]:
+    """One seed's production steps, run as train() runs them: inside pnn.step.execution (cuDNN
+    autotuning, the layers' compiled kernels), which ``stack`` keeps entered."""
     from pnn.models import build_model
 
     seed_everything(seed)
     model = build_model(cfg).to(device)
+    stack.enter_context(execution(cfg, model, device))
     return production_steps(cfg, model, device)
 
 
@@ -58,17 +65,18 @@ def in_turn(run: Any, count: int) -> None:
 
 def packed(cfg: Any, device: torch.device, k: int, steps: int, warmup: int) -> dict[str, Any]:
     def prepare(seed: int) -> tuple[Any, Any]:
-        run, mean_loss = one_seed(cfg, device, seed)
+        run, mean_loss = one_seed(cfg, device, seed, stack)
         in_turn(run, warmup)
         return run, mean_loss
 
-    runs = run_packed(prepare, list(range(k)))
-    _sync(device)
-    _peak_memory_reset(device)
-    started = time.perf_counter()
-    run_packed(lambda pair: in_turn(pair[0], steps), runs)
-    _sync(device)
-    seconds = time.perf_counter() - started
+    with contextlib.ExitStack() as stack:
+        runs = run_packed(prepare, list(range(k)))
+        _sync(device)
+        _peak_memory_reset(device)
+        started = time.perf_counter()
+        run_packed(lambda pair: in_turn(pair[0], steps), runs)
+        _sync(device)
+        seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
         "img_per_s": k * steps * cfg.train.batch_size / seconds,
@@ -83,15 +91,16 @@ def one_after_another(
     seconds = 0.0
     losses = []
     for seed in range(k):
-        run, mean_loss = one_seed(cfg, device, seed)
-        run(warmup)
-        _sync(device)
-        started = time.perf_counter()
-        run(steps)
-        _sync(device)
-        seconds += time.perf_counter() - started
-        losses.append(mean_loss())
-        del run
+        with contextlib.ExitStack() as stack:
+            run, mean_loss = one_seed(cfg, device, seed, stack)
+            run(warmup)
+            _sync(device)
+            started = time.perf_counter()
+            run(steps)
+            _sync(device)
+            seconds += time.perf_counter() - started
+            losses.append(mean_loss())
+            del run
     return {
         "seconds": seconds,
         "img_per_s": k * steps * cfg.train.batch_size / seconds,
