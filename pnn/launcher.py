@@ -161,14 +161,8 @@ class GpuPoolLauncher(Launcher):
             except Exception as err:  # a job is never lost: it becomes a FAILED one
                 first = jobs[0][1]
                 log.error(f"[sweep] job #{first} could not be run: {type(err).__name__}: {err}")
-                rets = []
-                for overrides, _ in jobs:
-                    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-                    ret._return_value = RuntimeError(
-                        f"the launcher could not run it ({type(err).__name__}: {err})"
-                    )
-                    rets.append(ret)
-                return rets
+                why = f"the launcher could not run it ({type(err).__name__}: {err})"
+                return [failed_return(overrides, RuntimeError(why)) for overrides, _ in jobs]
 
         def worker(slot: dict) -> None:
             while True:
@@ -254,12 +248,7 @@ class GpuPoolLauncher(Launcher):
             "memory?); rerun the same command to resume it"
         )
         marked_note = "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, reason))
-        failures = []
-        for overrides, _ in jobs:
-            ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-            ret._return_value = RuntimeError(reason + marked_note)
-            failures.append(ret)
-        return failures
+        return [failed_return(o, RuntimeError(reason + marked_note)) for o, _ in jobs]
 
 
 def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
@@ -312,8 +301,7 @@ def run_child(payload_path: str, result_path: str) -> None:
         except interrupt.Interrupted as sig:  # the job marked its run KILLED
             ret = killed_return(list(config.hydra.overrides.task), f"by {sig.signal_name}")
         except Exception as err:  # Hydra's own setup failed: report it, as a task error is
-            ret = JobReturn(overrides=list(config.hydra.overrides.task), status=JobStatus.FAILED)
-            ret._return_value = err
+            ret = failed_return(list(config.hydra.overrides.task), err)
         if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):
             ret._return_value = RuntimeError(repr(ret._return_value))
         return ret
@@ -323,6 +311,14 @@ def run_child(payload_path: str, result_path: str) -> None:
     tmp = Path(result_path + ".tmp")
     tmp.write_bytes(cloudpickle.dumps(rets))
     os.replace(tmp, result_path)
+
+
+def failed_return(overrides: list[str], error: BaseException) -> JobReturn:
+    """What a job that could not run, or whose Hydra setup failed, reports: FAILED with
+    ``error``."""
+    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+    ret._return_value = error
+    return ret
 
 
 def killed_return(overrides: list[str], reason: str) -> JobReturn:

@@ -128,10 +128,10 @@ class Rotation:
     Only the member holding the turn changes the ring, so it needs no lock of its own.
     """
 
-    def __init__(self, size: int, swap_globals: bool = True) -> None:
+    def __init__(self, size: int) -> None:
         self.ring = list(range(size))
         self.wake = [threading.Semaphore(0) for _ in range(size)]
-        self.globals = [_Globals() for _ in range(size)] if swap_globals else None
+        self.globals = [_Globals() for _ in range(size)]
 
     def begin(self) -> None:
         """Give the turn to the first member (called once, by the thread that starts them)."""
@@ -139,15 +139,13 @@ class Rotation:
 
     def wait(self, member: int) -> None:
         self.wake[member].acquire()
-        if self.globals is not None:
-            self.globals[member].restore()
+        self.globals[member].restore()
 
     def pass_on(self, member: int) -> None:
         after = self._next(member)
         if after == member:
             return
-        if self.globals is not None:
-            self.globals[member].save()
+        self.globals[member].save()
         self.wake[after].release()
         self.wait(member)
 
@@ -161,14 +159,14 @@ class Rotation:
         return self.ring[(self.ring.index(member) + 1) % len(self.ring)]
 
 
-def run_packed(run_one: Callable[[T], R], items: Sequence[T], swap_globals: bool = True) -> list[R]:
+def run_packed(run_one: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``[run_one(item) for item in items]``, the calls interleaved at training-step boundaries.
 
     Each call runs in a thread of its own that holds the turn while it runs (see the module
     docstring); on a GPU each thread launches on a CUDA stream of its own. If a call raises,
     the others still run to their end, then the first exception is raised.
     """
-    rotation = Rotation(len(items), swap_globals)
+    rotation = Rotation(len(items))
     results: list[Any] = [None] * len(items)
     errors: list[BaseException] = []
     on_gpu = torch.cuda.is_available()

@@ -10,6 +10,7 @@ README experiments stay well inside 16 GiB (e6 to e8 come to about 9 GiB).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from dataclasses import dataclass
@@ -89,8 +90,9 @@ def estimate(cfg: DictConfig) -> Estimate:
     return Estimate(weights, state, sum(kept.values()), data)
 
 
-def gpu_memory() -> int | None:
-    """The smallest visible GPU's memory, from nvidia-smi (no CUDA context in this process)."""
+@functools.cache
+def _nvidia_smi_rows() -> tuple[tuple[str, str], ...]:
+    """(index, memory MiB) of every GPU, asked once per process (a sweep checks every job)."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
@@ -100,12 +102,17 @@ def gpu_memory() -> int | None:
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return None
-    rows = [line.split(",") for line in out.strip().splitlines() if "," in line]
+        return ()
+    return tuple(tuple(line.split(",")[:2]) for line in out.strip().splitlines() if "," in line)
+
+
+def gpu_memory() -> int | None:
+    """The smallest visible GPU's memory, from nvidia-smi (no CUDA context in this process)."""
+    rows = _nvidia_smi_rows()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         wanted = {v.strip() for v in visible.split(",")}
-        rows = [r for r in rows if r[0].strip() in wanted]
+        rows = tuple(r for r in rows if r[0].strip() in wanted)
     sizes = [int(r[1]) * (1 << 20) for r in rows if r[1].strip().isdigit()]
     return min(sizes) if sizes else None
 
