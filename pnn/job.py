@@ -187,7 +187,9 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
         result = _train(job, run_id, state)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT through pnn.interrupt
         signal_name = getattr(err, "signal_name", "SIGINT")
-        tracking.mark_run(job.client, run_id, "KILLED", {"pnn.killed_by": signal_name})
+        problem = tracking.mark_run(job.client, run_id, "KILLED", {"pnn.killed_by": signal_name})
+        if problem:
+            log.warning(f"[{job.name}] {problem}")
         raise
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
         reason = str(err) if isinstance(err, NonFiniteLossError) else f"{type(err).__name__}: {err}"
@@ -238,7 +240,9 @@ def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
 def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
     from pnn import tracking
 
-    tracking.mark_run(job.client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
+    problem = tracking.mark_run(job.client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
+    if problem:
+        log.warning(f"[{job.name}] {problem}")
     log.error(f"[{job.name}] FAILED: {reason}")
     return job.outcome("failed", reason, run_id=run_id)
 

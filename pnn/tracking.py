@@ -265,8 +265,8 @@ def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str
     except Exception as err:
         if not storeguard.is_store_error(err):
             raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        return f"run {run_id} could not be marked {status}: {first}"
+        why = storeguard.explain(client.tracking_uri, err)
+        return f"run {run_id} could not be marked {status}: {why}"
     return None
 
 
