@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, kill_group, run_analyze, run_sweep, start_sweep, wait_for, write_idx
+from conftest import (
+    TINY,
+    checkpoints,
+    kill_group,
+    run_analyze,
+    run_sweep,
+    start_sweep,
+    wait_for,
+    write_idx,
+)
 from mlflow.tracking import MlflowClient
 
 from pnn import claim, tracking
@@ -85,10 +94,10 @@ def test_checkpoint_continues_into_a_new_store(tmp_path: Path) -> None:
     log = tmp_path / "first.log"
     proc = start_sweep(SLOW_TINY, tmp_path, output=log)
     try:
-        wait_for(lambda: list(tmp_path.glob("checkpoints/*/last.pt")), proc, "a checkpoint")
+        wait_for(lambda: checkpoints(tmp_path), proc, "a checkpoint")
     finally:
         kill_group(proc)
-    (checkpoint,) = tmp_path.glob("checkpoints/*/last.pt")
+    (checkpoint,) = checkpoints(tmp_path)
     done = len(torch.load(checkpoint, weights_only=True)["history"])
     assert 1 <= done < 3
 
@@ -118,7 +127,7 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
     def job_started_and_checkpointed() -> bool:
         # The launcher's child is the job process; remember it before the checkpoint lands.
         job_pid[:] = job_pid or job_processes(proc.pid)
-        return bool(job_pid) and bool(list(tmp_path.glob("checkpoints/*/last.pt")))
+        return bool(job_pid) and bool(checkpoints(tmp_path))
 
     try:
         wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
@@ -182,7 +191,7 @@ def test_kill_before_the_first_checkpoint_leaves_one_run_per_job(tmp_path: Path)
         finally:
             kill_group(proc)
     (first,) = job_runs(client)
-    assert first.info.status == "RUNNING" and not list(tmp_path.glob("checkpoints/*/last.pt"))
+    assert first.info.status == "RUNNING" and not checkpoints(tmp_path)
 
     rerun = run_sweep(args, tmp_path)
     out = rerun.stdout + rerun.stderr
@@ -210,7 +219,7 @@ def test_two_launch_directories_on_one_server_train_a_job_once(
     env = {"MLFLOW_TRACKING_URI": uri}
     proc = start_sweep(args, first_dir, env=env, output=tmp_path / "a.log")
     try:
-        wait_for(lambda: list(first_dir.glob("checkpoints/*/last.pt")), proc, "training")
+        wait_for(lambda: checkpoints(first_dir), proc, "training")
         second = run_sweep(args, second_dir, env=env)
         assert proc.poll() is None, "the first sweep should still be training"
     finally:
@@ -221,7 +230,7 @@ def test_two_launch_directories_on_one_server_train_a_job_once(
     (run,) = job_runs(client)
     assert f"running elsewhere as run {run.info.run_id}" in second.stdout
     assert f"owner {socket.gethostname()}/" in second.stdout
-    assert not list(second_dir.glob("checkpoints/*/last.pt"))
+    assert not checkpoints(second_dir)
 
 
 # --------------------------------------------------------------------------------------------
