@@ -30,16 +30,14 @@ def publish(experiment_name: str, sweep_dir: Path) -> None:
     uri, parent = os.environ.get(tracking.ENV_URI), os.environ.get(tracking.ENV_PARENT)
     if not uri or not parent:
         return
-    from mlflow.tracking import MlflowClient
 
     from pnn import storeguard
 
     try:
-        storeguard.check_same(uri)  # MlflowClient would create a new store in a deleted one's place
+        client = storeguard.client(uri)
     except storeguard.StoreError as err:
         log.warning(f"[sweep] no results on the parent run: {err}")
         return
-    client = MlflowClient(uri)
     out = sweep_dir / "results"
     try:
         _analyse_onto(client, uri, experiment_name, parent, out)

@@ -157,13 +157,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def locate(cfg: DictConfig, name: str) -> Job:
     """The job's store, experiment, identity and checkpoint folder."""
-    from mlflow.tracking import MlflowClient
-
-    from pnn import claim, tracking
+    from pnn import claim, storeguard, tracking
 
     root = launch_dir()
     uri = tracking.resolve_uri(cfg, root)
-    client = MlflowClient(uri)
+    client = storeguard.client(uri)
     experiment_id = tracking.get_experiment_id(client, cfg.tracking.experiment_name, uri)
     chash = tracking.config_hash(cfg)
     ckpt_root = Path(cfg.train.checkpoint_dir)

@@ -256,17 +256,15 @@ def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
     another process has adopted them since. The ids of the runs marked."""
     if not run_ids.exists() or not os.environ.get(ENV_URI):
         return []
-    from mlflow.tracking import MlflowClient
 
     from pnn import storeguard
     from pnn.claim import mark_killed
 
-    try:  # MlflowClient would create a new store in place of a deleted one
-        storeguard.check_same(os.environ[ENV_URI])
+    try:
+        client = storeguard.client(os.environ[ENV_URI])
     except storeguard.StoreError as err:
         log.warning(f"[sweep] could not mark the dead job's runs KILLED: {err}")
         return []
-    client = MlflowClient(os.environ[ENV_URI])
     marked = []
     for line in run_ids.read_text().splitlines():
         run_id, _, owner = line.partition(" ")

@@ -22,7 +22,11 @@ import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 ENV_STORE_ID = "PNN_STORE_ID"
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -230,6 +234,15 @@ def check_same(uri: str | None = None) -> None:
             "Nothing more is written, so that no run lands in a new empty store; restore the "
             "file, or rerun the sweep to start a new store",
         )
+
+
+def client(uri: str) -> MlflowClient:
+    """``MlflowClient(uri)`` after :func:`check_same`: building a client opens the store, which
+    would create a new, empty SQLite file in place of a deleted one."""
+    from mlflow.tracking import MlflowClient
+
+    check_same(uri)
+    return MlflowClient(uri)
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,17 +108,13 @@ def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.
 
 
 def resolve_uri(cfg: DictConfig, launch_dir: Path) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``<launch dir>/mlflow.db``.
-
-    Inside a sweep, this also checks that the sweep's SQLite file is still there: a job calls
-    it before ``MlflowClient(uri)``, which would create a new, empty store in its place."""
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``<launch dir>/mlflow.db``."""
     uri = cfg.tracking.uri or os.environ.get(ENV_URI) or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # A relative SQLite path means relative to where the sweep was launched, for every job.
         uri = f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
-    storeguard.check_same(uri)
     return uri
 
 
@@ -234,7 +230,7 @@ def end_sweep(status: str, signal_name: str | None = None) -> str | None:
     if not (run_id and uri):
         return None
     try:
-        client = MlflowClient(uri)
+        client = storeguard.client(uri)
         if signal_name:
             tag = {"pnn.killed_by": signal_name}
             for child in retry(
