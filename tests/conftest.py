@@ -6,7 +6,8 @@
   ``analyze.py`` in a subprocess, in a launch directory of the test's; :func:`start_sweep`: a
   sweep in the background;
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
-  stopped (with its workers) when the test ends.
+  stopped (with its workers) when the test ends;
+- :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.py"
@@ -90,6 +92,28 @@ def run_analyze(
 ) -> subprocess.CompletedProcess:
     """``python analyze.py *args`` run from ``cwd``; output captured as text."""
     return run_script(ANALYZE, args, cwd, env, timeout)
+
+
+def store(launch_dir: Path) -> MlflowClient:
+    """A client of the SQLite store a sweep launched from ``launch_dir`` writes."""
+    return MlflowClient(f"sqlite:///{launch_dir / 'mlflow.db'}")
+
+
+def runs_of(client: MlflowClient, role: str, missing_ok: bool = False) -> list:
+    """The runs tagged ``pnn.role=<role>`` ("job" or "sweep") of the "pnn" experiment, which
+    must exist unless ``missing_ok`` (then: none)."""
+    experiment = client.get_experiment_by_name("pnn")
+    if experiment is None and missing_ok:
+        return []
+    assert experiment is not None
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`pnn.role` = '{role}'"
+    )
+
+
+def epochs_logged(client: MlflowClient, run_id: str, key: str = "test_acc") -> list[int]:
+    """Every logged step of a metric, sorted, duplicates included."""
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def checkpoints(launch_dir: Path) -> list[Path]:

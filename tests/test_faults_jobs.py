@@ -19,9 +19,11 @@ import torch
 from conftest import (
     TINY,
     checkpoints,
+    epochs_logged,
     kill_group,
     run_analyze,
     run_sweep,
+    runs_of,
     start_sweep,
     wait_for,
     write_idx,
@@ -50,24 +52,12 @@ def client_of(path: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{path}")
 
 
-def job_runs(client: MlflowClient) -> list:
-    experiment = client.get_experiment_by_name("pnn")
-    if experiment is None:
-        return []
-    return client.search_runs([experiment.experiment_id], "tags.`pnn.role` = 'job'")
-
-
 def created_yet(store: Path) -> bool:
     """Whether a job run exists in ``store``, which a sweep may be creating right now."""
     try:
-        return store.exists() and bool(job_runs(client_of(store)))
+        return store.exists() and bool(runs_of(client_of(store), "job", missing_ok=True))
     except Exception:  # noqa: BLE001 - tables not all there yet
         return False
-
-
-def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    """Every logged step of a metric, duplicates included."""
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def job_processes(pid: int) -> list[int]:
@@ -108,12 +98,12 @@ def test_checkpoint_continues_into_a_new_store(tmp_path: Path) -> None:
     assert f"continues from checkpoint {checkpoint} after epoch {done}" in out
     assert f"epochs 1-{done} logged from the checkpoint's history" in out
     assert "epoch 1/3 " not in out  # epoch 1 was not trained again
-    (run,) = job_runs(client_of(other))
+    (run,) = runs_of(client_of(other), "job")
     assert run.info.status == "FINISHED"
     for key in EPOCH_METRICS:
-        assert steps(client_of(other), run.info.run_id, key) == [1, 2, 3], key
+        assert epochs_logged(client_of(other), run.info.run_id, key) == [1, 2, 3], key
     # The first store still has its run (RUNNING: the whole sweep was SIGKILLed).
-    (old,) = job_runs(client_of(tmp_path / "mlflow.db"))
+    (old,) = runs_of(client_of(tmp_path / "mlflow.db"), "job")
     assert old.info.run_id != run.info.run_id
 
 
@@ -137,18 +127,18 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
         kill_group(proc)
     assert "exited with code -9 (SIGKILL)" in (tmp_path / "first.log").read_text()
     client = client_of(tmp_path / "mlflow.db")
-    (killed,) = job_runs(client)
+    (killed,) = runs_of(client, "job")
     assert killed.info.status == "KILLED"
     assert "exited with code -9 (SIGKILL)" in killed.data.tags["pnn.failure"]
 
     rerun = run_sweep(SLOW_TINY, tmp_path)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     assert "1 finished, 0 skipped, 0 failed" in rerun.stdout
-    (run,) = job_runs(client)
+    (run,) = runs_of(client, "job")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert "pnn.failure" not in run.data.tags  # cleared when the run finished
     for key in EPOCH_METRICS:
-        assert steps(client, run.info.run_id, key) == [1, 2, 3], key
+        assert epochs_logged(client, run.info.run_id, key) == [1, 2, 3], key
     assert len(run.data.tags[tracking.TAG_SWEEPS].split(",")) == 2  # created, then resumed
 
     # analyze.py --sweep latest counts the resumed job as the latest sweep's, and says so.
@@ -190,14 +180,14 @@ def test_kill_before_the_first_checkpoint_leaves_one_run_per_job(tmp_path: Path)
             wait_for(lambda: created_yet(tmp_path / "mlflow.db"), proc, "the job's run")
         finally:
             kill_group(proc)
-    (first,) = job_runs(client)
+    (first,) = runs_of(client, "job")
     assert first.info.status == "RUNNING" and not checkpoints(tmp_path)
 
     rerun = run_sweep(args, tmp_path)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-3000:]
     assert f"adopting MLflow run {first.info.run_id} (RUNNING, no checkpoint)" in out
-    (run,) = job_runs(client)
+    (run,) = runs_of(client, "job")
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
 
 
@@ -227,7 +217,7 @@ def test_two_launch_directories_on_one_server_train_a_job_once(
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
     assert "0 finished, 1 skipped, 0 failed" in second.stdout
-    (run,) = job_runs(client)
+    (run,) = runs_of(client, "job")
     assert f"running elsewhere as run {run.info.run_id}" in second.stdout
     assert f"owner {socket.gethostname()}/" in second.stdout
     assert not checkpoints(second_dir)
@@ -275,7 +265,7 @@ def test_corrupt_checkpoints_are_moved_aside_and_the_jobs_restart(tmp_path: Path
         assert moved.read_bytes() == contents[seed]  # kept, byte for byte
         assert f"cannot read checkpoint {path}" in out
         assert f"Moved it aside to {moved}; starting the job afresh" in out
-    assert len(job_runs(client_of(tmp_path / "mlflow.db"))) == 2
+    assert len(runs_of(client_of(tmp_path / "mlflow.db"), "job")) == 2
 
 
 @pytest.mark.slow
@@ -297,7 +287,7 @@ def test_a_missing_dataset_fails_before_its_run_is_created(tmp_path: Path) -> No
     proc = run_sweep([*args, f"dataset.root={tmp_path / 'nowhere'}"], tmp_path)
     assert proc.returncode == 1
     assert "Dataset mnist is not available" in proc.stdout
-    assert job_runs(client_of(tmp_path / "mlflow.db")) == []
+    assert runs_of(client_of(tmp_path / "mlflow.db"), "job", missing_ok=True) == []
 
 
 # --------------------------------------------------------------------------------------------

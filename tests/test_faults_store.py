@@ -18,6 +18,7 @@ from conftest import (
     clean_env,
     run_analyze,
     run_sweep,
+    runs_of,
     start_sweep,
     wait_for,
 )
@@ -31,12 +32,7 @@ ONE += ["train.max_steps_per_epoch=1", "tracking.log_checkpoint=false"]
 
 
 def jobs(uri: str, role: str = "job") -> list:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("pnn")
-    assert experiment is not None
-    return client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`pnn.role` = '{role}'"
-    )
+    return runs_of(MlflowClient(uri), role)
 
 
 def short_and_clean(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -7,8 +7,17 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TINY, checkpoints, kill_group, run_sweep, start_sweep, wait_for
-from mlflow.tracking import MlflowClient
+from conftest import (
+    TINY,
+    checkpoints,
+    epochs_logged,
+    kill_group,
+    run_sweep,
+    runs_of,
+    start_sweep,
+    wait_for,
+)
+from conftest import store as launch_store
 
 from pnn.packing import group_seeds, run_packed, step_boundary
 from pnn.tracking import EPOCH_METRICS
@@ -135,7 +144,7 @@ def test_a_failing_seed_leaves_the_others_training_to_their_own_end(tmp_path: Pa
         want = _checkpoint_history(alone, name)
         assert len(want) == int(overrides[1].split("=")[1])
         assert _checkpoint_history(packed, name) == want, name
-    client = MlflowClient(f"sqlite:///{packed / 'mlflow.db'}")
+    client = launch_store(packed)
     runs = client.search_runs([client.get_experiment_by_name("pnn").experiment_id])
     assert sorted((r.info.run_name, r.info.status) for r in runs) == [
         ("e4_conv1x1_no_noise-seed1", "FINISHED"),
@@ -150,15 +159,11 @@ def test_a_failing_seed_leaves_the_others_training_to_their_own_end(tmp_path: Pa
 
 
 def _jobs(store: Path) -> dict[str, object]:
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("pnn")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`pnn.role` = 'job'")
-    return {r.info.run_name: r for r in runs}
+    return {r.info.run_name: r for r in runs_of(launch_store(store), "job")}
 
 
 def _histories(store: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    client = launch_store(store)
     return {
         name: {
             key: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key))
@@ -232,9 +237,11 @@ def test_a_killed_packed_sweep_resumes_every_seed(tmp_path: Path) -> None:
     assert (rerun.stdout + rerun.stderr).count("resuming MLflow run") == 3
     after = _jobs(tmp_path)
     assert {name: r.info.run_id for name, r in after.items()} == before  # the same runs
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = launch_store(tmp_path)
     for run in after.values():
         assert run.info.status == "FINISHED"
         for key in EPOCH_METRICS:
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-            assert steps == list(range(1, epochs + 1)), (run.info.run_name, key)
+            assert epochs_logged(client, run.info.run_id, key) == list(range(1, epochs + 1)), (
+                run.info.run_name,
+                key,
+            )

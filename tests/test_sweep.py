@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TINY, checkpoints, kill_group, run_sweep, start_sweep, wait_for
+from conftest import (
+    TINY,
+    checkpoints,
+    epochs_logged,
+    kill_group,
+    run_sweep,
+    runs_of,
+    start_sweep,
+    store,
+    wait_for,
+)
 from mlflow.tracking import MlflowClient
 
 from pnn.tracking import EPOCH_METRICS, SUMMARY_METRICS
@@ -14,22 +24,6 @@ FINAL_METRICS = SUMMARY_METRICS
 sweep = run_sweep
 
 pytestmark = pytest.mark.slow
-
-
-def store(path: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
-
-
-def runs_of(client: MlflowClient, role: str) -> list:
-    experiment = client.get_experiment_by_name("pnn")
-    assert experiment is not None
-    return client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`pnn.role` = '{role}'"
-    )
-
-
-def epochs_logged(client: MlflowClient, run_id: str, key: str = "test_acc") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def test_sweep_logs_one_parent_and_a_child_per_job(tmp_path: Path) -> None:
