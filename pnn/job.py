@@ -177,7 +177,7 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
 
     The marks go through ``tracking.mark_run``, which never raises a store error: the store
     may be what just failed."""
-    from pnn import run_context, tracking
+    from pnn import run_context, storeguard, tracking
     from pnn.engine import NonFiniteLossError
 
     monitor = run_context.start_system_metrics(job.cfg, job.client.tracking_uri, run_id)
@@ -190,7 +190,12 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
             log.warning(f"[{job.name}] {problem}")
         raise
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
-        reason = str(err) if isinstance(err, NonFiniteLossError) else f"{type(err).__name__}: {err}"
+        if isinstance(err, NonFiniteLossError):
+            reason = str(err)
+        elif storeguard.is_store_error(err):  # one line, not MLflow's pages of SQL
+            reason = str(storeguard.explain(job.client.tracking_uri, err))
+        else:
+            reason = f"{type(err).__name__}: {err}"
         return _mark_failed(job, run_id, reason)
     finally:
         run_context.stop_system_metrics(monitor)

@@ -42,6 +42,11 @@ class StoreError(RuntimeError):
         super().__init__(f"MLflow store {uri}: {what}. {todo}")
         self.uri, self.what, self.todo = uri, what, todo
 
+    def __reduce__(self) -> tuple[type[StoreError], tuple[str, str, str]]:
+        # A job's StoreError crosses into the sweep's process pickled; the default would
+        # call StoreError(message) and fail there.
+        return type(self), (self.uri, self.what, self.todo)
+
 
 def sqlite_path(uri: str) -> Path | None:
     """The file of a ``sqlite:`` URI (``sqlite:///rel.db``, ``sqlite:////abs.db``), else None."""

@@ -92,13 +92,16 @@ def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.
     """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``).
 
     Before each call: the sweep's SQLite file must still be the one it started in
-    (:func:`pnn.storeguard.check_same`), so that no write lands in a new, empty store."""
+    (:func:`pnn.storeguard.check_same`), so that no write lands in a new, empty store. After a
+    failed call, the same check again: a file deleted during the write makes SQLite answer
+    'attempt to write a readonly database', and the true reason is the deletion."""
     delay, end = 0.05, time.monotonic() + timeout
     while True:
         storeguard.check_same()
         try:
             return fn()
         except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
+            storeguard.check_same()
             text = str(err).lower()
             transient = "locked" in text or "busy" in text or "connection refused" in text
             if not transient or time.monotonic() > end:

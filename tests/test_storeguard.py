@@ -1,0 +1,47 @@
+"""The store guard's two cross-process facts, on a real SQLite store (issue 16).
+
+Both were seen in CI on test_faults_store's deleted-store sweep: a job's StoreError could not be
+unpickled in the sweep's process, and a store deleted during a write was reported as MLflow's
+pages of SQL about a 'readonly database'.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import cloudpickle
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pnn import storeguard, tracking
+
+
+def test_a_store_error_survives_the_trip_between_processes() -> None:
+    err = storeguard.StoreError("sqlite:////x/mlflow.db", "the file was deleted", "Restore it")
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        back = loads(dumps(err))
+        assert type(back) is storeguard.StoreError
+        assert str(back) == str(err)
+        assert (back.uri, back.what, back.todo) == (err.uri, err.what, err.todo)
+
+
+def test_a_store_deleted_during_a_write_is_named_as_deleted(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    storeguard.prepare(uri)
+    monkeypatch.delenv(storeguard.ENV_STORE_ID, raising=False)
+    storeguard.pin(uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+
+    def delete_then_write() -> None:  # the deletion lands between the check and the write
+        db.unlink()
+        client.log_metric(run_id, "test_acc", 1.0, step=1)
+
+    with pytest.raises(storeguard.StoreError) as caught:
+        tracking.retry(delete_then_write, timeout=1.0)
+    assert f"the SQLite file {db} was deleted after the sweep started" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not db.exists(), "the write created a new, empty store"
