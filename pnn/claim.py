@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from pnn import tracking
+from pnn import storeguard, tracking
 
 if TYPE_CHECKING:
     from pnn.job import Job
@@ -135,10 +135,14 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                from mlflow.entities import RunTag
+        from mlflow.entities import RunTag
 
+        while not self._stop.wait(self.interval):
+            try:  # as tracking.retry does: never write into a new store in place of a deleted one
+                storeguard.check_same()
+            except storeguard.StoreError:
+                return  # the job's own next write reports it
+            try:
                 tag = RunTag(TAG_HEARTBEAT, f"{time.time():.0f}")
                 self.client.log_batch(self.run_id, tags=[tag])
             except Exception:  # noqa: BLE001 - the next beat tries again

@@ -8,6 +8,7 @@ pages of SQL about a 'readonly database'.
 from __future__ import annotations
 
 import pickle
+import time
 
 import cloudpickle
 import pytest
@@ -45,3 +46,27 @@ def test_a_store_deleted_during_a_write_is_named_as_deleted(
     assert f"the SQLite file {db} was deleted after the sweep started" in str(caught.value)
     assert "\n" not in str(caught.value)
     assert not db.exists(), "the write created a new, empty store"
+
+
+def test_the_heartbeat_stops_when_the_store_is_deleted(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pnn.claim import TAG_HEARTBEAT, Heartbeat
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    storeguard.prepare(uri)
+    monkeypatch.delenv(storeguard.ENV_STORE_ID, raising=False)
+    storeguard.pin(uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    beat = Heartbeat(client, run_id, interval=0.02)
+    with beat:
+        deadline = time.monotonic() + 30
+        while TAG_HEARTBEAT not in client.get_run(run_id).data.tags:
+            assert time.monotonic() < deadline, "no heartbeat was written"
+            time.sleep(0.02)
+        db.unlink()
+        beat._thread.join(timeout=5)
+        assert not beat._thread.is_alive(), "the heartbeat kept writing after the deletion"
+    assert not db.exists(), "a heartbeat created a new, empty store"
