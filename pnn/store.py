@@ -102,12 +102,10 @@ class RunSet:
 
 
 def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    from pnn.storeguard import explain, is_store_error
+    from pnn.storeguard import client, explain, is_store_error
 
     try:
-        return MlflowClient(tracking_uri=uri)
+        return client(uri)
     except Exception as err:
         if is_store_error(err):
             raise AnalysisError(str(explain(uri, err))) from None

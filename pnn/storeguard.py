@@ -16,6 +16,7 @@ This module imports neither torch nor mlflow at import time.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import socket
 import sqlite3
@@ -241,12 +242,27 @@ def check_same(uri: str | None = None) -> None:
         )
 
 
+# MLflow logs every SQLite OperationalError with its whole traceback, then raises it. Ours
+# are retried ('database is locked', tracking.retry) or reported in one line (explain), so
+# that log record is only pages of noise in a sweep's output.
+MLFLOW_SQL_LOGGER = "mlflow.store.db.utils"
+MLFLOW_SQL_ERROR = "SQLAlchemy database error"
+
+
+def _drop_mlflow_sql_traceback(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(MLFLOW_SQL_ERROR)
+
+
 def client(uri: str) -> MlflowClient:
     """``MlflowClient(uri)`` after :func:`check_same`: building a client opens the store, which
-    would create a new, empty SQLite file in place of a deleted one."""
+    would create a new, empty SQLite file in place of a deleted one. Its store errors are not
+    logged with tracebacks by MLflow (see MLFLOW_SQL_LOGGER): whoever catches them explains."""
     from mlflow.tracking import MlflowClient
 
     check_same(uri)
+    sql_logger = logging.getLogger(MLFLOW_SQL_LOGGER)
+    if _drop_mlflow_sql_traceback not in sql_logger.filters:
+        sql_logger.addFilter(_drop_mlflow_sql_traceback)
     return MlflowClient(uri)
 
 

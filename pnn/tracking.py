@@ -200,7 +200,7 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
 
 
 def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int) -> str:
-    client = MlflowClient(uri)
+    client = storeguard.client(uri)
     experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
     sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
     tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
