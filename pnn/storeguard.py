@@ -212,11 +212,14 @@ def prepare(uri: str, create: bool = True) -> None:
 
 
 def pin(uri: str) -> None:
-    """Remember which SQLite file this sweep uses; its jobs inherit the pin."""
+    """Remember which SQLite file this sweep uses; its jobs inherit the pin. Any other store
+    clears a pin this process inherited (say, a sweep started from inside another's job)."""
     path = sqlite_path(uri)
     if path is not None and path.exists():
         st = path.stat()
         os.environ[ENV_STORE_ID] = f"{st.st_dev}:{st.st_ino}:{path}"
+    else:
+        os.environ.pop(ENV_STORE_ID, None)
 
 
 def check_same(uri: str | None = None) -> None:
@@ -226,8 +229,8 @@ def check_same(uri: str | None = None) -> None:
         return
     dev, ino, name = pinned.split(":", 2)
     path = Path(name)
-    if uri is not None and sqlite_path(uri) not in (None, path):
-        return  # this call is about another store
+    if uri is not None and sqlite_path(uri) != path:
+        return  # this call is about another store (another file, or a server)
     try:
         st = path.stat()
     except FileNotFoundError:

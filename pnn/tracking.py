@@ -189,6 +189,7 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
     """Check (and if new, create) the store, then create the parent run. Raises StoreError."""
     uri = resolve_uri(cfg, Path.cwd())
     storeguard.prepare(uri)
+    storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
     try:
         return _start_sweep(cfg, uri, sweep_dir, command, n_jobs)
     except storeguard.StoreError:
@@ -221,7 +222,6 @@ def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_job
             ENV_JOBS: str(n_jobs),
         }
     )
-    storeguard.pin(uri)
     return run.info.run_id
 
 

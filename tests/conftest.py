@@ -38,8 +38,9 @@ SERVER_START_TIMEOUT_S = 120
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """``os.environ`` without MLflow's selection variables, unbuffered, plus ``extra``."""
-    env = dict(os.environ)
+    """``os.environ`` without MLflow's selection variables and pnn's own (a sweep's jobs
+    inherit those), unbuffered, plus ``extra``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PNN_")}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         env.pop(key, None)
     env["PYTHONUNBUFFERED"] = "1"

@@ -7,6 +7,7 @@ pages of SQL about a 'readonly database'.
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 
@@ -15,6 +16,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pnn import storeguard, tracking
+
+
+def pin(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """storeguard.pin, undone after the test: the pin is an environment variable, and a later
+    test's sweep would inherit it and refuse its own store."""
+    monkeypatch.setenv(storeguard.ENV_STORE_ID, "")
+    storeguard.pin(uri)
 
 
 def test_a_store_error_survives_the_trip_between_processes() -> None:
@@ -32,8 +40,7 @@ def test_a_store_deleted_during_a_write_is_named_as_deleted(
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     storeguard.prepare(uri)
-    monkeypatch.delenv(storeguard.ENV_STORE_ID, raising=False)
-    storeguard.pin(uri)
+    pin(uri, monkeypatch)
     client = storeguard.client(uri)
     run_id = client.create_run(client.create_experiment("x")).info.run_id
 
@@ -60,8 +67,7 @@ def test_the_heartbeat_stops_when_the_store_is_deleted(
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     storeguard.prepare(uri)
-    monkeypatch.delenv(storeguard.ENV_STORE_ID, raising=False)
-    storeguard.pin(uri)
+    pin(uri, monkeypatch)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x")).info.run_id
     beat = Heartbeat(client, run_id, interval=0.02)
@@ -74,3 +80,22 @@ def test_the_heartbeat_stops_when_the_store_is_deleted(
         beat._thread.join(timeout=5)
         assert not beat._thread.is_alive(), "the heartbeat kept writing after the deletion"
     assert not db.exists(), "a heartbeat created a new, empty store"
+
+
+def test_an_inherited_pin_never_refuses_another_store(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin left in the environment (a sweep started from inside another sweep's job, or a
+    test that set it) must not make a sweep on another store refuse its own store."""
+    gone = tmp_path / "gone.db"
+    monkeypatch.setenv(storeguard.ENV_STORE_ID, f"1:2:{gone}")
+    storeguard.check_same("http://127.0.0.1:5000")
+    storeguard.check_same(f"sqlite:///{tmp_path / 'other.db'}")
+    with pytest.raises(storeguard.StoreError, match="was deleted"):
+        storeguard.check_same(f"sqlite:///{gone}")
+    ours = tmp_path / "ours.db"
+    storeguard.prepare(f"sqlite:///{ours}")
+    storeguard.pin(f"sqlite:///{ours}")
+    storeguard.check_same()
+    storeguard.pin("http://127.0.0.1:5000")
+    assert storeguard.ENV_STORE_ID not in os.environ
