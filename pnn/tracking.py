@@ -226,9 +226,9 @@ def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_job
 
 
 def end_sweep(status: str, signal_name: str | None = None) -> str | None:
-    """End the parent run with ``status``; after a signal, also mark the sweep's job runs that
-    are still RUNNING as KILLED (their processes are gone). Returns a one-line error instead of
-    raising when the store cannot be written."""
+    """End the parent run with ``status``; after a signal, also mark KILLED the job runs this
+    sweep was training that are still RUNNING (:func:`_left_running`). Returns a one-line error
+    instead of raising when the store cannot be written."""
     run_id, uri = os.environ.get(ENV_PARENT), os.environ.get(ENV_URI)
     if not (run_id and uri):
         return None
@@ -236,15 +236,9 @@ def end_sweep(status: str, signal_name: str | None = None) -> str | None:
         client = storeguard.client(uri)
         if signal_name:
             tag = {"pnn.killed_by": signal_name}
-            for child in retry(
-                lambda: client.search_runs(
-                    [client.get_run(run_id).info.experiment_id],
-                    filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
-                )
-            ):
-                if child.info.status == "RUNNING":
-                    set_tags(client, child.info.run_id, tag)
-                    retry(lambda c=child: client.set_terminated(c.info.run_id, "KILLED"))
+            for child in _left_running(client, run_id):
+                set_tags(client, child.info.run_id, tag)
+                retry(lambda c=child: client.set_terminated(c.info.run_id, "KILLED"))
             set_tags(client, run_id, tag)
         retry(lambda: client.set_terminated(run_id, status))
     except Exception as err:
@@ -252,6 +246,29 @@ def end_sweep(status: str, signal_name: str | None = None) -> str | None:
             raise
         return f"the sweep's parent run {run_id} could not be ended: {storeguard.explain(uri, err)}"
     return None
+
+
+def _left_running(client: MlflowClient, parent_id: str) -> list:
+    """The RUNNING job runs this sweep worked on (created or adopted: TAG_SWEEPS), except those
+    another process has claimed since and still trains (pnn.claim): those are not ours to end.
+    One trained in this very process is ours, though its claim looks live."""
+    from pnn.claim import TAG_OWNER, claim_status, owner_id, parse_owner
+
+    sweep = os.environ.get(ENV_SWEEP)
+    mine = f"tags.`{TAG_SWEEPS}` LIKE '%{sweep}%'" if sweep else None
+    mine = mine or f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    experiment_id = retry(lambda: client.get_run(parent_id)).info.experiment_id
+    runs = retry(
+        lambda: client.search_runs(
+            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {mine}"
+        )
+    )
+    here = parse_owner(owner_id())
+    return [
+        r
+        for r in runs
+        if parse_owner(r.data.tags.get(TAG_OWNER, "")) == here or not claim_status(r)[0]
+    ]
 
 
 def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> str | None:
