@@ -1,8 +1,9 @@
-"""The store guard's two cross-process facts, on a real SQLite store (issue 16).
+"""The store guard's faults across processes and threads, on a real SQLite store (issue 16).
 
-Both were seen in CI on test_faults_store's deleted-store sweep: a job's StoreError could not be
-unpickled in the sweep's process, and a store deleted during a write was reported as MLflow's
-pages of SQL about a 'readonly database'.
+Seen in CI on test_faults_store's deleted-store sweep: a job's StoreError could not be unpickled
+in the sweep's process, a store deleted during a write was reported as MLflow's pages of SQL
+about a 'readonly database', and the heartbeat went on writing to the deleted file. A pin one
+of these tests leaked then showed that an inherited pin refused other stores.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -18,11 +20,18 @@ from mlflow.tracking import MlflowClient
 from pnn import storeguard, tracking
 
 
-def pin(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """storeguard.pin, undone after the test: the pin is an environment variable, and a later
-    test's sweep would inherit it and refuse its own store."""
+@pytest.fixture
+def pinned_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, MlflowClient, str]:
+    """A new SQLite store pinned as a sweep pins it, and a run in it: (file, client, run id).
+    The pin is an environment variable, undone after the test: a later test's sweep would
+    inherit it."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    storeguard.prepare(uri)
     monkeypatch.setenv(storeguard.ENV_STORE_ID, "")
     storeguard.pin(uri)
+    client = storeguard.client(uri)
+    return db, client, client.create_run(client.create_experiment("x")).info.run_id
 
 
 def test_a_store_error_survives_the_trip_between_processes() -> None:
@@ -35,14 +44,9 @@ def test_a_store_error_survives_the_trip_between_processes() -> None:
 
 
 def test_a_store_deleted_during_a_write_is_named_as_deleted(
-    tmp_path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+    pinned_run: tuple[Path, MlflowClient, str], capfd: pytest.CaptureFixture
 ) -> None:
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    storeguard.prepare(uri)
-    pin(uri, monkeypatch)
-    client = storeguard.client(uri)
-    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    db, client, run_id = pinned_run
 
     def delete_then_write() -> None:  # the deletion lands between the check and the write
         db.unlink()
@@ -60,16 +64,11 @@ def test_a_store_deleted_during_a_write_is_named_as_deleted(
 
 
 def test_the_heartbeat_stops_when_the_store_is_deleted(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
+    pinned_run: tuple[Path, MlflowClient, str],
 ) -> None:
     from pnn.claim import TAG_HEARTBEAT, Heartbeat
 
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    storeguard.prepare(uri)
-    pin(uri, monkeypatch)
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    db, client, run_id = pinned_run
     beat = Heartbeat(client, run_id, interval=0.02)
     with beat:
         deadline = time.monotonic() + 30
@@ -83,7 +82,7 @@ def test_the_heartbeat_stops_when_the_store_is_deleted(
 
 
 def test_an_inherited_pin_never_refuses_another_store(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pin left in the environment (a sweep started from inside another sweep's job, or a
     test that set it) must not make a sweep on another store refuse its own store."""
