@@ -252,18 +252,20 @@ def _left_running(client: MlflowClient, parent_id: str) -> list:
     """The RUNNING job runs this sweep worked on (created or adopted: TAG_SWEEPS), except those
     another process has claimed since and still trains (pnn.claim): those are not ours to end.
     One trained in this very process is ours, though its claim looks live."""
-    from pnn.claim import TAG_OWNER, claim_status, owner_id, parse_owner
+    from pnn.claim import TAG_OWNER, claim_status, parse_owner
 
     sweep = os.environ.get(ENV_SWEEP)
-    mine = f"tags.`{TAG_SWEEPS}` LIKE '%{sweep}%'" if sweep else None
-    mine = mine or f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    if sweep:
+        mine = f"tags.`{TAG_SWEEPS}` LIKE '%{sweep}%'"
+    else:
+        mine = f"tags.`mlflow.parentRunId` = '{parent_id}'"
     experiment_id = retry(lambda: client.get_run(parent_id)).info.experiment_id
     runs = retry(
         lambda: client.search_runs(
             [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {mine}"
         )
     )
-    here = parse_owner(owner_id())
+    here = (socket.gethostname(), os.getpid())
     return [
         r
         for r in runs
