@@ -1,10 +1,11 @@
 """Typed configuration schema, dataset facts and cross-field validation.
 
 The dataclasses below are registered in Hydra's ConfigStore as ``pnn_schema``; ``conf/config.yaml``
-puts that schema first in its defaults list, so an unknown key (``model.nfilter``) or a wrong
-type is rejected at compose time. Everything Hydra's types cannot say (allowed names, ranges,
-rules between fields) lives in :func:`validate`, which runs before any data is loaded or any
-run is logged.
+puts that schema first in its defaults list, so a wrong type is rejected at compose time. A key
+the schema lacks (``model.nfilter``), however it came in (``+key``, ``++key``, a file), is refused
+by :func:`check_known_keys` with the nearest known key (see :mod:`pnn.schema_keys`). Everything
+Hydra's types cannot say (allowed names, ranges, rules between fields) lives in :func:`validate`,
+which runs before any data is loaded or any run is logged.
 
 This module imports neither torch nor mlflow, so configs can be checked cheaply.
 """
@@ -15,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pnn.schema_keys import describe_unknown, open_nodes, unknown_keys
 
 if TYPE_CHECKING:  # omegaconf is absent on the benchmark's GPU image
     from omegaconf import DictConfig
@@ -179,10 +182,27 @@ class PNNConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+def schema() -> DictConfig:
+    """The schema as a config: its keys are the only ones a composed config may hold."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(PNNConfig)
+
+
 def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="pnn_schema", node=PNNConfig)
+    # Open, so that an unknown key reaches check_known_keys (one message, with the nearest key)
+    # whether it comes from a file, `key=`, `+key=` or `++key=`; types are still enforced.
+    ConfigStore.instance().store(name="pnn_schema", node=open_nodes(schema()))
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a config holding a key the schema does not define."""
+    known = schema()
+    unknown = unknown_keys(cfg, known)
+    if unknown:
+        raise ConfigError(describe_unknown(unknown, known))
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +272,7 @@ def validate_model_options(
 
 def validate(cfg: DictConfig) -> None:
     """Reject impossible configurations with a short message that names the key."""
+    check_known_keys(cfg)
     _plain_name("experiment", cfg.experiment)
     _choice("dataset.name", cfg.dataset.name, tuple(DATASETS))
     if cfg.dataset.test_name is not None:
@@ -361,6 +382,7 @@ def load_config(overrides: list[str] | None = None, validate_config: bool = True
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
+    check_known_keys(cfg)  # even unvalidated: no config with a key the schema lacks
     if validate_config:
         validate(cfg)
     return cfg

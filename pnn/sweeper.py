@@ -4,7 +4,8 @@ It is Hydra's basic sweeper (same grid syntax, same job numbering), plus what a 
 running many jobs needs:
 
 - every job's config is composed and validated before any job starts, so a typo in one grid
-  value fails the whole command before data is loaded or anything is logged;
+  value, or a key the schema lacks (``+train.epoch=5``), fails the whole command before data is
+  loaded or anything is logged;
 - dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
 - one MLflow parent run per invocation, whose id the jobs read from the environment;
 - jobs report instead of raising, so one failure does not stop the others; at the end a
@@ -30,12 +31,14 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn import interrupt
-from pnn.config import ConfigError, validate, warnings_for
+from pnn.config import ConfigError, schema, validate, warnings_for
+from pnn.schema_keys import describe_unknown
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,11 @@ class PNNSweeper(Sweeper):
 
     def _compose(self, overrides: list[str], idx: int) -> DictConfig:
         assert self.hydra_context is not None and self.config is not None
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        except ConfigCompositionException as err:
+            refuse_unknown_top_level_key(err)
+            raise
         with open_dict(cfg):
             cfg.hydra.job.id = idx
             cfg.hydra.job.num = idx
@@ -194,6 +201,18 @@ class PNNSweeper(Sweeper):
         return Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
         )
+
+
+def refuse_unknown_top_level_key(err: ConfigCompositionException) -> None:
+    """A sweeper ``params`` entry naming an unknown top-level key (the schema's sections are
+    open, its root is not: Hydra closes it) gets the same message as any other unknown key,
+    not Hydra's advice to add it with ``+``."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key and "." not in key:
+        raise SystemExit(f"error: {describe_unknown([key], schema())}") from None
 
 
 def check_server_first(cfg: DictConfig) -> None:
