@@ -65,15 +65,18 @@ def all_keys(found: dict[str, list[str]]) -> list[str]:
     return list(dict.fromkeys(k for keys in found.values() for k in keys))
 
 
+def listed(found: dict[str, list[str]]) -> str:
+    """``noise.level (e7_pnn_shared_masks); ...``: the keys found, per experiment."""
+    return "; ".join(f"{', '.join(keys)} ({experiment})" for experiment, keys in found.items())
+
+
 def describe(found: dict[str, list[str]]) -> str:
-    """One line for the reader: which keys were found, in which experiments."""
+    """One line under the results table: what it is grouped by, and how to change that."""
     if not found:
         return "No swept keys: the runs of each experiment differ only in the seed."
-    parts = [f"{', '.join(keys)} ({experiment})" for experiment, keys in found.items()]
     return (
-        "Grouped by the swept keys found in the runs: "
-        + "; ".join(parts)
-        + ". --by KEY chooses others, --by none turns grouping off."
+        f"Grouped by the swept keys found in the runs: {listed(found)}. "
+        "--by KEY chooses others, --by none turns grouping off."
     )
 
 

@@ -73,7 +73,7 @@ def markdown(table: Table, figures: dict[str, Path | None] | None = None) -> str
         lines.append("|" + "|".join("---" for _ in headers) + "|")
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     if table.note:
-        lines += ["", table.note]
+        lines += ["", table.note] if headers else [table.note]
     if images and not table.figures_first:
         lines += ["", *images]
     return "\n".join(lines) + "\n"

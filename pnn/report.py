@@ -44,8 +44,10 @@ CLAIMS_NOTE = (
     "one-sample 95% t-interval. Each experiment contributes its comparable runs if it has any, "
     "else all its runs. Verdict: supported if the whole interval lies on the claimed side, "
     "contradicted if it lies wholly on the other side, inconclusive otherwise; too few runs "
-    "when an experiment of the row has fewer than 2 comparable runs. Published a − b from the "
-    "published accuracies, shown for comparable rows only."
+    "when a side has fewer than 2 runs (2 comparable runs for the README's claims). A claim "
+    "with a group side holds only if every member does, and fails if any member's interval "
+    "does; its row shows the member that decides the verdict, nearest the threshold. "
+    "Published a − b from the published accuracies, shown for comparable rows only."
 )
 ABLATIONS_NOTE = (
     "For each swept key: best test accuracy per level, mean ± sample std over seeds with the "
@@ -166,7 +168,9 @@ def ablation_tables(table: pd.DataFrame, found: dict[str, list[str]]) -> list[Ta
     """A section heading with the note, then one table per swept key (its figure after it)."""
     if table.empty:
         return []
-    tables = [Table("Ablations", [], [], ABLATIONS_NOTE + "\n\n" + ablations.describe(found))]
+    tables = [
+        Table("Ablations", [], [], f"Swept keys: {ablations.listed(found)}.\n\n{ABLATIONS_NOTE}")
+    ]
     for key, part in table.groupby("key", sort=False):
         held = bool(part["held"].astype(bool).any())
         rows = []
