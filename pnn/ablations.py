@@ -10,7 +10,8 @@ leaving out the seed and the keys that never change results
   The reference is the experiment file's own value when it is among the levels, else the first
   level in sort order;
 - with two or more swept keys, each key's levels are compared with the other keys held at each
-  of their levels (column ``held``): nothing is averaged over a swept key.
+  of their levels (column ``held``): nothing is averaged over a swept key. Keys that always
+  change together (one ``model=`` override sets several) are not held against each other.
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ def _reference(experiment: str, key: str, levels: list[str]) -> str:
     return levels[0]
 
 
+def _coupled(runs: pd.DataFrame, key: str, other: str) -> bool:
+    """Whether two keys always change together (``model=...`` sweeps several): holding one
+    fixed would leave the other a single level."""
+    a, b = _levels(runs[CONFIG_PREFIX + key]), _levels(runs[CONFIG_PREFIX + other])
+    pairs = pd.DataFrame({"a": a, "b": b}).drop_duplicates()
+    return len(pairs) == a.nunique() == b.nunique()
+
+
 def _held_groups(runs: pd.DataFrame, others: list[str]) -> list[tuple[str, pd.DataFrame]]:
     """(``k=v, ...`` text, runs) for each combination of the other keys' levels, in order."""
     if not others:
@@ -155,7 +164,7 @@ def ablation_table(runs: pd.DataFrame, found: dict[str, list[str]]) -> pd.DataFr
             if key not in keys:
                 continue
             mine = runs[runs["experiment"] == experiment]
-            others = [k for k in keys if k != key]
+            others = [k for k in keys if k != key and not _coupled(mine, key, k)]
             for held, group in _held_groups(mine, others):
                 rows += _rows(experiment, key, held, group)
     return pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))

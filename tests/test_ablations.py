@@ -96,6 +96,19 @@ def test_each_key_with_the_others_held_at_each_level() -> None:
     assert (row["diff_ci_low"], row["diff_ci_high"]) == pytest.approx(_welch(a, b))
 
 
+def test_keys_that_change_together_are_not_held_against_each_other() -> None:
+    # noise.level moves with masks.nmasks here (one override set both): each key's table has
+    # both its levels, nothing held.
+    runs = _runs(
+        [(E7, "1", "0.1", seed, "cpu", 40.0 + seed) for seed in (1, 2)]
+        + [(E7, "64", "0.5", seed, "cpu", 50.0 + seed) for seed in (1, 2)]
+    )
+    table = ablation_table(runs, swept_keys(runs))
+    assert list(table["key"]) == ["masks.nmasks"] * 2 + ["noise.level"] * 2
+    assert set(table["held"]) == {""}
+    assert table["diff_vs_reference"].abs().max() == pytest.approx(10.0)
+
+
 @pytest.mark.parametrize(
     ("levels", "scale", "ticks"),
     [

@@ -145,6 +145,8 @@ def test_row_with_an_override_is_not_comparable(
     # --by none: one e7 row, which is not comparable.
     _analyze(store, tmp_path, by=[])
     table = pd.read_csv(tmp_path / "results.csv").set_index("experiment")
+    assert list(table.index) == [E1, E2, E3, E4, E5, E6, E7, E8]  # all eight ran: all eight rows
+    assert "No runs of" not in (tmp_path / "results.md").read_text()
     e7 = table.loc[E7]
     assert bool(e7["comparable"]) is False and e7["n_runs"] == 3
     assert math.isnan(e7["published_test_acc"]) and math.isnan(e7["diff_vs_published"])
