@@ -2,11 +2,17 @@
 
     python analyze.py                               # every finished run in ./mlflow.db
     python analyze.py --sweep latest                # only the most recent sweep.py invocation
-    python analyze.py --by masks.nmasks             # one row per experiment and nmasks value
+    python analyze.py --by masks.nmasks             # group by these keys, not the swept ones
+    python analyze.py --by none                     # one row per experiment
+    python analyze.py --claims my_claims.yaml       # the README's claims and yours
     python analyze.py --run <run id>                # that run in the reported-vs-actual figure
 
-Writes results.md/.csv/.tex, reported_vs_actual.csv, reported_vs_actual_summary.csv,
-curves.csv, three PNG figures and a self-contained report.html under --out (default results/).
+By default the results are grouped by the swept keys: the config keys whose values differ
+between the runs of an experiment (the seed and keys that never change results left out).
+
+Writes results.md/.csv/.tex, claims.csv, ablations.csv (with swept keys),
+reported_vs_actual.csv, reported_vs_actual_summary.csv, curves.csv, the PNG figures and a
+self-contained report.html under --out (default results/).
 The store is --tracking-uri if given, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
 Exit status 1, with a one-line message, when there is nothing to analyse.
 """
@@ -38,7 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         metavar="KEY",
         help="config key(s) to group by besides the experiment, e.g. masks.nmasks "
-        "(repeatable or comma-separated)",
+        "(repeatable or comma-separated); default: the swept keys found in the runs; "
+        "'none': no grouping",
+    )
+    parser.add_argument(
+        "--claims",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="a YAML file of your own claims, added to the README's (conf/claims/readme.yaml); "
+        "repeatable",
     )
     parser.add_argument(
         "--run",
@@ -68,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             by=parse_by(args.by),
             run_id=args.run,
             out=args.out,
+            claims_files=args.claims,
         )
     except AnalysisError as err:
         print(f"analyze.py: {err}", file=sys.stderr)

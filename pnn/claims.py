@@ -1,43 +1,37 @@
-"""Which runs can be compared with the paper, and what they say about the README's claims.
-
-A run is *comparable* when its logged config (the flattened resolved config, ``config.<key>``
-columns of :func:`pnn.store.load_runs`) equals the full composed config of its experiment file
-(``profile=full``, CIFAR-10), apart from the seed and the keys that do not change results
-(:data:`pnn.tracking.VOLATILE_KEYS`, plus the description and published accuracy, which are
-labels).
+"""The claims about the runs, evaluated: the README's (``conf/claims/readme.yaml``) and a user's
+own (``analyze.py --claims FILE``, read by :mod:`pnn.claims_file`).
 
 Each claim is a difference ``a − b`` of best test accuracy (percentage points) with Welch's
 95% t-interval over seeds (``scipy.stats.ttest_ind(equal_var=False)``). Verdict rules:
 
-- ``too few runs``: an experiment the row involves has fewer than 2 comparable runs;
+- ``too few runs``: a side has fewer than 2 runs; for a ``comparable_only`` claim (the README's),
+  fewer than 2 runs comparable with the paper (:mod:`pnn.comparability`);
 - ``supported``: the whole interval lies on the claimed side;
 - ``contradicted``: the whole interval lies on the other side;
 - ``inconclusive``: otherwise.
 
-The differences are shown for whatever runs exist (a demo's too): per experiment its comparable
-runs if it has any, else all of them; ``comparable`` says which it was.
+A side uses its comparable runs if it has any, else all of them; ``comparable`` says which.
+A claim with a group side is an intersection: every member is tested against the other side,
+and the claim is supported only if every member's interval is, contradicted if any member's
+is, too few runs if a member has too few (and none is contradicted), else inconclusive. Its row
+shows the member that decides this verdict whose interval lies nearest the threshold.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import pandas as pd
 from scipy import stats
 
-from pnn.config import CONF_DIR
-from pnn.results import README_EXPERIMENTS, sort_experiments
-from pnn.store import CONFIG_PREFIX, to_float
+from pnn.claims_file import Claim, Member, short_label
+from pnn.comparability import same_value
+from pnn.intervals import interval, welch_interval
+from pnn.results import sort_experiments
+from pnn.store import CONFIG_PREFIX
 
-# Labels, not settings: they never change what a run computes.
-LABEL_KEYS = ("description", "published_test_acc")
-# Only meaningful for dataset=synthetic; "synthetic data" already says the data differ.
-SYNTHETIC_KEYS = ("dataset.train_size", "dataset.test_size", "dataset.seed")
 CLAIM_COLUMNS = (
     "claim",
     "statement",
@@ -51,178 +45,6 @@ CLAIM_COLUMNS = (
     "published_diff",
     "verdict",
     "comparable",
-)
-CONFIDENCE = 0.95
-
-
-# --------------------------------------------------------------------------------------------
-# Comparability
-# --------------------------------------------------------------------------------------------
-
-
-def ignored_key(key: str) -> bool:
-    """Whether a config key is left out of comparisons: the seed, labels, and keys that do not
-    change results."""
-    from pnn.tracking import VOLATILE_KEYS  # another module may extend it; read it late
-
-    keys = (*VOLATILE_KEYS, *LABEL_KEYS, "train.seed")
-    return any(key == k or key.startswith(k + ".") for k in keys)
-
-
-@lru_cache(maxsize=64)
-def paper_config(experiment: str) -> dict[str, str] | None:
-    """The flattened full config of ``conf/experiment/<experiment>.yaml`` as ``sweep.py`` would
-    compose it, without the ignored keys; None if no such file or it has no published accuracy."""
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    from pnn.config import load_config
-    from pnn.tracking import flatten
-
-    if not (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
-        return None
-    # write_report also runs at the end of a sweep, inside Hydra: leave its global state as is.
-    backup = get_gh_backup()
-    try:
-        cfg = load_config([f"experiment={experiment}"], validate_config=False)
-    finally:
-        restore_gh_from_backup(backup)
-    if cfg.published_test_acc is None or cfg.experiment != experiment:
-        return None
-    return {k: v for k, v in flatten(cfg).items() if not ignored_key(k)}
-
-
-def _same(logged: str, expected: str) -> bool:
-    if logged == expected:
-        return True
-    a, b = to_float(logged), to_float(expected)
-    return not math.isnan(a) and a == b
-
-
-def run_differences(run: pd.Series) -> list[str] | None:
-    """Why ``run`` differs from its experiment's paper config, as ``key=value`` items in the
-    order of the config; [] if it is comparable, None if its experiment is not a paper one."""
-    expected = paper_config(str(run["experiment"]))
-    if expected is None:
-        return None
-    logged = {
-        c.removeprefix(CONFIG_PREFIX): run[c]
-        for c in run.index
-        if c.startswith(CONFIG_PREFIX) and isinstance(run[c], str)
-    }
-    logged = {k: v for k, v in logged.items() if not ignored_key(k)}
-    items: list[str] = []
-    synthetic = logged.get("dataset.name") == "synthetic" != expected.get("dataset.name")
-    for key in [*expected, *(k for k in logged if k not in expected)]:
-        if synthetic and key in SYNTHETIC_KEYS:
-            continue
-        if key not in logged:
-            items.append(f"{key} not logged")
-        elif key not in expected or not _same(logged[key], expected[key]):
-            if synthetic and key == "dataset.name":
-                items.insert(0, "synthetic data")
-            else:
-                items.append(f"{key}={logged[key]}")
-    return items
-
-
-def annotate_comparability(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` plus ``comparable`` (bool) and ``not_comparable_because`` (text) per run."""
-    runs = runs.copy()
-    comparable, because = [], []
-    for _, run in runs.iterrows():
-        items = run_differences(run)
-        if items is None:
-            comparable.append(False)
-            because.append("not one of the paper's experiments")
-        else:
-            comparable.append(not items)
-            because.append(", ".join(items))
-    runs["comparable"] = pd.Series(comparable, index=runs.index, dtype=bool)
-    runs["not_comparable_because"] = because
-    return runs
-
-
-def row_reason(group: pd.DataFrame) -> str:
-    """Why a results row (its runs) is not comparable; '' if all its runs are."""
-    bad = group[~group["comparable"]]
-    if bad.empty:
-        return ""
-    items: list[str] = []
-    for text in bad["not_comparable_because"]:
-        items += [i for i in text.split(", ") if i and i not in items]
-    prefix = "" if len(bad) == len(group) else f"{len(bad)} of {len(group)} runs: "
-    return prefix + ", ".join(items)
-
-
-# --------------------------------------------------------------------------------------------
-# Claims
-# --------------------------------------------------------------------------------------------
-
-E = {f"e{i}": name for i, name in enumerate(README_EXPERIMENTS, 1)}
-
-
-@dataclass(frozen=True)
-class Claim:
-    """``a − b`` (best test accuracy, pp) lies on the claimed side of ``threshold``.
-
-    ``kind``: ``below`` (diff < t), ``at_least`` (diff >= t), ``within`` (|diff| < t) or
-    ``above`` (diff > t). A side with several experiments stands for the one with the highest
-    mean best test accuracy (the best of the group).
-    """
-
-    id: str
-    a: tuple[str, ...]
-    b: tuple[str, ...]
-    kind: str
-    threshold: float
-    statement: str
-
-
-# The README's "What the published numbers show", in its order.
-CLAIMS = (
-    Claim(
-        "noise_worth_under_1pt",
-        (E["e3"],),
-        (E["e4"],),
-        "below",
-        1.0,
-        "Noise on a network of 1x1 convolutions is worth less than a point: e3 - e4 < 1",
-    ),
-    Claim(
-        "e6_e7_below_e4",
-        (E["e6"], E["e7"]),
-        (E["e4"],),
-        "below",
-        0.0,
-        "The variants closest to the paper do worse than the plain 1x1 network: "
-        "a - e4 < 0, a = whichever of e6, e7 has the higher mean (so both are below)",
-    ),
-    Claim(
-        "trained_masks_match_e4",
-        (E["e8"],),
-        (E["e4"],),
-        "within",
-        1.0,
-        "Training the masks brings them back to about the plain network's level: |e8 - e4| < 1",
-    ),
-    Claim(
-        "all_5pt_below_baseline",
-        (E["e1"],),
-        tuple(E[f"e{i}"] for i in range(2, 9)),
-        "at_least",
-        5.0,
-        "All variants stay at least 5 points below the baseline: e1 - b >= 5, "
-        "b = whichever of e2-e8 has the highest mean",
-    ),
-    Claim(
-        "first_layer_noise_costs_10pt",
-        (E["e3"],),
-        (E["e5"],),
-        "at_least",
-        10.0,
-        "Noise in the first layer too costs 10 points or more: e3 (noise after a 3x3 first "
-        "layer, 1 mask) - e5 (noise in every layer, 1 mask) >= 10",
-    ),
 )
 
 
@@ -242,101 +64,147 @@ def verdict(kind: str, threshold: float, low: float, high: float, enough: bool) 
     return "supported" if supported else "contradicted" if contradicted else "inconclusive"
 
 
-@dataclass
-class _Side:
-    experiment: str  # the chosen member ("" if none has runs)
-    values: list[float]
-    comparable: bool  # every member has runs, all of them comparable
-    enough: bool  # every member has at least 2 comparable runs
+def margin(kind: str, threshold: float, low: float, high: float) -> float:
+    """How far the interval's end nearest the claimed side's boundary lies inside that side
+    (negative: outside); NaN without an interval."""
+    t = threshold
+    return {
+        "below": t - high,
+        "at_least": low - t,
+        "within": min(t - high, low + t),
+        "above": low - t,
+    }[kind]
 
 
-def _used_runs(runs: pd.DataFrame, experiment: str) -> pd.DataFrame:
-    mine = runs[runs["experiment"] == experiment]
+def member_runs(runs: pd.DataFrame, member: Member) -> pd.DataFrame:
+    """The runs a member stands for: its experiment's, filtered by its config values; the
+    comparable ones if there are any, else all."""
+    mine = runs[runs["experiment"] == member.experiment]
+    for key, value in member.where:
+        logged = mine[CONFIG_PREFIX + key]
+        mine = mine[[isinstance(v, str) and same_value(v, value) for v in logged]]
     comparable = mine[mine["comparable"]]
     return comparable if len(comparable) else mine
 
 
-def _side(runs: pd.DataFrame, members: Sequence[str]) -> _Side:
-    frames = {m: _used_runs(runs, m) for m in members}
-    used = {m: frame["best_test_acc"].dropna() for m, frame in frames.items()}
-    present = {m: v for m, v in used.items() if len(v)}
-    counts = {m: int(frame["comparable"].sum()) for m, frame in frames.items()}
-    comparable = all(counts[m] > 0 for m in members)
-    enough = all(counts[m] >= 2 for m in members)
-    if not present:
-        return _Side("", [], comparable, enough)
-    chosen = max(present, key=lambda m: present[m].mean())
-    return _Side(chosen, [float(v) for v in present[chosen]], comparable, enough)
+@dataclass
+class _Pair:
+    """One member of side a against one of side b."""
+
+    a: Member
+    b: Member
+    a_values: list[float]
+    b_values: list[float]
+    comparable: bool  # both have comparable runs (and use only those)
+    low: float
+    high: float
+    verdict: str
+    margin: float
+
+    @property
+    def has_runs(self) -> bool:
+        return bool(self.a_values) and bool(self.b_values)
+
+    @property
+    def diff(self) -> float:
+        if not self.has_runs:
+            return math.nan
+        return float(pd.Series(self.a_values).mean() - pd.Series(self.b_values).mean())
 
 
-def welch_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Welch's t-interval for mean(a) − mean(b); NaN with fewer than 2 values on a side."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    return _interval(stats.ttest_ind, a, b, equal_var=False)
+def _pair(claim: Claim, runs: pd.DataFrame, a: Member, b: Member) -> _Pair:
+    used = {side: member_runs(runs, side) for side in (a, b)}
+    values = {side: [float(v) for v in used[side]["best_test_acc"].dropna()] for side in (a, b)}
+    counts = {side: int(used[side]["comparable"].sum()) for side in (a, b)}
+    comparable = counts[a] > 0 and counts[b] > 0
+    if claim.comparable_only:
+        enough = counts[a] >= 2 and counts[b] >= 2
+    else:
+        enough = len(values[a]) >= 2 and len(values[b]) >= 2
+    low, high = welch_interval(values[a], values[b])
+    return _Pair(
+        a,
+        b,
+        values[a],
+        values[b],
+        comparable,
+        low,
+        high,
+        verdict(claim.kind, claim.threshold, low, high, enough),
+        margin(claim.kind, claim.threshold, low, high),
+    )
 
 
-def _interval(test: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, float]:
-    """The CONFIDENCE interval of the scipy.stats t-test ``test(*args, **kwargs)``; identical
-    values give a NaN interval, shown as such (scipy's RuntimeWarning about it is silenced)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ci = test(*args, **kwargs).confidence_interval(CONFIDENCE)
-    return float(ci.low), float(ci.high)
+def _overall(verdicts: list[str]) -> str:
+    if "contradicted" in verdicts:
+        return "contradicted"
+    if all(v == "supported" for v in verdicts):
+        return "supported"
+    return "too few runs" if "too few runs" in verdicts else "inconclusive"
 
 
-def _published_diff(claim: Claim, published: dict[str, float]) -> float:
-    def best(members: tuple[str, ...]) -> float:
-        values = [published.get(m, math.nan) for m in members]
-        values = [v for v in values if not math.isnan(v)]
-        return max(values) if len(values) == len(members) else math.nan
+def _claim_row(claim: Claim, runs: pd.DataFrame, published: dict[str, float]) -> dict | None:
+    """The claim's row, or None when no pair of members has runs on both sides."""
+    pairs = [_pair(claim, runs, a, b) for a in claim.a for b in claim.b]
+    if not any(p.has_runs for p in pairs):
+        return None
+    overall = _overall([p.verdict for p in pairs])
+    deciding = [p for p in pairs if p.verdict == overall]
+    shown = min(
+        deciding,
+        key=lambda p: (not p.has_runs, math.inf if math.isnan(p.margin) else abs(p.margin)),
+    )
+    comparable = all(p.comparable for p in pairs)
+    statement = claim.statement
+    if len(pairs) > 1:
+        statement += (
+            f" [every member must hold; shown: {short_label(shown.a.label)} − "
+            f"{short_label(shown.b.label)}, of the members with this verdict the one nearest the "
+            "threshold]"
+        )
+    published_diff = math.nan
+    if comparable:
+        published_diff = published.get(shown.a.experiment, math.nan) - published.get(
+            shown.b.experiment, math.nan
+        )
+    return {
+        "claim": claim.id,
+        "statement": statement,
+        "a": shown.a.label,
+        "b": shown.b.label,
+        "diff_mean": shown.diff,
+        "ci_low": shown.low,
+        "ci_high": shown.high,
+        "n_a": len(shown.a_values),
+        "n_b": len(shown.b_values),
+        "published_diff": published_diff,
+        "verdict": overall,
+        "comparable": comparable,
+        "kind": claim.kind,
+        "threshold": claim.threshold,
+    }
 
-    return best(claim.a) - best(claim.b)
 
+def evaluate_claims(
+    runs: pd.DataFrame, published: dict[str, float], claims: list[Claim]
+) -> tuple[pd.DataFrame, list[str]]:
+    """One row per claim with runs on both sides, then one ``gap_<experiment>`` row per
+    experiment with runs (the headline: best reported − best actual, one-sample t-interval over
+    its runs); and the ids of the claims left out for want of runs.
 
-def _name(side: _Side, members: tuple[str, ...]) -> str:
-    return side.experiment or " | ".join(members)
-
-
-def evaluate_claims(runs: pd.DataFrame, published: dict[str, float]) -> pd.DataFrame:
-    """One row per claim, then one ``gap_<experiment>`` row per experiment with runs (the
-    headline: best reported − best actual, one-sample t-interval over its runs).
-
-    ``runs`` must carry :func:`annotate_comparability`'s columns. Besides the columns of
-    claims.csv the frame has ``kind`` and ``threshold``, for the figure.
+    ``runs`` must carry :func:`pnn.comparability.annotate_comparability`'s columns. Besides the
+    columns of claims.csv the frame has ``kind`` and ``threshold``, for the figure.
     """
     rows: list[dict[str, Any]] = []
-    for claim in CLAIMS:
-        a, b = _side(runs, claim.a), _side(runs, claim.b)
-        low, high = welch_interval(a.values, b.values)
-        comparable = a.comparable and b.comparable
-        mean = (
-            float(pd.Series(a.values).mean() - pd.Series(b.values).mean())
-            if a.values and b.values
-            else math.nan
-        )
-        rows.append(
-            {
-                "claim": claim.id,
-                "statement": claim.statement,
-                "a": _name(a, claim.a),
-                "b": _name(b, claim.b),
-                "diff_mean": mean,
-                "ci_low": low,
-                "ci_high": high,
-                "n_a": len(a.values),
-                "n_b": len(b.values),
-                "published_diff": _published_diff(claim, published) if comparable else math.nan,
-                "verdict": verdict(
-                    claim.kind, claim.threshold, low, high, comparable and a.enough and b.enough
-                ),
-                "comparable": comparable,
-                "kind": claim.kind,
-                "threshold": claim.threshold,
-            }
-        )
+    without_runs: list[str] = []
+    for claim in claims:
+        row = _claim_row(claim, runs, published)
+        if row is None:
+            without_runs.append(claim.id)
+        else:
+            rows.append(row)
     rows += gap_rows(runs)
-    return pd.DataFrame(rows, columns=[*CLAIM_COLUMNS, "kind", "threshold"])
+    return pd.DataFrame(rows, columns=[*CLAIM_COLUMNS, "kind", "threshold"]), without_runs
 
 
 def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
@@ -344,13 +212,13 @@ def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
     rows = []
     experiments = sort_experiments(pd.DataFrame({"experiment": runs["experiment"].unique()}), [])
     for experiment in experiments["experiment"]:
-        used = _used_runs(runs, experiment)
+        used = member_runs(runs, Member(experiment))
         gaps = (used["best_test_acc_reported"] - used["best_test_acc"]).dropna()
         if gaps.empty:
             continue
         low = high = math.nan
         if len(gaps) >= 2:
-            low, high = _interval(stats.ttest_1samp, gaps, 0.0)
+            low, high = interval(stats.ttest_1samp, gaps, 0.0)
         comparable = bool(used["comparable"].all())
         enough = comparable and len(gaps) >= 2
         rows.append(

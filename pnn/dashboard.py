@@ -60,19 +60,22 @@ def publish(experiment_name: str, sweep_dir: Path) -> None:
 
 
 def _analyse_onto(client: Any, uri: str, experiment_name: str, parent: str, out: Path) -> None:
-    from pnn.report import markdown, write_report
+    from pnn.formats import markdown
+    from pnn.report import write_report
 
     report, _ = write_report(uri, experiment_name, sweep=parent, out=out)
     for path in report.written:  # claims.csv and whatever else write_report adds, too
         tracking.retry(lambda path=path: client.log_artifact(parent, str(path)))
     command = tracking.retry(lambda: client.get_run(parent)).data.tags.get("pnn.command", "")
-    note = description(command, markdown(report.tables[0]), parent)
+    tables = "\n".join(markdown(t) for t in report.summary_tables)
+    note = description(command, tables, parent)
     tracking.set_tags(client, parent, {NOTE_TAG: note})
     print(f"[sweep] results of this sweep: {out / 'results.md'} (also on the parent run {parent})")
 
 
 def description(command: str, table_md: str, parent: str) -> str:
-    """The parent run's description: the command, the results table, where the rest is."""
+    """The parent run's description: the command, the results table (and the ablations, when
+    the sweep swept keys: their figures are artifacts beside it), where the rest is."""
     args = "" if command == "(no arguments)" else command
     head = f"`sweep.py {args}`".replace(" `", "`") + "\n\n"
     tail = (

@@ -13,7 +13,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from pnn.results import RESNET18_LIKE
+from pnn.claims_file import short_id
+from pnn.results import RESNET18_LIKE, value_key
 
 DPI = 120
 
@@ -217,5 +218,50 @@ def plot_claims(claims: pd.DataFrame) -> Figure:
                 handles.append(handle)
                 names.append(name)
     axes[0, 0].legend(handles, names, loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _numeric_levels(levels: pd.Series) -> pd.Series | None:
+    numbers = pd.to_numeric(levels, errors="coerce")
+    return None if numbers.isna().any() else numbers
+
+
+def plot_ablation(table: pd.DataFrame, key: str) -> Figure:
+    """Best test accuracy against the levels of ``key`` (rows of ablations.csv), mean with its
+    95% t-interval, one line per experiment (and per level of the other keys held). Numeric
+    levels get a numeric axis, log-scaled when they span two decades or more; others are
+    categories in sort order."""
+    mine = table[table["key"] == key]
+    if mine.empty:
+        raise SkipFigure(f"{key} is not a swept key")
+    numbers = _numeric_levels(mine["level"])
+    if numbers is None:
+        categories = sorted(mine["level"].unique(), key=value_key)
+        position = mine["level"].map({c: i for i, c in enumerate(categories)}).astype(float)
+    else:
+        position = numbers.astype(float)
+    fig = Figure(figsize=(8, 5), dpi=DPI)
+    ax = fig.add_subplot()
+    for (experiment, held), group in mine.groupby(["experiment", "held"], sort=False):
+        x = position.loc[group.index]
+        order = x.sort_values().index
+        y = group.loc[order, "best_test_acc_mean"]
+        low = (y - group.loc[order, "ci_low"]).fillna(0.0)
+        high = (group.loc[order, "ci_high"] - y).fillna(0.0)
+        label = short_id(str(experiment)) + (f", {held}" if held else "")
+        ax.errorbar(x.loc[order], y, yerr=[low, high], marker="o", capsize=4, label=label)
+    if numbers is None:
+        ax.set_xticks(range(len(categories)), categories)
+    else:
+        if (numbers > 0).all() and numbers.max() / numbers.min() >= 100:
+            ax.set_xscale("log")
+        ticks = dict(zip(numbers, mine["level"], strict=True))  # the levels as logged
+        ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
+    ax.set_xlabel(key)
+    ax.set_ylabel("Best test accuracy (%)")
+    ax.set_title(f"Best test accuracy against {key} (mean, 95% t-interval over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8, title="experiment")
     fig.tight_layout()
     return fig

@@ -5,20 +5,21 @@
 
 from __future__ import annotations
 
-import base64
-import html
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pnn import plots
-from pnn.claims import CLAIM_COLUMNS, annotate_comparability, evaluate_claims
+from pnn import ablations, plots
+from pnn.claims import CLAIM_COLUMNS, evaluate_claims
+from pnn.claims_file import load_all, short_id, short_label
+from pnn.comparability import annotate_comparability
+from pnn.formats import Report, Table, latex, markdown_document, render_html
 from pnn.results import (
     choose_gap_run,
     experiment_defaults,
     mixed_config_notes,
+    not_run,
     reported_vs_actual,
     sort_experiments,
     summarize,
@@ -26,6 +27,7 @@ from pnn.results import (
 from pnn.store import AnalysisError, RunSet, load_curves, load_runs
 
 DASH = "—"
+TITLE = "PNN reproduction: results"
 STD_NOTE = (
     "Mean ± sample std (ddof=1) over seeds; with one run the std is undefined and left out "
     "(blank in the CSV). Accuracies in %, differences in percentage points (pp)."
@@ -42,31 +44,27 @@ CLAIMS_NOTE = (
     "one-sample 95% t-interval. Each experiment contributes its comparable runs if it has any, "
     "else all its runs. Verdict: supported if the whole interval lies on the claimed side, "
     "contradicted if it lies wholly on the other side, inconclusive otherwise; too few runs "
-    "when an experiment of the row has fewer than 2 comparable runs. Published a − b from the "
-    "published accuracies, shown for comparable rows only."
+    "when a side has fewer than 2 runs (2 comparable runs for the README's claims). A claim "
+    "with a group side holds only if every member does, and fails if any member's interval "
+    "does; its row shows the member that decides the verdict, nearest the threshold. "
+    "Published a − b from the published accuracies, shown for comparable rows only."
+)
+ABLATIONS_NOTE = (
+    "For each swept key: best test accuracy per level, mean ± sample std over seeds with the "
+    "95% t-interval of the mean (scipy.stats.ttest_1samp), and the difference from the "
+    "reference level with Welch's 95% t-interval (scipy.stats.ttest_ind, equal_var=False). The "
+    "reference is the experiment file's own value when it is among the levels, else the first "
+    "level. With several swept keys, each key's levels are compared with the others held at "
+    "each of their levels. All the runs count, comparable with the paper or not."
+)
+CLAIMS_CAPTION = (
+    "Claims: a − b with its 95% interval, the claimed side shaded, the published difference marked"
 )
 GAP_NOTE = (
     '"Reported" is the original code\'s test accuracy (per-batch accuracy smoothed as '
     "0.7·previous + 0.3·current); actual is correct / total over the test set. "
     "Gap = best reported − best actual, each the best over epochs."
 )
-
-
-@dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-
-@dataclass
-class Report:
-    tables: list[Table]
-    figures: dict[str, Path | None] = field(default_factory=dict)  # title -> file, None = skipped
-    notes: list[str] = field(default_factory=list)
-    footer: list[str] = field(default_factory=list)
-    written: list[Path] = field(default_factory=list)
 
 
 def _num(value: float, digits: int = 2, signed: bool = False) -> str:
@@ -130,7 +128,7 @@ def results_table(summary: pd.DataFrame, by: list[str]) -> Table:
     return Table("Results", headers, rows, "\n\n".join(notes))
 
 
-def claims_table(claims: pd.DataFrame) -> Table:
+def claims_table(claims: pd.DataFrame, without_runs: list[str]) -> Table:
     rows = []
     for _, r in claims.iterrows():
         ci = DASH
@@ -139,9 +137,8 @@ def claims_table(claims: pd.DataFrame) -> Table:
         rows.append(
             [
                 r["claim"],
-                r["statement"],
-                r["a"],
-                r["b"],
+                short_label(r["a"]),
+                short_label(r["b"]),
                 _num(r["diff_mean"], signed=True),
                 ci,
                 f"{r['n_a']} / {r['n_b']}",
@@ -150,9 +147,60 @@ def claims_table(claims: pd.DataFrame) -> Table:
                 "yes" if r["comparable"] else "no",
             ]
         )
-    headers = ["Claim", "Statement", "a", "b", "a − b (pp)", "95% CI (pp)", "Runs a / b"]
+    headers = ["Claim", "a", "b", "a − b (pp)", "95% CI (pp)", "Runs a / b"]
     headers += ["Published a − b (pp)", "Verdict", "Comparable"]
-    return Table("Claims", headers, rows, CLAIMS_NOTE)
+    note = CLAIMS_NOTE
+    if without_runs:
+        note += f"\n\nNot evaluated, no runs on a side: {', '.join(without_runs)}."
+    return Table(
+        "Claims",
+        headers,
+        rows,
+        note,
+        details=list(claims["statement"]),
+        details_header="Statement",
+        figures=[CLAIMS_CAPTION],
+        figures_first=True,
+    )
+
+
+def ablation_tables(table: pd.DataFrame, found: dict[str, list[str]]) -> list[Table]:
+    """A section heading with the note, then one table per swept key (its figure after it)."""
+    if table.empty:
+        return []
+    tables = [
+        Table("Ablations", [], [], f"Swept keys: {ablations.listed(found)}.\n\n{ABLATIONS_NOTE}")
+    ]
+    for key, part in table.groupby("key", sort=False):
+        held = bool(part["held"].astype(bool).any())
+        rows = []
+        for _, r in part.iterrows():
+            ci = DASH if pd.isna(r["ci_low"]) else f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            reference = r["level"] == r["reference_level"]
+            diff_ci = DASH
+            if not pd.isna(r["diff_ci_low"]):
+                diff_ci = f"[{r['diff_ci_low']:+.2f}, {r['diff_ci_high']:+.2f}]"
+            rows.append(
+                [
+                    short_id(r["experiment"]),
+                    *([r["held"] or DASH] if held else []),
+                    str(r["level"]) + (" (reference)" if reference else ""),
+                    str(int(r["n"])),
+                    _mean_std(r["best_test_acc_mean"], r["best_test_acc_std"]),
+                    ci,
+                    DASH if reference else _num(r["diff_vs_reference"], signed=True),
+                    diff_ci,
+                ]
+            )
+        headers = ["Experiment", *(["Held at"] if held else []), str(key), "Runs"]
+        headers += ["Best test acc. (%)", "95% CI (%)", "Δ vs reference (pp)", "Welch 95% CI (pp)"]
+        caption = ablation_caption(str(key))
+        tables.append(Table(str(key), headers, rows, level=3, figures=[caption]))
+    return tables
+
+
+def ablation_caption(key: str) -> str:
+    return f"Best test accuracy against {key}: mean with its 95% t-interval"
 
 
 def gap_tables(per_experiment: pd.DataFrame, per_run: pd.DataFrame) -> list[Table]:
@@ -212,90 +260,6 @@ def footer(runs: RunSet) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Formats
-# --------------------------------------------------------------------------------------------
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown(table: Table) -> str:
-    lines = [f"## {table.title}", ""]
-    lines.append("| " + " | ".join(_md_cell(h) for h in table.headers) + " |")
-    lines.append("|" + "|".join("---" for _ in table.headers) + "|")
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
-    if table.note:
-        lines += ["", table.note]
-    return "\n".join(lines) + "\n"
-
-
-_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#"}
-_TEX_ESCAPES |= {"_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
-_TEX_ESCAPES |= {"±": r"$\pm$", "—": "---", "−": "$-$", "·": r"$\cdot$"}
-
-
-def _tex(text: str) -> str:
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
-
-
-def latex(table: Table) -> str:
-    """A booktabs tabular; needs ``\\usepackage{booktabs}``."""
-    spec = "l" * 2 + "r" * (len(table.headers) - 2)
-    lines = [f"% {table.title}", f"\\begin{{tabular}}{{{spec}}}", r"\toprule"]
-    lines.append(" & ".join(_tex(h) for h in table.headers) + r" \\")
-    lines.append(r"\midrule")
-    lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in table.rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [f"% {part}" for part in table.note.split("\n\n") if part]
-    return "\n".join(lines) + "\n"
-
-
-def html_table(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows
-    )
-    note = "".join(
-        f"<p class='note'>{html.escape(part)}</p>" for part in table.note.split("\n\n") if part
-    )
-    return (
-        f"<h2>{html.escape(table.title)}</h2>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
-    )
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-    "th,td{border:1px solid #ccc;padding:4px 8px}td{text-align:right}"
-    "td:nth-child(-n+2){text-align:left}th{background:#f0f0f0}"
-    ".note{color:#555;font-size:0.9em}img{max-width:100%;border:1px solid #eee}"
-)
-
-
-def render_html(report: Report, title: str) -> str:
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    parts += [html_table(t) for t in report.tables]
-    parts.append("<h2>Figures</h2>")
-    for caption, path in report.figures.items():
-        if path is None:
-            continue
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(
-            f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
-    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in report.notes]
-    parts.append("<hr>" + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in report.footer))
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body>{''.join(parts)}</body></html>\n"
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # Everything
 # --------------------------------------------------------------------------------------------
 
@@ -306,6 +270,7 @@ def _figures(
     by: list[str],
     gap_run: pd.Series | None,
     claims: pd.DataFrame,
+    ablation: pd.DataFrame,
 ) -> tuple[list[tuple[str, str, Figure | None]], list[str]]:
     """(file name, caption, Figure or None when skipped) for each figure, and skip notes."""
     table_order = sort_experiments(runs.finished, [*(f"config.{k}" for k in by), "seed"])
@@ -330,13 +295,16 @@ def _figures(
             "ResNet-18-like models e1, e4, e7: test accuracy per epoch",
             lambda: plots.plot_resnet18_like(curves, table_order),
         ),
-        (
-            "claims.png",
-            "Claims: a − b with its 95% interval, the claimed side shaded, the published "
-            "difference marked",
-            lambda: plots.plot_claims(claims),
-        ),
+        ("claims.png", CLAIMS_CAPTION, lambda: plots.plot_claims(claims)),
     ]
+    for key in ablation["key"].unique():
+        attempts.append(
+            (
+                ablations.figure_name(key),
+                ablation_caption(key),
+                lambda key=key: plots.plot_ablation(ablation, key),
+            )
+        )
     figures, notes = [], []
     for name, caption, draw in attempts:
         try:
@@ -354,9 +322,11 @@ def write_report(
     by: list[str] | None = None,
     run_id: str | None = None,
     out: Path = Path("results"),
+    claims_files: list[Path] | None = None,
 ) -> tuple[Report, str]:
-    """Load the runs, write every output under ``out``; returns the report and results.md."""
-    by = by or []
+    """Load the runs, write every output under ``out``; returns the report and the text that
+    analyze.py prints. ``by`` None groups by the swept keys found in the runs; ``[]`` not at
+    all. ``claims_files`` are added to the README's claims (conf/claims/readme.yaml)."""
     runs = load_runs(tracking_uri, experiment_name, sweep)
     if runs.finished.empty:
         first = runs.excluded.iloc[0]
@@ -365,25 +335,39 @@ def write_report(
             f"{first['run_name']}: "
             f"{first['reason']}"
         )
+    # Everything a person may have got wrong is checked before anything is written.
+    claim_list = load_all(list(claims_files or []), runs.finished)
+    found = ablations.swept_keys(runs.finished)
+    grouped_by_found = by is None
+    by = ablations.all_keys(found) if by is None else by
     runs.finished = annotate_comparability(runs.finished)
-    summary = summarize(runs.finished, by)  # checks --by before anything is written
+    summary = summarize(runs.finished, by)  # checks --by
     published = {k: v["published_test_acc"] for k, v in experiment_defaults().items()}
-    claims = evaluate_claims(runs.finished, published)
+    claims, without_runs = evaluate_claims(runs.finished, published, claim_list)
+    ablation = ablations.ablation_table(runs.finished, found)
     per_experiment, per_run = reported_vs_actual(runs.finished)
     gap_run = choose_gap_run(per_run, run_id)  # checks --run
     curves = load_curves(tracking_uri, runs.finished)
 
     out.mkdir(parents=True, exist_ok=True)
+    results = results_table(summary, by)
+    missing = not_run(runs.finished)
+    if missing:
+        results.note += f"\n\nNo runs of: {', '.join(missing)}."
+    if grouped_by_found:
+        results.note += "\n\n" + ablations.describe(found)
+    for mixed in mixed_config_notes(runs.finished, by):
+        results.note += f"\n\nNote: {mixed}"
+    ablation_part = ablation_tables(ablation, found)
     report = Report(
         tables=[
-            results_table(summary, by),
-            claims_table(claims),
+            results,
+            *ablation_part,
+            claims_table(claims, without_runs),
             *gap_tables(per_experiment, per_run),
-        ]
+        ],
+        summary_tables=[results, *ablation_part],
     )
-    mixed = mixed_config_notes(runs.finished, by)
-    if mixed:
-        report.tables[0].note += "".join(f"\n\nNote: {n}" for n in mixed)
     report.footer = footer(runs)
     frames = {
         "results.csv": summary,
@@ -392,24 +376,21 @@ def write_report(
         "reported_vs_actual_summary.csv": per_experiment,
         "curves.csv": curves,
     }
+    if len(ablation):
+        frames["ablations.csv"] = ablation
     for name, frame in frames.items():
         frame.to_csv(out / name, index=False)
         report.written.append(out / name)
 
-    figures, report.notes = _figures(runs, curves, by, gap_run, claims)
+    figures, report.notes = _figures(runs, curves, by, gap_run, claims, ablation)
     for name, caption, fig in figures:
         report.figures[caption] = plots.save(fig, out / name) if fig is not None else None
         if fig is not None:
             report.written.append(out / name)
 
-    text = "\n".join(markdown(t) for t in report.tables)
-    paragraphs = [*report.notes, *report.footer]
-    text += "".join(("\n" if line.startswith("- ") else "\n\n") + line for line in paragraphs)
-    images = [f"![{c}]({p.name})" for c, p in report.figures.items() if p is not None]
-    figures_md = "\n## Figures\n\n" + "\n\n".join(images) + "\n" if images else ""
-    (out / "results.md").write_text(f"# PNN reproduction: results\n\n{text}\n{figures_md}")
-    tex = "\n".join(latex(t) for t in report.tables)
-    (out / "results.tex").write_text(tex)
-    (out / "report.html").write_text(render_html(report, "PNN reproduction: results"))
+    text, document = markdown_document(report, TITLE)
+    (out / "results.md").write_text(document)
+    (out / "results.tex").write_text("\n".join(latex(t) for t in report.tables))
+    (out / "report.html").write_text(render_html(report, TITLE))
     report.written += [out / "results.md", out / "results.tex", out / "report.html"]
     return report, text

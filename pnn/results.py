@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from pnn.comparability import ignored_key, row_reason
 from pnn.config import CONF_DIR
 from pnn.store import CONFIG_PREFIX, AnalysisError, to_float
 
@@ -69,14 +70,21 @@ def experiment_defaults(conf_dir: Path = CONF_DIR) -> dict[str, dict[str, Any]]:
     return defaults
 
 
-def parse_by(values: list[str] | None) -> list[str]:
-    """``--by a --by b,c`` -> ``[a, b, c]``, in order, without repeats."""
+def parse_by(values: list[str] | None) -> list[str] | None:
+    """``--by a --by b,c`` -> ``[a, b, c]``, in order, without repeats; ``--by none`` -> ``[]``
+    (no grouping); no ``--by`` -> None (group by the swept keys, :mod:`pnn.ablations`)."""
+    if values is None:
+        return None
     keys: list[str] = []
-    for value in values or []:
+    for value in values:
         for key in value.split(","):
             key = key.strip().removeprefix(CONFIG_PREFIX)
             if key and key not in keys:
                 keys.append(key)
+    if "none" in keys:
+        if keys != ["none"]:
+            raise AnalysisError(f"--by none turns grouping off; it takes no other key (got {keys})")
+        return []
     return keys
 
 
@@ -90,13 +98,13 @@ def check_by(runs: pd.DataFrame, by: list[str]) -> None:
         )
 
 
-def _order_key(experiment: str) -> tuple[int, str]:
+def experiment_key(experiment: str) -> tuple[int, str]:
     if experiment in README_EXPERIMENTS:
         return README_EXPERIMENTS.index(experiment), ""
     return len(README_EXPERIMENTS), experiment
 
 
-def _value_key(value: Any) -> tuple[int, float, str]:
+def value_key(value: Any) -> tuple[int, float, str]:
     number = to_float(value)
     return (0, number, "") if not math.isnan(number) else (1, 0.0, str(value))
 
@@ -104,7 +112,7 @@ def _value_key(value: Any) -> tuple[int, float, str]:
 def sort_experiments(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """README order, then other experiments alphabetically; ``--by`` values numerically."""
     keys = [
-        (_order_key(row["experiment"]), *(_value_key(row[k]) for k in by))
+        (experiment_key(row["experiment"]), *(value_key(row[k]) for k in by))
         for _, row in frame.iterrows()
     ]
     order = sorted(range(len(frame)), key=lambda i: keys[i])
@@ -134,13 +142,10 @@ def _std(values: pd.Series) -> float:
 def summarize(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """The results table: one row per experiment (x ``by`` values), the columns of results.csv.
 
-    README experiments without runs appear as rows with ``n_runs == 0``, blank numbers and the
-    published accuracy. A row with runs gets the published accuracy and the difference only if
-    all its runs are comparable with the paper (:mod:`pnn.claims`); else
-    ``not_comparable_because`` says why not.
+    Only experiments with runs have rows (:func:`not_run` names the README's others). A row
+    gets the published accuracy and the difference only if all its runs are comparable with the
+    paper (:mod:`pnn.comparability`); else ``not_comparable_because`` says why not.
     """
-    from pnn.claims import row_reason
-
     by = by or []
     check_by(runs, by)
     defaults = experiment_defaults()
@@ -174,23 +179,14 @@ def summarize(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
                     "not_comparable_because": reason,
                 }
             )
-    present = {row["experiment"] for row in rows}
-    for experiment in README_EXPERIMENTS:
-        if experiment not in present:
-            known = defaults.get(experiment, {})
-            rows.append(
-                {
-                    "experiment": experiment,
-                    **dict.fromkeys(by, "—"),
-                    "description": known.get("description", ""),
-                    "n_runs": 0,
-                    "published_test_acc": known.get("published_test_acc", math.nan),
-                    "comparable": None,
-                    "not_comparable_because": "",
-                }
-            )
     columns = ["experiment", *by, *SUMMARY_COLUMNS[1:]]
     return sort_experiments(pd.DataFrame(rows).reindex(columns=columns), by)
+
+
+def not_run(runs: pd.DataFrame) -> list[str]:
+    """The README experiments without a run in ``runs``, in the README's order."""
+    present = set(runs["experiment"])
+    return [e for e in README_EXPERIMENTS if e not in present]
 
 
 def reported_vs_actual(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -262,8 +258,6 @@ def mixed_config_notes(runs: pd.DataFrame, by: list[str]) -> list[str]:
     Such a row mixes settings (say two ``masks.nmasks``), and its std is not a seed spread;
     ``--by`` splits it.
     """
-    from pnn.claims import ignored_key
-
     config_columns = [
         c
         for c in runs.columns

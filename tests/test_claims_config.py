@@ -1,0 +1,181 @@
+"""Claims as config: a user's claims file (analyze.py --claims), its errors, and the group rule.
+
+The store's job runs are logged by pnn.tracking from configs composed with the real conf/
+(tests/test_claims.py's ``_log``); only their metrics are set here, so that every expected
+number can be worked out with scipy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy import stats
+from test_claims import _log
+
+REPO = Path(__file__).resolve().parent.parent
+E4, E7 = "e4_conv1x1_no_noise", "e7_pnn_shared_masks"
+# Best test accuracy per seed: e7 with its own 64 masks, e7 with one mask (a wider spread), e4.
+BEST = {
+    ("e7", "64"): [60.0, 61.0, 62.0],
+    ("e7", "1"): [59.0, 61.5, 57.0],
+    ("e4", ""): [50.0, 50.5, 51.0],
+}
+
+
+def _load_analyze():
+    spec = importlib.util.spec_from_file_location("analyze_cli", REPO / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+analyze = _load_analyze()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('user-claims') / 'mlflow.db'}"
+    for (short, nmasks), values in BEST.items():
+        experiment = E7 if short == "e7" else E4
+        extra = [f"masks.nmasks={nmasks}"] if nmasks else []
+        for seed, best in enumerate(values, start=1):
+            _log(uri, "pnn", [f"experiment={experiment}", f"train.seed={seed}", *extra], best, 3.0)
+    return uri
+
+
+def _welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return ci.low, ci.high
+
+
+def _run(store: str, out: Path, *claims_files: Path) -> int:
+    args = ["--tracking-uri", store, "--out", str(out)]
+    for path in claims_files:
+        args += ["--claims", str(path)]
+    return analyze.main(args)
+
+
+def _claims(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "claims.csv").set_index("claim")
+
+
+USER_CLAIMS = """
+claims:
+  - id: nmasks_64_matches_1
+    statement: 64 masks are within 2 points of one mask
+    a: {experiment: e7_pnn_shared_masks, masks.nmasks: 64}
+    b: {experiment: e7, masks.nmasks: 1}
+    kind: within
+    threshold: 2
+  - id: masks_8pt_above_e4
+    a:
+      - {experiment: e7_pnn_shared_masks, masks.nmasks: 64}
+      - {experiment: e7_pnn_shared_masks, masks.nmasks: 1}
+    b: e4_conv1x1_no_noise
+    kind: at_least
+    threshold: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def analysed(store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("user-claims-out")
+    (root / "mine.yaml").write_text(USER_CLAIMS)
+    assert _run(store, root / "results", root / "mine.yaml") == 0
+    return root / "results"
+
+
+def test_a_filtered_side_gives_the_welch_row(analysed: Path) -> None:
+    row = _claims(analysed).loc["nmasks_64_matches_1"]
+    a, b = BEST[("e7", "64")], BEST[("e7", "1")]
+    assert (row["a"], row["b"]) == (f"{E7} (masks.nmasks=64)", f"{E7} (masks.nmasks=1)")
+    assert (row["n_a"], row["n_b"]) == (3, 3)
+    assert row["diff_mean"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
+    low, high = _welch(a, b)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    # |a − b| < 2 claimed; this interval reaches past 2, but not wholly: inconclusive.
+    assert low < 2 < high and row["verdict"] == "inconclusive"
+    assert row["statement"] == "64 masks are within 2 points of one mask"
+    # The README's claims are still there, those without runs named under the table.
+    md = (analysed / "results.md").read_text()
+    skipped = "noise_worth_under_1pt, trained_masks_match_e4, all_5pt_below_baseline, "
+    assert f"Not evaluated, no runs on a side: {skipped}first_layer_noise_costs_10pt." in md
+    assert "nmasks_64_matches_1" in md
+
+
+def test_a_group_holds_only_if_every_member_does(analysed: Path) -> None:
+    row = _claims(analysed).loc["masks_8pt_above_e4"]
+    e4 = BEST[("e4", "")]
+    best_by_mean, other = BEST[("e7", "64")], BEST[("e7", "1")]
+    assert statistics.fmean(best_by_mean) > statistics.fmean(other)
+    # The member with the higher mean is wholly above 8 (the old rule said: supported) ...
+    assert _welch(best_by_mean, e4)[0] >= 8
+    # ... but the other member's interval crosses 8: the claim is not supported.
+    low, high = _welch(other, e4)
+    assert low < 8 <= high
+    assert row["verdict"] == "inconclusive"
+    assert row["a"] == f"{E7} (masks.nmasks=1)" and row["b"] == E4
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    assert "every member must hold; shown: e7 (masks.nmasks=1) − e4" in row["statement"]
+
+
+def test_report_html_gives_each_statement_a_full_width_line(analysed: Path) -> None:
+    page = (analysed / "report.html").read_text()
+    claims = page[page.index("<h2>Claims</h2>") :]
+    # The claims figure comes first, then the table; cells name experiments by short ids.
+    assert claims.index("<img") < claims.index("<table>")
+    assert "<td>e7 (masks.nmasks=64)</td><td>e7 (masks.nmasks=1)</td>" in claims
+    assert (
+        "<tr class='detail'><td colspan='9'>64 masks are within 2 points of one mask</td></tr>"
+        in claims
+    )
+
+
+BAD_CLAIM = """
+claims:
+  - id: my_claim
+    a: {a}
+    b: e4_conv1x1_no_noise
+    kind: {kind}
+{threshold}
+"""
+
+
+@pytest.mark.parametrize(
+    ("a", "kind", "threshold", "message"),
+    [
+        ("e9_nothing", "below", "    threshold: 1", "field a: unknown experiment 'e9_nothing'"),
+        (
+            "{experiment: e7, masks.nmask: 64}",
+            "below",
+            "    threshold: 1",
+            "field a: no run has the config key 'masks.nmask'",
+        ),
+        ("e7", "smaller", "    threshold: 1", "field kind: unknown kind 'smaller'; allowed: below"),
+        ("e7", "below", "", "field threshold: a number of percentage points is needed (got "),
+    ],
+)
+def test_a_bad_claims_file_is_one_line_and_writes_nothing(
+    store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    a: str,
+    kind: str,
+    threshold: str,
+    message: str,
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CLAIM.format(a=a, kind=kind, threshold=threshold))
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.md").write_text("from before")
+    assert _run(store, out, bad) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"analyze.py: claims file {bad}, claim my_claim, {message}"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["results.md"]
+    assert (out / "results.md").read_text() == "from before"
