@@ -192,10 +192,9 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
         if isinstance(err, NonFiniteLossError):
             reason = str(err)
-        elif storeguard.is_store_error(err):  # one line, not MLflow's pages of SQL
-            reason = str(storeguard.explain(job.client.tracking_uri, err))
-        else:
-            reason = f"{type(err).__name__}: {err}"
+        else:  # a store error in one line, not MLflow's pages of SQL
+            problem = storeguard.as_store_error(job.client.tracking_uri, err)
+            reason = str(problem) if problem else f"{type(err).__name__}: {err}"
         return _mark_failed(job, run_id, reason)
     finally:
         run_context.stop_system_metrics(monitor)

@@ -102,14 +102,15 @@ class RunSet:
 
 
 def _client(uri: str) -> Any:
-    from pnn.storeguard import client, explain, is_store_error
+    from pnn.storeguard import as_store_error, client
 
     try:
         return client(uri)
     except Exception as err:
-        if is_store_error(err):
-            raise AnalysisError(str(explain(uri, err))) from None
-        raise
+        problem = as_store_error(uri, err)
+        if problem is None:
+            raise
+        raise AnalysisError(str(problem)) from None
 
 
 def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:

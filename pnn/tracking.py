@@ -192,12 +192,11 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
     storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
     try:
         return _start_sweep(cfg, uri, sweep_dir, command, n_jobs)
-    except storeguard.StoreError:
-        raise
     except Exception as err:
-        if storeguard.is_store_error(err):
-            raise storeguard.explain(uri, err) from None
-        raise
+        problem = storeguard.as_store_error(uri, err)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int) -> str:
@@ -242,9 +241,10 @@ def end_sweep(status: str, signal_name: str | None = None) -> str | None:
             set_tags(client, run_id, tag)
         retry(lambda: client.set_terminated(run_id, status))
     except Exception as err:
-        if not storeguard.is_store_error(err):
+        problem = storeguard.as_store_error(uri, err)
+        if problem is None:
             raise
-        return f"the sweep's parent run {run_id} could not be ended: {storeguard.explain(uri, err)}"
+        return f"the sweep's parent run {run_id} could not be ended: {problem}"
     return None
 
 
@@ -281,10 +281,10 @@ def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str
             set_tags(client, run_id, tags)
         retry(lambda: client.set_terminated(run_id, status))
     except Exception as err:
-        if not storeguard.is_store_error(err):
+        problem = storeguard.as_store_error(client.tracking_uri, err)
+        if problem is None:
             raise
-        why = storeguard.explain(client.tracking_uri, err)
-        return f"run {run_id} could not be marked {status}: {why}"
+        return f"run {run_id} could not be marked {status}: {problem}"
     return None
 
 
