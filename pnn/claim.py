@@ -16,14 +16,12 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from pnn import storeguard, tracking
-
-if TYPE_CHECKING:
-    from pnn.job import Job
+from pnn.job_identity import Job
 
 log = logging.getLogger("pnn")
 
@@ -266,7 +264,7 @@ def _create_run(job: Job) -> str:
     counts = count_parameters(model)
     overrides = _overrides()
     run_id = tracking.create_job_run(
-        job.client, job.experiment_id, cfg, job.chash, overrides, job.owner
+        job.client, job.experiment_id, cfg, job.chash, overrides, claim_tags(job.owner)
     )
     tracking.log_metrics(job.client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
     _log_text(job.client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -81,9 +81,9 @@ class PNNSweeper(Sweeper):
         try:
             return self._sweep(arguments)
         except interrupt.Interrupted as sig:  # before any job process ran
-            from pnn import tracking
+            from pnn import sweep_run
 
-            problem = tracking.end_sweep("KILLED", sig.signal_name)
+            problem = sweep_run.end_sweep("KILLED", sig.signal_name)
             print(f"[sweep] interrupted by {sig.signal_name} before any job started", flush=True)
             if problem:
                 print(f"[sweep] {problem}", file=sys.stderr, flush=True)
@@ -131,7 +131,7 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        from pnn import dashboard, tracking
+        from pnn import dashboard, sweep_run, tracking
         from pnn.storeguard import StoreError
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
@@ -177,7 +177,7 @@ class PNNSweeper(Sweeper):
         if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
             dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
         status = "KILLED" if signame else "FAILED" if failed else "FINISHED"
-        problem = tracking.end_sweep(status, signame)
+        problem = sweep_run.end_sweep(status, signame)
         if problem:
             print(f"[sweep] {problem}", file=sys.stderr, flush=True)
         if signame:

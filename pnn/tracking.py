@@ -224,55 +224,6 @@ def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_job
     return run.info.run_id
 
 
-def end_sweep(status: str, signal_name: str | None = None) -> str | None:
-    """End the parent run with ``status``; after a signal, also mark KILLED the job runs this
-    sweep was training that are still RUNNING (:func:`_left_running`). Returns a one-line error
-    instead of raising when the store cannot be written."""
-    run_id, uri = os.environ.get(ENV_PARENT), os.environ.get(ENV_URI)
-    if not (run_id and uri):
-        return None
-    try:
-        client = storeguard.client(uri)
-        if signal_name:
-            tag = {"pnn.killed_by": signal_name}
-            for child in _left_running(client, run_id):
-                set_tags(client, child.info.run_id, tag)
-                retry(lambda c=child: client.set_terminated(c.info.run_id, "KILLED"))
-            set_tags(client, run_id, tag)
-        retry(lambda: client.set_terminated(run_id, status))
-    except Exception as err:
-        problem = storeguard.as_store_error(uri, err)
-        if problem is None:
-            raise
-        return f"the sweep's parent run {run_id} could not be ended: {problem}"
-    return None
-
-
-def _left_running(client: MlflowClient, parent_id: str) -> list:
-    """The RUNNING job runs this sweep worked on (created or adopted: TAG_SWEEPS), except those
-    another process has claimed since and still trains (pnn.claim): those are not ours to end.
-    One trained in this very process is ours, though its claim looks live."""
-    from pnn.claim import TAG_OWNER, claim_status, parse_owner
-
-    sweep = os.environ.get(ENV_SWEEP)
-    if sweep:
-        mine = f"tags.`{TAG_SWEEPS}` LIKE '%{sweep}%'"
-    else:
-        mine = f"tags.`mlflow.parentRunId` = '{parent_id}'"
-    experiment_id = retry(lambda: client.get_run(parent_id)).info.experiment_id
-    runs = retry(
-        lambda: client.search_runs(
-            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {mine}"
-        )
-    )
-    here = (socket.gethostname(), os.getpid())
-    return [
-        r
-        for r in runs
-        if parse_owner(r.data.tags.get(TAG_OWNER, "")) == here or not claim_status(r)[0]
-    ]
-
-
 def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> str | None:
     """Tag and end a job run, for failure handlers: never raises a store error (the store may be
     what failed); returns it as one line instead."""
@@ -317,10 +268,9 @@ def create_job_run(
     cfg: DictConfig,
     chash: str,
     overrides: str,
-    owner: str | None = None,
+    claim: dict[str, str] | None = None,
 ) -> str:
-    from pnn.claim import claim_tags, owner_id
-
+    """A new child run; ``claim`` holds the tags of the job's claim on it (``pnn.claim``)."""
     tags = {
         "pnn.role": "job",
         "pnn.config_hash": chash,
@@ -329,7 +279,7 @@ def create_job_run(
         "description": str(cfg.description),
         "published_test_acc": "" if cfg.published_test_acc is None else str(cfg.published_test_acc),
         "mlflow.note.content": str(cfg.description),
-        **claim_tags(owner or owner_id()),
+        **(claim or {}),
     }
     if os.environ.get(ENV_PARENT):
         tags["mlflow.parentRunId"] = os.environ[ENV_PARENT]
