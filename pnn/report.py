@@ -22,6 +22,7 @@ from pnn.results import (
     reported_vs_actual,
     sort_experiments,
     summarize,
+    sweep_notes,
 )
 from pnn.store import AnalysisError, RunSet, load_curves, load_runs
 
@@ -208,7 +209,7 @@ def footer(runs: RunSet) -> list[str]:
         lines.append(f"Excluded {len(excluded)} runs ({_counts(excluded)}):")
         for r in excluded.itertuples():
             lines.append(f"- {r.run_name} ({r.run_id}): {r.reason}")
-    return lines
+    return lines + sweep_notes(runs.running_sweeps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def write_report(
         raise AnalysisError(
             f"no finished job runs to summarise ({_counts(runs.excluded)}); e.g. "
             f"{first['run_name']}: "
-            f"{first['reason']}"
+            f"{first['reason']}" + "".join(f". {n}" for n in sweep_notes(runs.running_sweeps))
         )
     runs.finished = annotate_comparability(runs.finished)
     summary = summarize(runs.finished, by)  # checks --by before anything is written

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from pnn.claim import claim_status
 from pnn.config import CONF_DIR
 from pnn.store import CONFIG_PREFIX, AnalysisError, to_float
 
@@ -284,5 +285,24 @@ def mixed_config_notes(runs: pd.DataFrame, by: list[str]) -> list[str]:
             notes.append(
                 f"Row {row} averages runs that differ in {shown} besides the seed; "
                 f"split it with --by {varying[0]}."
+            )
+    return notes
+
+
+def sweep_notes(running_sweeps: list[Any]) -> list[str]:
+    """What the RUNNING parent runs in scope are: live sweeps, or dead ones (their claim is
+    stale, pnn.claim) that no sweep has closed yet. The analysis only reads: the next sweep.py
+    on the experiment marks a dead one KILLED (pnn.sweep_run)."""
+    notes = []
+    for run in running_sweeps:
+        name = f"Sweep {run.info.run_name} ({run.info.run_id})"
+        live, why = claim_status(run)
+        if live:
+            notes.append(f"{name} is still running ({why}); its unfinished runs are excluded.")
+        else:
+            notes.append(
+                f"{name} is dead, not running: its parent run is RUNNING in the store, but "
+                f"{why}. analyze.py changes nothing; the next sweep.py on this experiment marks "
+                "it KILLED."
             )
     return notes

@@ -6,7 +6,8 @@ running many jobs needs:
 - every job's config is composed and validated before any job starts, so a typo in one grid
   value fails the whole command before data is loaded or anything is logged;
 - dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
-- one MLflow parent run per invocation, whose id the jobs read from the environment;
+- one MLflow parent run per invocation, whose id the jobs read from the environment, claimed
+  like a job's run so that a sweep killed outright is closed by the next (``pnn.sweep_run``);
 - jobs report instead of raising, so one failure does not stop the others; at the end a
   summary lists finished, skipped and failed jobs, and the command exits non-zero on failures;
 - before the parent run exists: the launcher's keys, each job's memory estimate
@@ -131,16 +132,23 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        from pnn import dashboard, sweep_run, tracking
+        from pnn import sweep_run
         from pnn.storeguard import StoreError
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        try:
-            tracking.start_sweep(
+        try:  # the parent run, claimed by this process; stale sweeps are closed (no zombies)
+            heartbeat = sweep_run.start_sweep(
                 configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
             )
         except StoreError as err:
             raise SystemExit(f"error: {err}") from None
+        with heartbeat:  # renewed until the parent run is ended
+            return self._run_jobs(jobs, configs, sweep_dir)
+
+    def _run_jobs(self, jobs: list[list[str]], configs: list[DictConfig], sweep_dir: Path) -> Any:
+        """Launch the jobs, print the summary, publish the dashboard, end the parent run."""
+        from pnn import dashboard, sweep_run
+
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 

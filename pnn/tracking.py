@@ -4,7 +4,8 @@ job). The analysis reads the runs back with :mod:`pnn.store`.
 
 Layout (``analyze.py`` and the MLflow UI rely on it):
 
-- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep`` and ``pnn.sweep_id``;
+- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep``, ``pnn.sweep_id`` and
+  the sweep process's claim ``pnn.owner`` and ``pnn.heartbeat`` (``pnn.claim``);
 - one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
   ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
   ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the claim ``pnn.owner`` and
@@ -184,14 +185,20 @@ def git_commit() -> str | None:
 # The parent run (one per sweep.py invocation), created by the sweeper in the main process
 # --------------------------------------------------------------------------------------------
 
+# The parent runs that are not ended: live sweeps, and dead ones not closed yet (pnn.sweep_run).
+RUNNING_SWEEPS = "attributes.status = 'RUNNING' and tags.`pnn.role` = 'sweep'"
 
-def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> str:
-    """Check (and if new, create) the store, then create the parent run. Raises StoreError."""
+
+def start_sweep(
+    cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+) -> str:
+    """Check (and if new, create) the store, then create the parent run with the ``claim``
+    tags of the sweep's process (``pnn.claim``). Raises StoreError."""
     uri = resolve_uri(cfg, Path.cwd())
     storeguard.prepare(uri)
     storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
     try:
-        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs)
+        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs, claim)
     except Exception as err:
         problem = storeguard.as_store_error(uri, err)
         if problem is None:
@@ -199,11 +206,14 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
         raise problem from None
 
 
-def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int) -> str:
+def _start_sweep(
+    cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+) -> str:
     client = storeguard.client(uri)
     experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
     sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
     tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
+    tags.update(claim)
     tags["pnn.command"] = command or "(no arguments)"
     tags["mlflow.note.content"] = f"sweep.py {command}".strip()
     commit = git_commit()
