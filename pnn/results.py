@@ -290,19 +290,16 @@ def mixed_config_notes(runs: pd.DataFrame, by: list[str]) -> list[str]:
 
 
 def sweep_notes(running_sweeps: list[Any]) -> list[str]:
-    """What the RUNNING parent runs in scope are: live sweeps, or dead ones (their claim is
-    stale, pnn.claim) that no sweep has closed yet. The analysis only reads: the next sweep.py
-    on the experiment marks a dead one KILLED (pnn.sweep_run)."""
+    """One note per dead sweep among the RUNNING parent runs in scope: its claim is stale
+    (pnn.claim), so its sweep.py is gone, but no sweep has closed it yet. The analysis only
+    reads: the next sweep.py on the experiment marks it KILLED (pnn.sweep_run)."""
     notes = []
     for run in running_sweeps:
-        name = f"Sweep {run.info.run_name} ({run.info.run_id})"
         live, why = claim_status(run)
-        if live:
-            notes.append(f"{name} is still running ({why}); its unfinished runs are excluded.")
-        else:
+        if not live:
             notes.append(
-                f"{name} is dead, not running: its parent run is RUNNING in the store, but "
-                f"{why}. analyze.py changes nothing; the next sweep.py on this experiment marks "
-                "it KILLED."
+                f"Sweep {run.info.run_name} ({run.info.run_id}) is dead, not running: its "
+                f"parent run is RUNNING in the store, but {why}. analyze.py changes nothing; "
+                "the next sweep.py on this experiment marks it KILLED."
             )
     return notes
