@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from pnn.report import write_report
     from pnn.results import parse_by
     from pnn.store import AnalysisError, resolve_tracking_uri
-    from pnn.storeguard import explain, is_store_error
+    from pnn.storeguard import as_store_error
 
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"analyze.py: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # the store failed while being read: one line, not a traceback
-        if not is_store_error(err):
+        problem = as_store_error(uri, err)
+        if problem is None:
             raise
-        print(f"analyze.py: {explain(uri, err)}", file=sys.stderr)
+        print(f"analyze.py: {problem}", file=sys.stderr)
         return 1
     print(text)
     print("Wrote " + ", ".join(str(p) for p in report.written))

@@ -16,23 +16,22 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from pnn import storeguard, tracking
-
-if TYPE_CHECKING:
-    from pnn.job import Job
+from pnn.job_identity import Job
 
 log = logging.getLogger("pnn")
 
 
-# A job claims its run in the store: tag TAG_OWNER names the process ("<host>/<pid>/<token>")
-# and TAG_HEARTBEAT holds the Unix time of its last beat, renewed every HEARTBEAT_S by a
-# background thread. A RUNNING run is *live* (running elsewhere) while its heartbeat is younger
-# than STALE_S, unless its owner is on this host and its process is gone; otherwise it is
-# stale, and a rerun adopts it.
+# A job claims its run in the store, and a sweep its parent run (pnn.sweep_run): tag TAG_OWNER
+# names the process ("<host>/<pid>/<token>") and TAG_HEARTBEAT holds the Unix time of its last
+# beat, renewed every HEARTBEAT_S by a background thread. A RUNNING run is *live* (running
+# elsewhere) while its heartbeat is younger than STALE_S, unless its owner is on this host and
+# its process is gone; otherwise it is stale: a rerun adopts a job's, the next sweep closes a
+# sweep's.
 TAG_OWNER, TAG_HEARTBEAT = "pnn.owner", "pnn.heartbeat"
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
@@ -119,7 +118,7 @@ def mark_killed(client: Any, run_id: str, reason: str, owner: str | None = None)
 
 class Heartbeat:
     """Renews a run's TAG_HEARTBEAT every HEARTBEAT_S from a daemon thread, while a job
-    trains; a missed beat (store busy or away) is retried at the next one."""
+    trains or a sweep runs; a missed beat (store busy or away) is retried at the next one."""
 
     def __init__(self, client: Any, run_id: str, interval: float = HEARTBEAT_S):
         self.client, self.run_id, self.interval = client, run_id, interval
@@ -266,7 +265,7 @@ def _create_run(job: Job) -> str:
     counts = count_parameters(model)
     overrides = _overrides()
     run_id = tracking.create_job_run(
-        job.client, job.experiment_id, cfg, job.chash, overrides, job.owner
+        job.client, job.experiment_id, cfg, job.chash, overrides, claim_tags(job.owner)
     )
     tracking.log_metrics(job.client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
     _log_text(job.client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -21,13 +21,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from pnn.config import ConfigError, validate
+from pnn.job_identity import Job
 
 log = logging.getLogger("pnn")
 
@@ -82,35 +82,6 @@ def show_progress(cfg: DictConfig) -> bool:
         return cfg.train.progress == "on"
     # A live bar only when one job owns the terminal; parallel jobs log one line per epoch.
     return sys.stderr.isatty() and os.environ.get("PNN_SWEEP_JOBS", "1") == "1"
-
-
-@dataclass
-class Job:
-    """One job's identity and where its things live: its store, its hash, its checkpoint."""
-
-    cfg: DictConfig
-    name: str
-    client: Any
-    experiment_id: str
-    chash: str
-    ckpt_root: Path  # train.checkpoint_dir: nothing outside it is ever removed
-    ckpt_dir: Path
-    owner: str  # this job's claim on its run (pnn.claim.owner_id)
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.ckpt_dir / "last.pt"
-
-    def skip(self, reason: str) -> dict[str, Any]:
-        log.info(f"[{self.name}] skipped: {reason}")
-        return self.outcome("skipped", reason)
-
-    def outcome(self, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        """What the job reports to the sweeper (see ``pnn.sweeper.outcome_of``)."""
-        out: dict[str, Any] = {"status": status, "name": self.name}
-        if reason is not None:
-            out["reason"] = reason
-        return {**out, **extra}
 
 
 def job_name(cfg: DictConfig) -> str:
@@ -192,10 +163,9 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
         if isinstance(err, NonFiniteLossError):
             reason = str(err)
-        elif storeguard.is_store_error(err):  # one line, not MLflow's pages of SQL
-            reason = str(storeguard.explain(job.client.tracking_uri, err))
-        else:
-            reason = f"{type(err).__name__}: {err}"
+        else:  # a store error in one line, not MLflow's pages of SQL
+            problem = storeguard.as_store_error(job.client.tracking_uri, err)
+            reason = str(problem) if problem else f"{type(err).__name__}: {err}"
         return _mark_failed(job, run_id, reason)
     finally:
         run_context.stop_system_metrics(monitor)

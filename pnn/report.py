@@ -23,6 +23,7 @@ from pnn.results import (
     reported_vs_actual,
     sort_experiments,
     summarize,
+    sweep_notes,
 )
 from pnn.store import AnalysisError, RunSet, load_curves, load_runs
 
@@ -256,7 +257,7 @@ def footer(runs: RunSet) -> list[str]:
         lines.append(f"Excluded {len(excluded)} runs ({_counts(excluded)}):")
         for r in excluded.itertuples():
             lines.append(f"- {r.run_name} ({r.run_id}): {r.reason}")
-    return lines
+    return lines + sweep_notes(runs.running_sweeps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def write_report(
         raise AnalysisError(
             f"no finished job runs to summarise ({_counts(runs.excluded)}); e.g. "
             f"{first['run_name']}: "
-            f"{first['reason']}"
+            f"{first['reason']}" + "".join(f". {n}" for n in sweep_notes(runs.running_sweeps))
         )
     # Everything a person may have got wrong is checked before anything is written.
     claim_list = load_all(list(claims_files or []), runs.finished)

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from pnn.claim import claim_status
 from pnn.comparability import ignored_key, row_reason
 from pnn.config import CONF_DIR
 from pnn.store import CONFIG_PREFIX, AnalysisError, to_float
@@ -278,5 +279,21 @@ def mixed_config_notes(runs: pd.DataFrame, by: list[str]) -> list[str]:
             notes.append(
                 f"Row {row} averages runs that differ in {shown} besides the seed; "
                 f"split it with --by {varying[0]}."
+            )
+    return notes
+
+
+def sweep_notes(running_sweeps: list[Any]) -> list[str]:
+    """One note per dead sweep among the RUNNING parent runs in scope: its claim is stale
+    (pnn.claim), so its sweep.py is gone, but no sweep has closed it yet. The analysis only
+    reads: the next sweep.py on the experiment marks it KILLED (pnn.sweep_run)."""
+    notes = []
+    for run in running_sweeps:
+        live, why = claim_status(run)
+        if not live:
+            notes.append(
+                f"Sweep {run.info.run_name} ({run.info.run_id}) is dead, not running: its "
+                f"parent run is RUNNING in the store, but {why}. analyze.py changes nothing; "
+                "the next sweep.py on this experiment marks it KILLED."
             )
     return notes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from pnn.tracking import (
+    RUNNING_SWEEPS,
     SUMMARY_METRICS,  # logged once per run, at step 0
     TAG_SWEEPS,
 )
@@ -99,17 +100,21 @@ class RunSet:
     # With a sweep: how many of its runs it resumed (created by an earlier sweep; column
     # ``in_sweep`` says "resumed" for those, "created" for the others).
     resumed: int = 0
+    # The parent runs in scope (that sweep's, else the experiment's) still RUNNING in the
+    # store: live sweeps, or dead ones that nothing has closed yet (pnn.results tells which).
+    running_sweeps: list[Any] = field(default_factory=list)
 
 
 def _client(uri: str) -> Any:
-    from pnn.storeguard import client, explain, is_store_error
+    from pnn.storeguard import as_store_error, client
 
     try:
         return client(uri)
     except Exception as err:
-        if is_store_error(err):
-            raise AnalysisError(str(explain(uri, err))) from None
-        raise
+        problem = as_store_error(uri, err)
+        if problem is None:
+            raise
+        raise AnalysisError(str(problem)) from None
 
 
 def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
@@ -192,6 +197,7 @@ def load_runs(uri: str, experiment_name: str = "pnn", sweep: str | None = None) 
     ]
     sweep_run_id = sweep_name = None
     resumed = 0
+    running_sweeps = _search_all(client, experiment.experiment_id, RUNNING_SWEEPS)
     if sweep is not None:
         parents, newest = _pick_sweep(client, experiment.experiment_id, sweep)
         parent_ids = {p.info.run_id for p in parents}
@@ -205,6 +211,7 @@ def load_runs(uri: str, experiment_name: str = "pnn", sweep: str | None = None) 
         ]
         resumed = sum(r["in_sweep"] == "resumed" for r in records)
         sweep_run_id, sweep_name = newest.info.run_id, newest.info.run_name
+        running_sweeps = [p for p in running_sweeps if p.info.run_id in parent_ids]
     if not records:
         if sweep is not None:
             raise AnalysisError(
@@ -240,6 +247,7 @@ def load_runs(uri: str, experiment_name: str = "pnn", sweep: str | None = None) 
         sweep_run_id=sweep_run_id,
         sweep_name=sweep_name,
         resumed=resumed,
+        running_sweeps=running_sweeps,
     )
 
 

@@ -9,6 +9,8 @@
   create a new empty SQLite file where a deleted one was.
 - :func:`explain` turns what MLflow, SQLAlchemy or SQLite raise into a :class:`StoreError`:
   the URI, what failed and what to do, in one line instead of pages of traceback.
+  :func:`as_store_error` is what a caller uses: that line for the store's errors, None for
+  any other error, which the caller raises again.
 
 This module imports neither torch nor mlflow at import time.
 """
@@ -298,6 +300,12 @@ def is_store_error(err: BaseException) -> bool:
         return True
     module = type(err).__module__ or ""
     return module.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")
+
+
+def as_store_error(uri: str, err: BaseException) -> StoreError | None:
+    """``err`` in one line (:func:`explain`) if the store raised it, else None: an error of
+    our own code is a bug, which the caller raises again with its traceback."""
+    return explain(uri, err) if is_store_error(err) else None
 
 
 def explain(uri: str, err: BaseException) -> StoreError:

@@ -7,7 +7,8 @@ running many jobs needs:
   value, or a key the schema lacks (``+train.epoch=5``), fails the whole command before data is
   loaded or anything is logged;
 - dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
-- one MLflow parent run per invocation, whose id the jobs read from the environment;
+- one MLflow parent run per invocation, whose id the jobs read from the environment, claimed
+  like a job's run so that a sweep killed outright is closed by the next (``pnn.sweep_run``);
 - jobs report instead of raising, so one failure does not stop the others; at the end a
   summary lists finished, skipped and failed jobs, and the command exits non-zero on failures;
 - before the parent run exists: the launcher's keys, each job's memory estimate
@@ -88,9 +89,9 @@ class PNNSweeper(Sweeper):
         try:
             return self._sweep(arguments)
         except interrupt.Interrupted as sig:  # before any job process ran
-            from pnn import tracking
+            from pnn import sweep_run
 
-            problem = tracking.end_sweep("KILLED", sig.signal_name)
+            problem = sweep_run.end_sweep("KILLED", sig.signal_name)
             print(f"[sweep] interrupted by {sig.signal_name} before any job started", flush=True)
             if problem:
                 print(f"[sweep] {problem}", file=sys.stderr, flush=True)
@@ -138,16 +139,23 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        from pnn import dashboard, tracking
+        from pnn import sweep_run
         from pnn.storeguard import StoreError
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        try:
-            tracking.start_sweep(
+        try:  # the parent run, claimed by this process; stale sweeps are closed (no zombies)
+            heartbeat = sweep_run.start_sweep(
                 configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
             )
         except StoreError as err:
             raise SystemExit(f"error: {err}") from None
+        with heartbeat:  # renewed until the parent run is ended
+            return self._run_jobs(jobs, configs, sweep_dir)
+
+    def _run_jobs(self, jobs: list[list[str]], configs: list[DictConfig], sweep_dir: Path) -> Any:
+        """Launch the jobs, print the summary, publish the dashboard, end the parent run."""
+        from pnn import dashboard, sweep_run
+
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
@@ -184,7 +192,7 @@ class PNNSweeper(Sweeper):
         if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
             dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
         status = "KILLED" if signame else "FAILED" if failed else "FINISHED"
-        problem = tracking.end_sweep(status, signame)
+        problem = sweep_run.end_sweep(status, signame)
         if problem:
             print(f"[sweep] {problem}", file=sys.stderr, flush=True)
         if signame:

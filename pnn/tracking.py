@@ -4,7 +4,8 @@ job). The analysis reads the runs back with :mod:`pnn.store`.
 
 Layout (``analyze.py`` and the MLflow UI rely on it):
 
-- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep`` and ``pnn.sweep_id``;
+- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep``, ``pnn.sweep_id`` and
+  the sweep process's claim ``pnn.owner`` and ``pnn.heartbeat`` (``pnn.claim``);
 - one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
   ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
   ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the claim ``pnn.owner`` and
@@ -184,27 +185,35 @@ def git_commit() -> str | None:
 # The parent run (one per sweep.py invocation), created by the sweeper in the main process
 # --------------------------------------------------------------------------------------------
 
+# The parent runs that are not ended: live sweeps, and dead ones not closed yet (pnn.sweep_run).
+RUNNING_SWEEPS = "attributes.status = 'RUNNING' and tags.`pnn.role` = 'sweep'"
 
-def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> str:
-    """Check (and if new, create) the store, then create the parent run. Raises StoreError."""
+
+def start_sweep(
+    cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+) -> str:
+    """Check (and if new, create) the store, then create the parent run with the ``claim``
+    tags of the sweep's process (``pnn.claim``). Raises StoreError."""
     uri = resolve_uri(cfg, Path.cwd())
     storeguard.prepare(uri)
     storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
     try:
-        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs)
-    except storeguard.StoreError:
-        raise
+        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs, claim)
     except Exception as err:
-        if storeguard.is_store_error(err):
-            raise storeguard.explain(uri, err) from None
-        raise
+        problem = storeguard.as_store_error(uri, err)
+        if problem is None:
+            raise
+        raise problem from None
 
 
-def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int) -> str:
+def _start_sweep(
+    cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+) -> str:
     client = storeguard.client(uri)
     experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
     sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
     tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
+    tags.update(claim)
     tags["pnn.command"] = command or "(no arguments)"
     tags["mlflow.note.content"] = f"sweep.py {command}".strip()
     commit = git_commit()
@@ -225,54 +234,6 @@ def _start_sweep(cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_job
     return run.info.run_id
 
 
-def end_sweep(status: str, signal_name: str | None = None) -> str | None:
-    """End the parent run with ``status``; after a signal, also mark KILLED the job runs this
-    sweep was training that are still RUNNING (:func:`_left_running`). Returns a one-line error
-    instead of raising when the store cannot be written."""
-    run_id, uri = os.environ.get(ENV_PARENT), os.environ.get(ENV_URI)
-    if not (run_id and uri):
-        return None
-    try:
-        client = storeguard.client(uri)
-        if signal_name:
-            tag = {"pnn.killed_by": signal_name}
-            for child in _left_running(client, run_id):
-                set_tags(client, child.info.run_id, tag)
-                retry(lambda c=child: client.set_terminated(c.info.run_id, "KILLED"))
-            set_tags(client, run_id, tag)
-        retry(lambda: client.set_terminated(run_id, status))
-    except Exception as err:
-        if not storeguard.is_store_error(err):
-            raise
-        return f"the sweep's parent run {run_id} could not be ended: {storeguard.explain(uri, err)}"
-    return None
-
-
-def _left_running(client: MlflowClient, parent_id: str) -> list:
-    """The RUNNING job runs this sweep worked on (created or adopted: TAG_SWEEPS), except those
-    another process has claimed since and still trains (pnn.claim): those are not ours to end.
-    One trained in this very process is ours, though its claim looks live."""
-    from pnn.claim import TAG_OWNER, claim_status, parse_owner
-
-    sweep = os.environ.get(ENV_SWEEP)
-    if sweep:
-        mine = f"tags.`{TAG_SWEEPS}` LIKE '%{sweep}%'"
-    else:
-        mine = f"tags.`mlflow.parentRunId` = '{parent_id}'"
-    experiment_id = retry(lambda: client.get_run(parent_id)).info.experiment_id
-    runs = retry(
-        lambda: client.search_runs(
-            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {mine}"
-        )
-    )
-    here = (socket.gethostname(), os.getpid())
-    return [
-        r
-        for r in runs
-        if parse_owner(r.data.tags.get(TAG_OWNER, "")) == here or not claim_status(r)[0]
-    ]
-
-
 def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> str | None:
     """Tag and end a job run, for failure handlers: never raises a store error (the store may be
     what failed); returns it as one line instead."""
@@ -281,10 +242,10 @@ def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str
             set_tags(client, run_id, tags)
         retry(lambda: client.set_terminated(run_id, status))
     except Exception as err:
-        if not storeguard.is_store_error(err):
+        problem = storeguard.as_store_error(client.tracking_uri, err)
+        if problem is None:
             raise
-        why = storeguard.explain(client.tracking_uri, err)
-        return f"run {run_id} could not be marked {status}: {why}"
+        return f"run {run_id} could not be marked {status}: {problem}"
     return None
 
 
@@ -317,10 +278,9 @@ def create_job_run(
     cfg: DictConfig,
     chash: str,
     overrides: str,
-    owner: str | None = None,
+    claim: dict[str, str] | None = None,
 ) -> str:
-    from pnn.claim import claim_tags, owner_id
-
+    """A new child run; ``claim`` holds the tags of the job's claim on it (``pnn.claim``)."""
     tags = {
         "pnn.role": "job",
         "pnn.config_hash": chash,
@@ -329,7 +289,7 @@ def create_job_run(
         "description": str(cfg.description),
         "published_test_acc": "" if cfg.published_test_acc is None else str(cfg.published_test_acc),
         "mlflow.note.content": str(cfg.description),
-        **claim_tags(owner or owner_id()),
+        **(claim or {}),
     }
     if os.environ.get(ENV_PARENT):
         tags["mlflow.parentRunId"] = os.environ[ENV_PARENT]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pnn import claim, storeguard, tracking
+from pnn import claim, storeguard, sweep_run, tracking
 
 SWEEP, OLD_SWEEP, OTHER_SWEEP = (
     "20261129-100000-aaaa",
@@ -79,7 +79,7 @@ def test_a_signal_kills_this_sweeps_runs_and_no_one_elses(
     monkeypatch.setenv(tracking.ENV_SWEEP, SWEEP)
     monkeypatch.setenv(storeguard.ENV_STORE_ID, "")
 
-    assert tracking.end_sweep("KILLED", "SIGTERM") is None
+    assert sweep_run.end_sweep("KILLED", "SIGTERM") is None
 
     status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
     assert status == {
