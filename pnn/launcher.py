@@ -324,7 +324,10 @@ def run_child(payload_path: str, result_path: str) -> None:
 
         rets = run_packed(one_job, configs)
     tmp = Path(result_path + ".tmp")
-    tmp.write_bytes(cloudpickle.dumps(rets))
+    try:
+        tmp.write_bytes(cloudpickle.dumps(rets))
+    except FileNotFoundError:  # the launcher is gone (a signal ended it) and took its folder
+        return
     os.replace(tmp, result_path)
 
 

@@ -8,14 +8,17 @@ Hydra's own launcher suites run on it in test_hydra_suites.py.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from conftest import clean_env
+from conftest import clean_env, wait_for
 
 APP = """
 import os
@@ -41,6 +44,7 @@ def main(cfg):
         if waited > 5 or (waited > 1 and len(list(running.iterdir())) >= 2):
             break
         time.sleep(0.05)
+    time.sleep(cfg.hold_s)
     marker.unlink()
     record(cfg, start, time.time())
     if cfg.x == cfg.fail_x:
@@ -75,36 +79,40 @@ records: ???
 fail_x: null
 kill_x: null
 term_x: null
+hold_s: 0
 """
 
 
-def run_app(tmp_path: Path, *args: str, gpus_env: str | None = "") -> tuple[int, str, list]:
-    """``python app.py -m hydra/launcher=gpu_pool *args``, launched from a folder other than
-    the app's; its exit status, output and the jobs' records, sorted by x."""
+def write_app(tmp_path: Path, *args: str, gpus_env: str | None = "") -> dict:
+    """The app, its config and a folder to launch it from, in ``tmp_path``; the arguments of
+    ``subprocess`` that run ``python app.py -m hydra/launcher=gpu_pool *args`` there."""
     app = tmp_path / "app"
     (app / "conf").mkdir(parents=True)
     (app / "app.py").write_text(textwrap.dedent(APP))
     (app / "helper.py").write_text(textwrap.dedent(HELPER))
     (app / "conf" / "config.yaml").write_text(CONFIG)
-    records = tmp_path / "records"
-    (records / "running").mkdir(parents=True)
+    (tmp_path / "records" / "running").mkdir(parents=True)
     launch = tmp_path / "launch"
     launch.mkdir()
     # CUDA_VISIBLE_DEVICES="": a machine without GPUs, whatever this one has.
     env = clean_env({} if gpus_env is None else {"CUDA_VISIBLE_DEVICES": gpus_env})
-    proc = subprocess.run(
-        [sys.executable, str(app / "app.py"), "-m", "hydra/launcher=gpu_pool"]
-        + [f"records={records}", *args],
-        cwd=launch,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    jobs = sorted(
-        (json.loads(p.read_text()) for p in records.glob("job*.json")), key=lambda r: r["x"]
-    )
-    return proc.returncode, proc.stdout + proc.stderr, jobs
+    records = f"records={tmp_path / 'records'}"
+    cmd = [sys.executable, str(app / "app.py"), "-m", "hydra/launcher=gpu_pool", records, *args]
+    return {"args": cmd, "cwd": launch, "env": env}
+
+
+def records_of(tmp_path: Path) -> list[dict]:
+    """What each job recorded, sorted by x."""
+    found = (json.loads(p.read_text()) for p in (tmp_path / "records").glob("job*.json"))
+    return sorted(found, key=lambda r: r["x"])
+
+
+def run_app(tmp_path: Path, *args: str, gpus_env: str | None = "") -> tuple[int, str, list]:
+    """Run the app to its end, launched from a folder other than the app's: its exit status,
+    output and the jobs' records."""
+    app = write_app(tmp_path, *args, gpus_env=gpus_env)
+    proc = subprocess.run(**app, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr, records_of(tmp_path)
 
 
 def most_at_once(jobs: list[dict]) -> int:
@@ -195,3 +203,40 @@ def test_failures_signals_and_dead_jobs_reported_the_hydra_way(tmp_path: Path) -
     ), out
     assert "job #3 FAILED (JobInterrupted: job interrupted (by SIGTERM))" in out, out
     assert "job #0 completed, returned '1:" in out, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_app_and_every_job_process(tmp_path: Path) -> None:
+    """Ctrl-C reaches the app and its job processes (one process group): the app stops as
+    Hydra apps do, with KeyboardInterrupt, and no job process outlives it."""
+    app = write_app(tmp_path, "hydra.launcher.cpu_workers=2", "hold_s=600", "x=1,2,3")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen(
+            **app, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        running = tmp_path / "records" / "running"
+        wait_for(lambda: len(list(running.iterdir())) == 2, proc, "two jobs running", 120)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "a job process outlived the app"
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = out.read_text()
+    assert "KeyboardInterrupt" in text, text
+    assert "job #2 starting" not in text, "no job starts after Ctrl-C"
+    assert "FileNotFoundError" not in text, text
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
