@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pnn.config import ConfigError
 
-# Present wherever a GPU driver is loaded (NVIDIA's; AMD's, which ROCm's torch.cuda uses).
-GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+# Present wherever a GPU driver is loaded: NVIDIA's, WSL2's GPU bridge, AMD's (ROCm's torch.cuda).
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 
 def visible_gpus() -> list[str]:

@@ -14,8 +14,8 @@ running many jobs needs:
 - SIGTERM and SIGINT end the sweep cleanly (``pnn.interrupt``): running jobs are marked
   KILLED, the summary is printed, the parent run is ended, the exit status is 128 + signal.
 
-Hydra only instantiates plugins that live under ``hydra_plugins``; that package re-exports
-this class.
+Hydra only instantiates plugins that live under ``hydra_plugins``; ``hydra_plugins.pnn_plugins``
+subclasses this class to give it such a name.
 """
 
 from __future__ import annotations

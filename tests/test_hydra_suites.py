@@ -12,7 +12,8 @@ across batches). pnn-sweep's own sweeper is not run on Hydra's suites: it sweeps
 only (it validates each against pnn's schema and keeps an MLflow parent run), so its config is
 not registered for other apps.
 
-Without GPUs, two CPU workers run the jobs; jobs are in fresh processes, so these are slow.
+Without GPUs two CPU workers run the jobs (with GPUs, one job per GPU); every job starts a
+process, so these are slow.
 """
 
 from __future__ import annotations
