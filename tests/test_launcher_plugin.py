@@ -160,6 +160,32 @@ def test_discovering_the_plugin_imports_neither_torch_nor_mlflow() -> None:
     assert out.stdout.strip() == "set()"
 
 
+@pytest.mark.parametrize(
+    "overrides, pnn_jobs", [([], True), (["hydra/sweeper=basic"], False)], ids=["pnn", "basic"]
+)
+def test_pnn_parts_apply_to_the_jobs_of_pnn_sweeps_only(overrides: list[str], pnn_jobs: bool):
+    """sweep.py's own config (conf/) launches pnn-sweep's jobs; with another sweeper the jobs
+    report the Hydra way: a stopped job is FAILED, and the sweeper raises its error."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import JobStatus
+
+    from pnn.config import CONF_DIR, register_schema
+    from pnn.outcomes import JobInterrupted, is_pnn_sweep, stopped_return
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    assert is_pnn_sweep(cfg) is pnn_jobs
+    ret = stopped_return(["x=1"], "by SIGTERM", pnn_jobs=is_pnn_sweep(cfg))
+    if pnn_jobs:
+        assert ret.status == JobStatus.COMPLETED
+        assert ret.return_value == {"status": "killed", "name": "x=1", "reason": "by SIGTERM"}
+    else:
+        assert ret.status == JobStatus.FAILED
+        with pytest.raises(JobInterrupted, match=r"job interrupted \(by SIGTERM\)"):
+            ret.return_value  # noqa: B018 - reading it raises, as Hydra's sweepers do
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "workers, slot_key, slot_values",
