@@ -16,6 +16,17 @@ the other jobs go on; so does an exception in a launcher thread (a FAILED job wi
 The job processes ask the kernel to end them if this process dies, so a killed sweep leaves
 nothing running; SIGTERM and SIGINT are forwarded to them (``pnn.interrupt``). The temporary
 folder of job payloads is removed when the jobs are done.
+
+It is a Hydra launcher plugin like any other (``hydra_plugins.pnn_plugins`` registers its config
+in Hydra's ConfigStore), so any Hydra app can use it. What is pnn-sweep's own applies only to
+pnn-sweep's jobs, those its sweeper launches (:func:`pnn.outcomes.is_pnn_sweep`): seed packing,
+the run claim file, a stopped job reported as a KILLED outcome and a dead job's MLflow run marked
+KILLED. Any other task's jobs report the Hydra way: COMPLETED with the return value, or FAILED
+with the error (a signal's or a dead process's too), which Hydra's sweepers raise.
+
+Hydra imports every plugin to discover them, in every app; so this module, and the job
+processes of other apps, import neither torch nor MLflow: pnn-sweep's parts import them when
+they run.
 """
 
 from __future__ import annotations
@@ -23,8 +34,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import reprlib
 import shutil
 import signal
+import site
 import sys
 import tempfile
 import threading
@@ -39,65 +52,10 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from pnn import interrupt
-from pnn.config import ConfigError
-from pnn.packing import group_seeds, run_packed
-from pnn.sweeper import outcome_of
-from pnn.tracking import ENV_RUN_ID_FILE, ENV_URI
+from pnn.outcomes import failed_return, is_pnn_sweep, outcome_of, stopped_return
+from pnn.slots import check_launcher_keys, make_slots
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids this process may hand out, without creating a CUDA context here."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # no usable torch/CUDA: CPU only
-        return []
-
-
-def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers: int) -> list[dict]:
-    """Each slot is the environment one job process runs with."""
-    check_launcher_keys(gpus, jobs_per_gpu, cpu_workers)
-    ids = [str(g) for g in gpus] if gpus is not None else visible_gpus()
-    if ids:
-        return [
-            {"CUDA_VISIBLE_DEVICES": gpu, "PNN_SLOT": f"gpu{gpu}.{k}"}
-            for k in range(jobs_per_gpu)
-            for gpu in ids
-        ]
-    return [{"CUDA_VISIBLE_DEVICES": "", "PNN_SLOT": f"cpu{k}"} for k in range(cpu_workers)]
-
-
-def check_launcher_keys(
-    gpus: object, jobs_per_gpu: object, cpu_workers: object, seeds_per_process: object = 1
-) -> None:
-    """The gpu_pool keys, checked by the sweeper before the parent run exists."""
-    counts = (
-        ("jobs_per_gpu", jobs_per_gpu),
-        ("cpu_workers", cpu_workers),
-        ("seeds_per_process", seeds_per_process),
-    )
-    for key, value in counts:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"hydra.launcher.{key} must be >= 1, a whole number (got {value!r})")
-    if gpus is None:
-        return
-    ids = [gpus] if isinstance(gpus, int | str) else gpus
-    try:
-        ok = all(int(str(g)) >= 0 for g in ids)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError(
-            "hydra.launcher.gpus must be null (every visible GPU), [] (none: CPU workers) or a "
-            f"list of GPU indices >= 0, e.g. '[0,1]' (got {gpus!r})"
-        )
 
 
 class GpuPoolLauncher(Launcher):
@@ -108,6 +66,7 @@ class GpuPoolLauncher(Launcher):
         cpu_workers: int = 1,
         seeds_per_process: int = 1,
     ) -> None:
+        check_launcher_keys(gpus, jobs_per_gpu, cpu_workers, seeds_per_process)
         self.gpus = list(gpus) if gpus is not None else None
         self.jobs_per_gpu = jobs_per_gpu
         self.cpu_workers = cpu_workers
@@ -115,6 +74,7 @@ class GpuPoolLauncher(Launcher):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
+        self.pnn_jobs = False  # pnn-sweep's jobs, launched by its sweeper (set by setup)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -122,6 +82,7 @@ class GpuPoolLauncher(Launcher):
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function
+        self.pnn_jobs = is_pnn_sweep(config)
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -130,9 +91,10 @@ class GpuPoolLauncher(Launcher):
         slots = make_slots(self.gpus, self.jobs_per_gpu, self.cpu_workers)
         total = len(job_overrides)
         where = "GPU" if slots[0]["CUDA_VISIBLE_DEVICES"] else "CPU"
-        groups = group_seeds(job_overrides, self.seeds_per_process)
+        groups = self._groups(job_overrides)
         packed = f" in {len(groups)} process(es)" if len(groups) < total else ""
-        log.info(f"[sweep] launching {total} job(s){packed} on {len(slots)} {where} slot(s)")
+        tag = self._tag()
+        log.info(f"{tag} launching {total} job(s){packed} on {len(slots)} {where} slot(s)")
         pending: queue.Queue[list[int]] = queue.Queue()
         for group in groups:
             pending.put(group)
@@ -150,17 +112,17 @@ class GpuPoolLauncher(Launcher):
                 if interrupt.received():
                     # Stopped by the forwarded signal before it could report.
                     why = f"by {interrupt.signal_name()}"
-                    rets = [
-                        killed_return(ret.overrides, why) if ret.status == JobStatus.FAILED else ret
+                    return [
+                        self._stopped(ret.overrides, why) if ret.status == JobStatus.FAILED else ret
                         for ret in rets
                     ]
                 return rets
             except interrupt.Interrupted as sig:
                 why = f"not started: the sweep got {sig.signal_name}"
-                return [killed_return(overrides, why) for overrides, _ in jobs]
+                return [self._stopped(overrides, why) for overrides, _ in jobs]
             except Exception as err:  # a job is never lost: it becomes a FAILED one
                 first = jobs[0][1]
-                log.error(f"[sweep] job #{first} could not be run: {type(err).__name__}: {err}")
+                log.error(f"{tag} job #{first} could not be run: {type(err).__name__}: {err}")
                 why = f"the launcher could not run it ({type(err).__name__}: {err})"
                 return [failed_return(overrides, RuntimeError(why)) for overrides, _ in jobs]
 
@@ -174,16 +136,16 @@ class GpuPoolLauncher(Launcher):
                 if not interrupt.received():
                     for overrides, idx in jobs:
                         name = " ".join(filter_overrides(overrides))
-                        log.info(f"[sweep] job #{idx} starting on {slot['PNN_SLOT']}: {name}")
+                        log.info(f"{tag} job #{idx} starting on {slot['PNN_SLOT']}: {name}")
                 rets = run(jobs, slot)
                 for i, ret, (overrides, idx) in zip(group, rets, jobs, strict=True):
                     results[i] = ret
                     name = " ".join(filter_overrides(overrides))
                     with lock:
                         done[0] += 1
-                        status = outcome_of(ret, overrides)["status"]
                         progress = f"{done[0]}/{total} jobs done"
-                        log.info(f"[sweep] {progress}; job #{idx} {status}: {name}")
+                        status = self._status(ret, overrides)
+                        log.info(f"{tag} {progress}; job #{idx} {status}: {name}")
 
         threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in slots]
         try:
@@ -194,9 +156,37 @@ class GpuPoolLauncher(Launcher):
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return [
-            r if r is not None else killed_return(list(job_overrides[i]), "not started")
+            r if r is not None else self._stopped(list(job_overrides[i]), "not started")
             for i, r in enumerate(results)
         ]
+
+    def _groups(self, job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
+        """The jobs each job process runs, as indices: pnn-sweep's seeds packed, else one."""
+        if self.pnn_jobs:
+            from pnn.packing import group_seeds  # imports torch: pnn-sweep's jobs only
+
+            return group_seeds(job_overrides, self.seeds_per_process)
+        if self.seeds_per_process > 1:
+            log.warning(
+                f"{self._tag()} hydra.launcher.seeds_per_process applies to pnn-sweep's jobs "
+                "only; here each job runs in a process of its own"
+            )
+        return [[i] for i in range(len(job_overrides))]
+
+    def _tag(self) -> str:
+        return "[sweep]" if self.pnn_jobs else "[gpu_pool]"
+
+    def _status(self, ret: JobReturn, overrides: list[str]) -> str:
+        """A finished job, for the log: pnn-sweep's outcome, or what a Hydra task returned."""
+        value = ret._return_value
+        if self.pnn_jobs:
+            return outcome_of(ret, overrides)["status"]
+        if ret.status == JobStatus.FAILED:
+            return f"FAILED ({type(value).__name__}: {value})"
+        return f"completed, returned {reprlib.repr(value)}"
+
+    def _stopped(self, overrides: list[str], reason: str) -> JobReturn:
+        return stopped_return(overrides, reason, pnn_jobs=self.pnn_jobs)
 
     def _run_one(
         self, jobs: list[tuple[list[str], int]], slot: dict, workdir: Path
@@ -222,16 +212,18 @@ class GpuPoolLauncher(Launcher):
                     "task_function": self.task_function,
                     "configs": configs,
                     "singleton_state": Singleton.get_state(),
+                    "pnn_jobs": self.pnn_jobs,
                 }
             )
         )
         env = dict(os.environ)
         env.update(slot)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = child_pythonpath()
         run_ids = workdir / f"job{idx}.run"
-        env[ENV_RUN_ID_FILE] = str(run_ids)  # the job writes "<run id> <owner>" once it claims
+        if self.pnn_jobs:
+            from pnn.tracking import ENV_RUN_ID_FILE  # imports MLflow: pnn-sweep's jobs only
+
+            env[ENV_RUN_ID_FILE] = str(run_ids)  # the job writes "<run id> <owner>" once it claims
         cmd = [sys.executable, "-m", "pnn.launch_child", str(payload), str(result)]
         proc = interrupt.run_process(cmd, env)
         payload.unlink(missing_ok=True)
@@ -243,17 +235,35 @@ class GpuPoolLauncher(Launcher):
         code: int | str = proc.returncode
         if proc.returncode < 0 and -proc.returncode in signal.valid_signals():
             code = f"{proc.returncode} ({signal.Signals(-proc.returncode).name})"
-        reason = (
-            f"job process exited with code {code} before reporting (killed, or out of "
-            "memory?); rerun the same command to resume it"
-        )
-        marked_note = "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, reason))
-        return [failed_return(o, RuntimeError(reason + marked_note)) for o, _ in jobs]
+        reason = f"job process exited with code {code} before reporting (killed, or out of memory?)"
+        if self.pnn_jobs:
+            reason += "; rerun the same command to resume it"
+            reason += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, reason))
+        return [failed_return(o, RuntimeError(reason)) for o, _ in jobs]
+
+
+def child_pythonpath() -> str:
+    """This process's import path, for a job process, so that what the task refers to (the
+    app's modules beside its script, this package) imports there as it does here. The
+    interpreter's own folders are left out: the job process has them anyway, after these."""
+    own = [Path(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+    user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    paths = [
+        p
+        for p in sys.path
+        if p
+        and p != user_site
+        and Path(p).is_dir()
+        and not any(Path(p).is_relative_to(prefix) for prefix in own)
+    ]
+    return os.pathsep.join(dict.fromkeys(paths))
 
 
 def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
     """Mark KILLED the runs a dead job process had claimed (listed in ``run_ids``), unless
     another process has adopted them since. The ids of the runs marked."""
+    from pnn.tracking import ENV_URI
+
     if not run_ids.exists() or not os.environ.get(ENV_URI):
         return []
 
@@ -285,9 +295,11 @@ def run_child(payload_path: str, result_path: str) -> None:
     payload = cloudpickle.loads(Path(payload_path).read_bytes())
     setup_globals()
     Singleton.set_state(payload["singleton_state"])
+    pnn_jobs = payload["pnn_jobs"]
 
     def one_job(config: DictConfig) -> JobReturn:
         HydraConfig.instance().set_config(config)
+        overrides = list(config.hydra.overrides.task)
         try:
             ret = run_job(
                 hydra_context=payload["hydra_context"],
@@ -296,35 +308,27 @@ def run_child(payload_path: str, result_path: str) -> None:
                 job_dir_key="hydra.sweep.dir",
                 job_subdir_key="hydra.sweep.subdir",
             )
-        except interrupt.Interrupted as sig:  # the job marked its run KILLED
-            ret = killed_return(list(config.hydra.overrides.task), f"by {sig.signal_name}")
+        except interrupt.Interrupted as sig:  # a pnn-sweep job marked its run KILLED
+            ret = stopped_return(overrides, f"by {sig.signal_name}", pnn_jobs=pnn_jobs)
         except Exception as err:  # Hydra's own setup failed: report it, as a task error is
-            ret = failed_return(list(config.hydra.overrides.task), err)
+            ret = failed_return(overrides, err)
         if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):
             ret._return_value = RuntimeError(repr(ret._return_value))
         return ret
 
     configs = payload["configs"]
-    rets = [one_job(configs[0])] if len(configs) == 1 else run_packed(one_job, configs)
+    if len(configs) == 1:
+        rets = [one_job(configs[0])]
+    else:
+        from pnn.packing import run_packed  # imports torch: only pnn-sweep's seeds are packed
+
+        rets = run_packed(one_job, configs)
     tmp = Path(result_path + ".tmp")
-    tmp.write_bytes(cloudpickle.dumps(rets))
+    try:
+        tmp.write_bytes(cloudpickle.dumps(rets))
+    except FileNotFoundError:  # the launcher is gone (a signal ended it) and took its folder
+        return
     os.replace(tmp, result_path)
-
-
-def failed_return(overrides: list[str], error: BaseException) -> JobReturn:
-    """What a job that could not run, or whose Hydra setup failed, reports: FAILED with
-    ``error``."""
-    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-    ret._return_value = error
-    return ret
-
-
-def killed_return(overrides: list[str], reason: str) -> JobReturn:
-    """What a job that a signal stopped (or kept from starting) reports."""
-    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
-    name = " ".join(filter_overrides(overrides))
-    ret._return_value = {"status": "killed", "name": name, "reason": reason}
-    return ret
 
 
 def _picklable(value: object) -> bool:

@@ -16,8 +16,8 @@ running many jobs needs:
 - SIGTERM and SIGINT end the sweep cleanly (``pnn.interrupt``): running jobs are marked
   KILLED, the summary is printed, the parent run is ended, the exit status is 128 + signal.
 
-Hydra only instantiates plugins that live under ``hydra_plugins``; that package re-exports
-this class.
+Hydra only instantiates plugins that live under ``hydra_plugins``; ``hydra_plugins.pnn_plugins``
+subclasses this class to give it such a name.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -39,7 +38,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn import interrupt
 from pnn.config import ConfigError, schema, validate, warnings_for
+from pnn.launcher import GpuPoolLauncher
+from pnn.outcomes import outcome_of
 from pnn.schema_keys import describe_unknown
+from pnn.slots import check_launcher_keys, visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ class PNNSweeper(Sweeper):
         crash = None
         # gpu_pool forwards a signal to its job processes and lets them end their runs; other
         # launchers get it as an Interrupted exception here.
-        forward = interrupt.forwarding() if hasattr(launcher, "cpu_workers") else None
+        forward = interrupt.forwarding() if isinstance(launcher, GpuPoolLauncher) else None
         try:
             with forward or contextlib.nullcontext():
                 batch = self.max_batch_size or len(jobs)
@@ -249,8 +251,6 @@ def check_launcher_config(launcher: DictConfig) -> bool:
     """The launcher's keys, before anything runs. Returns whether jobs will see a GPU."""
     target = str(launcher.get("_target_", ""))
     if target.endswith("GpuPoolLauncher"):
-        from pnn.launcher import check_launcher_keys, visible_gpus
-
         gpus = launcher.get("gpus")
         gpus = list(gpus) if gpus is not None and not isinstance(gpus, int | str) else gpus
         check_launcher_keys(
@@ -280,17 +280,6 @@ def check_model_builds(cfg: DictConfig) -> None:
 
     with torch.device("meta"):
         build_model(cfg)
-
-
-def outcome_of(ret: JobReturn, overrides: Sequence[str]) -> dict[str, Any]:
-    """What a job reported, or why it reported nothing."""
-    if ret.status == JobStatus.COMPLETED and isinstance(ret._return_value, dict):
-        return dict(ret._return_value)
-    if ret.status == JobStatus.FAILED:
-        reason = f"{type(ret._return_value).__name__}: {ret._return_value}"
-    else:
-        reason = f"job returned {ret._return_value!r}"
-    return {"status": "failed", "name": " ".join(overrides), "reason": reason}
 
 
 def print_summary(outcomes: list[dict[str, Any]], seconds: float) -> int:

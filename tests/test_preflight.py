@@ -37,7 +37,7 @@ def test_batch_larger_than_test_set_warns() -> None:
 
 def test_launcher_keys() -> None:
     from pnn.config import ConfigError
-    from pnn.launcher import check_launcher_keys
+    from pnn.slots import check_launcher_keys
 
     for gpus, per_gpu, workers, per_process, key in (
         (None, 0, 1, 1, "jobs_per_gpu"),

@@ -1,16 +1,51 @@
-"""Hydra instantiates plugins only from classes defined under ``hydra_plugins``.
+"""pnn-sweep's Hydra plugins.
 
-The logic lives in ``pnn.sweeper`` and ``pnn.launcher``; these subclasses only give it a name
-Hydra accepts.
+- ``GpuPoolLauncher``, ``hydra/launcher=gpu_pool`` in any Hydra app once this project is
+  installed: its structured config is registered in Hydra's ConfigStore here, as Hydra's own
+  plugins register theirs, when Hydra imports this package to discover its plugins.
+- ``PNNSweeper``, pnn-sweep's own sweeper: it checks every job against pnn's schema and keeps
+  an MLflow parent run, so it has no use outside ``sweep.py`` and its config stays in this
+  app's ``conf/hydra/sweeper/pnn.yaml``.
+
+The logic lives in ``pnn.launcher`` and ``pnn.sweeper``; the subclasses here only give it a name
+Hydra accepts (it instantiates plugins only from classes under ``hydra_plugins``). Their modules
+are imported, not their classes: discovery lists every plugin class a module here holds, so a
+base class bound to a name here would be listed as a second plugin.
 """
 
-from pnn.launcher import GpuPoolLauncher as _GpuPoolLauncher
-from pnn.sweeper import PNNSweeper as _PNNSweeper
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from pnn import launcher, sweeper
 
 
-class PNNSweeper(_PNNSweeper):
+class PNNSweeper(sweeper.PNNSweeper):
     """See :class:`pnn.sweeper.PNNSweeper`."""
 
 
-class GpuPoolLauncher(_GpuPoolLauncher):
+class GpuPoolLauncher(launcher.GpuPoolLauncher):
     """See :class:`pnn.launcher.GpuPoolLauncher`."""
+
+
+@dataclass
+class GpuPoolLauncherConf:
+    """``hydra/launcher=gpu_pool``: parallel jobs on one machine, each in a process of its own."""
+
+    _target_: str = "hydra_plugins.pnn_plugins.GpuPoolLauncher"
+    # GPU indices to hand out, one per job; null: every visible GPU; []: none (CPU workers).
+    gpus: list[int] | None = None
+    # Jobs that may share one GPU at once.
+    jobs_per_gpu: int = 1
+    # Parallel jobs when no GPU is used. Typed Any so that it may also take a word later
+    # (e.g. "auto"); the launcher checks it.
+    cpu_workers: Any = 1
+    # pnn-sweep's jobs only: jobs that differ only in train.seed trained together in one
+    # process, this many at a time (each keeps its own MLflow run and checkpoint).
+    seeds_per_process: int = 1
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="gpu_pool", node=GpuPoolLauncherConf, provider="pnn-sweep"
+)

@@ -1,0 +1,70 @@
+"""The gpu_pool launcher's slots: which GPUs (or CPU workers) its jobs run on, and its keys.
+
+Light on purpose: the sweeper checks these keys before anything runs, and Hydra imports the
+launcher plugin in every app; counting GPUs imports torch only where a GPU driver is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pnn.config import ConfigError
+
+# Present wherever a GPU driver is loaded: NVIDIA's, WSL2's GPU bridge, AMD's (ROCm's torch.cuda).
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may hand out, without creating a CUDA context here."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if not any(Path(p).exists() for p in GPU_DRIVER_FILES):
+        return []  # no GPU driver: no GPU, and no need to import torch (seconds) to learn it
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no usable torch/CUDA: CPU only
+        return []
+
+
+def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers: int) -> list[dict]:
+    """Each slot is the environment one job process runs with."""
+    check_launcher_keys(gpus, jobs_per_gpu, cpu_workers)
+    ids = [str(g) for g in gpus] if gpus is not None else visible_gpus()
+    if ids:
+        return [
+            {"CUDA_VISIBLE_DEVICES": gpu, "PNN_SLOT": f"gpu{gpu}.{k}"}
+            for k in range(jobs_per_gpu)
+            for gpu in ids
+        ]
+    return [{"CUDA_VISIBLE_DEVICES": "", "PNN_SLOT": f"cpu{k}"} for k in range(cpu_workers)]
+
+
+def check_launcher_keys(
+    gpus: object, jobs_per_gpu: object, cpu_workers: object, seeds_per_process: object = 1
+) -> None:
+    """The gpu_pool keys, checked by the sweeper before the parent run exists."""
+    counts = (
+        ("jobs_per_gpu", jobs_per_gpu),
+        ("cpu_workers", cpu_workers),
+        ("seeds_per_process", seeds_per_process),
+    )
+    for key, value in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"hydra.launcher.{key} must be >= 1, a whole number (got {value!r})")
+    if gpus is None:
+        return
+    ids = [gpus] if isinstance(gpus, int | str) else gpus
+    try:
+        ok = all(int(str(g)) >= 0 for g in ids)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            "hydra.launcher.gpus must be null (every visible GPU), [] (none: CPU workers) or a "
+            f"list of GPU indices >= 0, e.g. '[0,1]' (got {gpus!r})"
+        )
