@@ -81,8 +81,9 @@ class PNNSweeper(Sweeper):
         try:
             return self._sweep(arguments)
         except interrupt.Interrupted as sig:  # before any job process ran
-            from pnn import tracking
+            from pnn import tracking, ui
 
+            ui.close_sweep_view()  # removes it: no job ran
             problem = tracking.end_sweep("KILLED", sig.signal_name)
             print(f"[sweep] interrupted by {sig.signal_name} before any job started", flush=True)
             if problem:
@@ -131,7 +132,7 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        from pnn import dashboard, tracking
+        from pnn import dashboard, tracking, ui
         from pnn.storeguard import StoreError
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
@@ -143,6 +144,7 @@ class PNNSweeper(Sweeper):
             raise SystemExit(f"error: {err}") from None
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        ui.open_sweep_view(jobs, configs)  # the MLflow UI's saved view of this sweep's runs
 
         launcher = self._launcher()
         log.info(f"[sweep] {len(jobs)} job(s); outputs in {sweep_dir}")
@@ -174,6 +176,7 @@ class PNNSweeper(Sweeper):
                 reason = f"not started: the sweep got {signame}" if signame else crash
                 outcomes.append({"status": status, "name": " ".join(overrides), "reason": reason})
         failed = print_summary(outcomes, time.monotonic() - tic)
+        ui.close_sweep_view()  # kept, or removed if no job ever ran
         if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
             dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
         status = "KILLED" if signame else "FAILED" if failed else "FINISHED"
