@@ -90,9 +90,9 @@ _sweep_view: dict[str, Any] = {}  # this process's sweep: experiment id, key, st
 
 
 def open_sweep_view(jobs: Sequence[Sequence[str]], configs: Sequence[DictConfig]) -> None:
-    """At the start of a sweep (after ``tracking.start_sweep``): write its saved view and the
-    experiment's, and link the view from the parent run's description. Never raises: a sweep
-    without a view still has the plain runs link."""
+    """At the start of a sweep (after ``tracking.start_sweep``): write its saved view, and link
+    it from the parent run's description. Never raises: a sweep without a view still has the
+    plain runs link."""
     uri, parent = os.environ.get(tracking.ENV_URI), os.environ.get(tracking.ENV_PARENT)
     sweep_id = os.environ.get(tracking.ENV_SWEEP)
     if not (uri and parent and sweep_id):
@@ -104,9 +104,6 @@ def open_sweep_view(jobs: Sequence[Sequence[str]], configs: Sequence[DictConfig]
         swept = viewstate.swept_params(jobs, [_params(cfg) for cfg in configs])
         key, state = viewstate.sweep_key(sweep_id), viewstate.sweep_view(sweep_id, swept)
         viewstate.write(client, experiment_id, key, state)
-        viewstate.write(
-            client, experiment_id, viewstate.EXPERIMENT_KEY, viewstate.experiment_view()
-        )
         link = f"[Compare this sweep's runs]({compare_path(experiment_id, key)}) in the MLflow UI."
         note = run.data.tags.get(MLFLOW_RUN_NOTE, "")
         tracking.set_tags(client, parent, {MLFLOW_RUN_NOTE: f"{note}\n\n{link}".strip()})
@@ -137,7 +134,8 @@ def sweep_view_link() -> str:
 
 def close_sweep_view() -> None:
     """At the end of a sweep: write its view again (so that it is there, and this version's),
-    or remove it when the sweep has no run (it failed before its first job). Never raises."""
+    and the view of every run of the experiment; or, when the sweep has no run (it failed
+    before its first job), remove its view and the link to it. Never raises."""
     uri, parent = os.environ.get(tracking.ENV_URI), os.environ.get(tracking.ENV_PARENT)
     sweep_id = os.environ.get(tracking.ENV_SWEEP)
     if not (uri and parent and sweep_id and _sweep_view):
@@ -152,6 +150,8 @@ def close_sweep_view() -> None:
         )
         if runs:
             viewstate.write(client, experiment_id, key, _sweep_view["state"])
+            experiment_view = viewstate.experiment_view()
+            viewstate.write(client, experiment_id, viewstate.EXPERIMENT_KEY, experiment_view)
             return
         viewstate.remove(client, experiment_id, key)
         note = tracking.retry(lambda: client.get_run(parent)).data.tags.get(MLFLOW_RUN_NOTE, "")
