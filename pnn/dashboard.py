@@ -53,7 +53,7 @@ def publish(experiment_name: str, sweep_dir: Path) -> None:
             log.warning(f"[sweep] could not tag the parent run either: {tag_err}")
     try:
         experiment_id = tracking.retry(lambda: client.get_run(parent)).info.experiment_id
-        links = ui.how_to_open(uri, experiment_id, parent)
+        links = ui.how_to_open(uri, experiment_id, parent, ui.sweep_view_key())
         print(f"[sweep] compare the runs in the MLflow UI:\n{links}", flush=True)
     except Exception as err:  # a link is a convenience
         log.warning(f"[sweep] could not look up the parent run for the UI link: {err}")
@@ -68,16 +68,19 @@ def _analyse_onto(client: Any, uri: str, experiment_name: str, parent: str, out:
         tracking.retry(lambda path=path: client.log_artifact(parent, str(path)))
     command = tracking.retry(lambda: client.get_run(parent)).data.tags.get("pnn.command", "")
     tables = "\n".join(markdown(t) for t in report.summary_tables)
-    note = description(command, tables, parent)
+    note = description(command, tables, parent, ui.sweep_view_link())
     tracking.set_tags(client, parent, {NOTE_TAG: note})
     print(f"[sweep] results of this sweep: {out / 'results.md'} (also on the parent run {parent})")
 
 
-def description(command: str, table_md: str, parent: str) -> str:
-    """The parent run's description: the command, the results table (and the ablations, when
-    the sweep swept keys: their figures are artifacts beside it), where the rest is."""
+def description(command: str, table_md: str, parent: str, view_link: str = "") -> str:
+    """The parent run's description: the command, the link to the sweep's saved view in the
+    MLflow UI, the results table (and the ablations, when the sweep swept keys: their figures
+    are artifacts beside it), where the rest is."""
     args = "" if command == "(no arguments)" else command
     head = f"`sweep.py {args}`".replace(" `", "`") + "\n\n"
+    if view_link:
+        head += f"{view_link}\n\n"
     tail = (
         "\n\nThe figures, the other tables and report.html are this run's artifacts; "
         f"`python analyze.py --sweep {parent}` rebuilds them."

@@ -91,8 +91,9 @@ class PNNSweeper(Sweeper):
         try:
             return self._sweep(arguments)
         except interrupt.Interrupted as sig:  # before any job process ran
-            from pnn import sweep_run
+            from pnn import sweep_run, ui
 
+            ui.close_sweep_view()  # removes it: no job ran
             problem = sweep_run.end_sweep("KILLED", sig.signal_name)
             print(f"[sweep] interrupted by {sig.signal_name} before any job started", flush=True)
             if problem:
@@ -156,10 +157,11 @@ class PNNSweeper(Sweeper):
 
     def _run_jobs(self, jobs: list[list[str]], configs: list[DictConfig], sweep_dir: Path) -> Any:
         """Launch the jobs, print the summary, publish the dashboard, end the parent run."""
-        from pnn import dashboard, sweep_run
+        from pnn import dashboard, sweep_run, ui
 
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        ui.open_sweep_view(jobs, configs)  # the MLflow UI's saved view of this sweep's runs
 
         launcher = self._launcher()
         log.info(f"[sweep] {len(jobs)} job(s); outputs in {sweep_dir}")
@@ -191,6 +193,7 @@ class PNNSweeper(Sweeper):
                 reason = f"not started: the sweep got {signame}" if signame else crash
                 outcomes.append({"status": status, "name": " ".join(overrides), "reason": reason})
         failed = print_summary(outcomes, time.monotonic() - tic)
+        ui.close_sweep_view()  # kept, or removed if no job ever ran
         if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
             dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
         status = "KILLED" if signame else "FAILED" if failed else "FINISHED"

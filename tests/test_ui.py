@@ -1,14 +1,19 @@
-"""The MLflow UI in a real browser, end to end, from the link the sweep prints.
+"""The MLflow UI in a real browser, end to end, from the links the sweep prints.
 
-One sweep serves every check (a module-scoped fixture): the eight experiments of ``make demo``
-(``sweep.py profile=smoke``), with small models and 2 epochs so that the charts have lines, into
-a store of its own, served by ``mlflow server``. From the printed link, headless Chromium must:
+One sweep serves every check (a module-scoped fixture): two experiments of ``make demo``
+(``sweep.py profile=smoke``) with a swept key, ``noise.level=0.05,0.3``, and two seeds, with
+small models and 2 epochs so that the charts have lines, into a store of its own, served by
+``mlflow server``. Headless Chromium must:
 
-- reach the runs table in MLflow 3's model-training view, with the eight runs nested under the
-  sweep's parent run;
-- group the children by experiment;
-- show a ``test_acc`` chart of the child runs in the chart view;
-- show the results table in the parent run's description.
+- from the plain runs link: reach the runs table in MLflow 3's model-training view, with the
+  eight runs nested under the sweep's parent run; group the children by experiment; show a
+  ``test_acc`` chart of the child runs in the chart view;
+- from the link to the sweep's saved view (``pnn.viewstate``), with no click: show the runs
+  grouped by experiment and noise level, each group open on its two runs, with the accuracy
+  columns; chart ``test_acc`` with one line per group (the mean over its seeds) and
+  ``best_test_acc`` with one bar per group (the mean over its seeds);
+- from the link ``make ui`` prints (``python -m pnn.ui``): every run grouped by experiment;
+- show the results table, and the link to the saved view, in the parent run's description.
 
 Each check saves a screenshot in the module's tmp dir (its path is printed; ``pytest -s``).
 
@@ -24,7 +29,8 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +38,16 @@ from typing import Any
 import pytest
 from conftest import TINY, clean_env, launch_mlflow_server, stop_server
 
+from pnn import viewstate
+
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-# The sweep with no `experiment=` override runs every conf/experiment/e*.yaml.
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("e*.yaml"))
+# The results table lists every conf/experiment/e*.yaml, with or without runs.
+ALL_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("e*.yaml"))
+EXPERIMENTS = ["e5_pnn_all_layers", "e7_pnn_shared_masks"]
+LEVELS = ["0.05", "0.3"]
+SEEDS = [1, 2]
 
 # Chromium as root on a machine with a closed network: no sandbox, and no background traffic
 # (whose refused connections otherwise slow every start).
@@ -52,10 +63,18 @@ CHROMIUM_FLAGS = [
     "--window-size=1600,1000",
 ]
 
-# `make demo`'s sweep of the eight experiments, with TINY's small models (the full-size smoke
-# models cost minutes of CPU and show nothing more in the UI) and 2 epochs, so that the
-# per-epoch charts have lines.
-SWEEP_ARGS = [*TINY, "train.epochs=2", "tracking.log_checkpoint=false"]
+# Two of `make demo`'s experiments over two noise levels and two seeds, with TINY's small models
+# (the full-size smoke models cost minutes of CPU and show nothing more in the UI) and 2 epochs,
+# so that the per-epoch charts have lines. The two seeds of a job train in one process.
+SWEEP_ARGS = [
+    *TINY,
+    "train.epochs=2",
+    "tracking.log_checkpoint=false",
+    f"experiment={','.join(EXPERIMENTS)}",
+    f"noise.level={','.join(LEVELS)}",
+    f"train.seed={','.join(map(str, SEEDS))}",
+    "hydra.launcher.seeds_per_process=2",
+]
 PRINTED_BASE = "http://127.0.0.1:5000"  # where the printed link expects `mlflow ui`
 SWEEP_TIMEOUT_S = 1800
 PAGE_TIMEOUT_S = 90
@@ -84,19 +103,40 @@ def _require_browser() -> None:
 
 
 @dataclass
+class Child:
+    name: str
+    experiment: str
+    level: str  # noise.level, as logged
+    best_test_acc: float
+    test_acc: list[float]  # per epoch
+
+    @property
+    def group(self) -> str:
+        """The UI's id of the group of the sweep's view that holds this run."""
+        return f"param.experiment.{self.experiment},param.noise.level.{self.level}"
+
+
+@dataclass
 class UISweep:
     store: Path
     link: str  # to the runs, as printed by the sweep, for `mlflow ui` on 127.0.0.1:5000
+    compare_link: str  # to the sweep's saved view, as printed
     parent_link: str  # to the parent run's page, as printed
     experiment_id: str
     parent_id: str
-    children: dict[str, str]  # run id -> run name
-    best_test_acc: dict[str, float]  # experiment -> the child's best_test_acc
+    children: dict[str, Child]  # by run id
     workdir: Path
+
+    def groups(self) -> dict[str, dict[str, Child]]:
+        """The saved view's groups: {group id: {run id: child}}."""
+        out: dict[str, dict[str, Child]] = {}
+        for run_id, child in self.children.items():
+            out.setdefault(child.group, {})[run_id] = child
+        return out
 
 
 def _run_sweep(workdir: Path) -> str:
-    """The eight experiments, small, with `workdir` as the launch dir; returns the output."""
+    """The sweep, small, with `workdir` as the launch dir; returns the output."""
     log = workdir / "sweep.log"
     with log.open("w") as out:
         proc = subprocess.run(
@@ -114,9 +154,8 @@ def _run_sweep(workdir: Path) -> str:
     return output
 
 
-def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, str], dict[str, float]]:
-    """(experiment id, parent run id, {child run id: run name}, {experiment: best_test_acc})
-    of the store's one sweep."""
+def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, Child]]:
+    """(experiment id, parent run id, {child run id: what it logged}) of the store's one sweep."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -128,9 +167,17 @@ def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, str], dict[str, fl
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
     )
-    names = {run.info.run_id: run.info.run_name for run in children}
-    best = {run.data.tags["experiment"]: run.data.metrics["best_test_acc"] for run in children}
-    return parent.info.experiment_id, parent.info.run_id, names, best
+    found = {}
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        found[run.info.run_id] = Child(
+            run.info.run_name,
+            run.data.params["experiment"],
+            run.data.params["noise.level"],
+            run.data.metrics["best_test_acc"],
+            [m.value for m in sorted(history, key=lambda m: m.step)],
+        )
+    return parent.info.experiment_id, parent.info.run_id, found
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +188,21 @@ def ui_sweep(tmp_path_factory: pytest.TempPathFactory) -> UISweep:
     store = workdir / "mlflow.db"
     assert store.exists(), f"the sweep wrote no {store}"
     links = re.findall(r"runs \(model-training view\): (\S+)", output)
+    compare_links = re.findall(r"this sweep's runs, compared: (\S+)", output)
     parent_links = re.findall(r"this sweep's results table: (\S+)", output)
-    assert links and parent_links, f"the sweep printed no link to the UI:\n{output[-3000:]}"
-    experiment_id, parent_id, children, best = _sweep_in_store(store)
+    assert links and compare_links and parent_links, (
+        f"the sweep printed no link to the UI:\n{output[-3000:]}"
+    )
+    experiment_id, parent_id, children = _sweep_in_store(store)
     return UISweep(
-        store, links[-1], parent_links[-1], experiment_id, parent_id, children, best, workdir
+        store,
+        links[-1],
+        compare_links[-1],
+        parent_links[-1],
+        experiment_id,
+        parent_id,
+        children,
+        workdir,
     )
 
 
@@ -266,7 +323,7 @@ def _open_runs(driver: Any, url: str, parent_id: str, shot: Path) -> None:
     assert "workflowType=machine_learning" in driver.current_url
 
 
-def _expand_parent(driver: Any, parent_id: str, children: dict[str, str], shot: Path) -> None:
+def _expand_parent(driver: Any, parent_id: str, children: Iterable[str], shot: Path) -> None:
     """Click the ⊞ beside the parent's name; wait until its children are rows of the list."""
     from selenium.webdriver.common.by import By
 
@@ -286,19 +343,34 @@ def _expand_parent(driver: Any, parent_id: str, children: dict[str, str], shot: 
     )
 
 
+CARD_CSS = "[data-testid='experiment-view-compare-runs-card']"
+
+
+def _cards(driver: Any) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, CARD_CSS)
+
+
+def _card_titled(driver: Any, title: str) -> Any:
+    for card in _cards(driver):
+        if card.text.splitlines()[:1] == [title]:
+            return card
+    return None
+
+
 @pytest.mark.slow
 def test_smoke_sweep_shows_in_mlflow_ui(ui_sweep: UISweep, ui_url: str, driver: Any) -> None:
-    """The printed link reaches the runs table in the training view; the eight experiments
-    are the parent's children, nested right under it."""
+    """The printed link reaches the runs table in the training view; the eight jobs' runs are
+    the parent's children, nested right under it."""
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    names = sorted(ui_sweep.children.values())
-    # One child per experiment, named after it (e.g. e1_baseline_resnet18-seed1).
-    assert len(names) == len(EXPERIMENTS) == 8, names
-    for experiment, name in zip(EXPERIMENTS, names, strict=True):
-        assert name.startswith(experiment), (experiment, name)
+    names = [child.name for child in ui_sweep.children.values()]
+    # One child per job, named after its experiment and seed (e.g. e5_pnn_all_layers-seed1).
+    expected = {f"{e}-seed{seed}": len(LEVELS) for e in EXPERIMENTS for seed in SEEDS}
+    assert Counter(names) == expected
 
     shot = ui_sweep.workdir / "mlflow-ui-runs.png"
     _open_runs(driver, ui_url, ui_sweep.parent_id, shot)
@@ -309,8 +381,8 @@ def test_smoke_sweep_shows_in_mlflow_ui(ui_sweep: UISweep, ui_url: str, driver: 
     child_indices = sorted(rows[run_id][0] for run_id in ui_sweep.children)
     # Nested: the children are the rows right after their parent, not top-level runs elsewhere.
     assert child_indices == list(range(parent_index + 1, parent_index + 1 + len(names)))
-    for run_id, name in ui_sweep.children.items():
-        assert name in rows[run_id][1].splitlines(), f"row {run_id} does not show {name!r}"
+    for run_id, child in ui_sweep.children.items():
+        assert child.name in rows[run_id][1].splitlines(), f"row {run_id} lacks {child.name!r}"
 
     try:  # widen the name column for the screenshot
         handle = driver.find_element(
@@ -327,7 +399,7 @@ def test_smoke_sweep_shows_in_mlflow_ui(ui_sweep: UISweep, ui_url: str, driver: 
 
 @pytest.mark.slow
 def test_children_group_by_experiment(ui_sweep: UISweep, ui_url: str, driver: Any) -> None:
-    """Group by -> the tag `experiment`: one group per experiment, holding its run."""
+    """Group by -> the tag `experiment`: one group per experiment, holding its runs."""
     from selenium.webdriver.common.by import By
 
     shot = ui_sweep.workdir / "mlflow-ui-grouped.png"
@@ -355,14 +427,14 @@ def test_children_group_by_experiment(ui_sweep: UISweep, ui_url: str, driver: An
         "the runs were not grouped by experiment",
     )
     rows = _visible_rows(driver)
+    per_experiment = str(len(LEVELS) * len(SEEDS))
     for group_id, experiment in groups.items():
         lines = rows[group_id][1].splitlines()
         assert f"Group: {experiment}" in lines, lines
-        assert "1" in lines, f"group {experiment} does not count its one run: {lines}"
-    # Each group is expanded and holds its experiment's run.
-    for run_id, name in ui_sweep.children.items():
-        experiment = name.rsplit("-seed", 1)[0]
-        assert f"tag.experiment.{experiment}.{run_id}" in rows, (name, sorted(rows))
+        assert per_experiment in lines, f"group {experiment} does not count its runs: {lines}"
+    # Each group is expanded and holds its experiment's runs.
+    for run_id, child in ui_sweep.children.items():
+        assert f"tag.experiment.{child.experiment}.{run_id}" in rows, (child, sorted(rows))
     driver.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
 
@@ -389,13 +461,9 @@ def test_chart_view_shows_test_acc_of_the_children(
 
     search = driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']")
     search.send_keys("test_acc")
-    card_css = "[data-testid='experiment-view-compare-runs-card']"
 
     def test_acc_card(d: Any) -> Any:
-        for card in d.find_elements(By.CSS_SELECTOR, card_css):
-            if card.text.splitlines()[:1] == ["test_acc"]:
-                return card
-        return None
+        return _card_titled(d, "test_acc")
 
     card = _until(driver, test_acc_card, shot, "no test_acc chart in the chart view")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
@@ -425,8 +493,8 @@ def test_parent_run_description_shows_the_results_table(
     ui_sweep: UISweep, ui_server: str, driver: Any
 ) -> None:
     """The printed link to the parent run opens its page, in the model-training view, with
-    the sweep's results table (one row per experiment, each child's own best test accuracy)
-    as the run's description."""
+    the sweep's results table (one row per experiment, the mean best test accuracy of its
+    runs) as the run's description, after a link to the sweep's saved view."""
     from selenium.webdriver.common.by import By
 
     shot = ui_sweep.workdir / "mlflow-ui-parent.png"
@@ -438,22 +506,189 @@ def test_parent_run_description_shows_the_results_table(
                 return table
         return None
 
-    _until(driver, results_table, shot, "the parent run's page shows no results table")
+    show_more = "//*[normalize-space(text())='Show more']"
+    _until(
+        driver,
+        lambda d: results_table(d) or d.find_elements(By.XPATH, show_more),
+        shot,
+        "the parent run's page shows no description",
+    )
     _tidy(driver)
     assert "Models" in driver.find_element(By.CSS_SELECTOR, "aside").text.splitlines()
-    for more in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']"):
-        more.click()  # the description starts folded
-    table = results_table(driver)
+    for more in driver.find_elements(By.XPATH, show_more):
+        more.click()  # the description starts folded, the table below the fold
+    table = _until(driver, results_table, shot, "the parent run's page shows no results table")
     headers = [th.text.strip() for th in table.find_elements(By.CSS_SELECTOR, "th")]
     best_col = headers.index("Best test acc. (%)")
     shown = {}
     for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr"):
         cells = [td.text.strip() for td in tr.find_elements(By.CSS_SELECTOR, "td")]
         shown[cells[0]] = cells[best_col]
-    assert sorted(shown) == EXPERIMENTS
-    for experiment, best in ui_sweep.best_test_acc.items():
-        assert shown[experiment] == f"{best:.2f}", (experiment, shown[experiment], best)
+    assert sorted(shown) == ALL_EXPERIMENTS
+    for experiment in EXPERIMENTS:
+        runs = [c for c in ui_sweep.children.values() if c.experiment == experiment]
+        mean = sum(c.best_test_acc for c in runs) / len(runs)
+        assert shown[experiment].split(" ±")[0] == f"{mean:.2f}", (experiment, shown, mean)
+    # The description links to the saved view, relative to wherever the UI is served.
+    view_links = [
+        a.get_attribute("href")
+        for a in driver.find_elements(By.CSS_SELECTOR, "a")
+        if viewstate.SHARE_PARAM in (a.get_attribute("href") or "")
+    ]
+    assert view_links == [_served(ui_sweep.compare_link, ui_server)], view_links
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", table)
     time.sleep(1)
+    driver.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+
+
+# --------------------------------------------------------------------------------------------
+# The saved views (pnn.viewstate): the printed links land on the comparison, with no click
+# --------------------------------------------------------------------------------------------
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _open_view(driver: Any, url: str, groups: Mapping[str, Iterable[str]], shot: Path) -> dict:
+    """Open a link to a saved view; wait until every group and each of its runs is a row of
+    the run list (open, with no click). Returns the rows."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    wanted = set(groups) | {f"{group}.{run_id}" for group, ids in groups.items() for run_id in ids}
+    _until(
+        driver,
+        lambda d: wanted <= set(_visible_rows(d)),
+        shot,
+        f"the saved view did not show the groups {sorted(groups)} and their runs",
+    )
+    _tidy(driver)
+    assert "share key" not in driver.find_element(By.CSS_SELECTOR, "body").text  # no error
+    assert "workflowType=machine_learning" in driver.current_url
+    return _visible_rows(driver)
+
+
+def _plot_data(driver: Any, card: Any) -> list[dict]:
+    """The traces plotly draws in a chart card (x, y, mode, fill)."""
+    return driver.execute_script(
+        "const p = arguments[0].querySelector('.js-plotly-plot');"
+        "return p && p.data ? p.data.map(t => ({x: t.x, y: t.y, mode: t.mode || null,"
+        " fill: t.fill || null, type: t.type})) : [];",
+        card,
+    )
+
+
+@pytest.mark.slow
+def test_saved_view_shows_the_groups_and_their_runs(
+    ui_sweep: UISweep, ui_server: str, driver: Any
+) -> None:
+    """The printed link to the sweep's saved view, with no click: one group per experiment
+    and noise level, each open on its two seeds; no parent run; in the table, the accuracy
+    columns and the swept key."""
+    from selenium.webdriver.common.by import By
+
+    shot = ui_sweep.workdir / "mlflow-ui-view-runs.png"
+    url = _served(ui_sweep.compare_link, ui_server)
+    assert "compareRunsMode=CHART" in url and viewstate.SHARE_PARAM in url
+    groups = ui_sweep.groups()
+    assert len(groups) == len(EXPERIMENTS) * len(LEVELS)
+    rows = _open_view(driver, url, groups, shot)
+    for group, runs in groups.items():
+        child = next(iter(runs.values()))
+        lines = rows[group][1].splitlines()
+        assert f"Group: experiment: {child.experiment}, noise.level: {child.level}" in lines
+        assert str(len(SEEDS)) in lines, f"group {group} does not count its runs: {lines}"
+    # Only the sweep's job runs: no parent run, no group of runs without an experiment.
+    assert ui_sweep.parent_id not in rows
+    assert not [r for r in rows.values() if "Additional runs" in r[1]], rows
+    assert len(rows) == len(groups) + len(ui_sweep.children), sorted(rows)
+    driver.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+
+    # The same view as a table: its columns.
+    shot = ui_sweep.workdir / "mlflow-ui-view-table.png"
+    _open_view(driver, url.replace("compareRunsMode=CHART", "compareRunsMode=TABLE"), groups, shot)
+    header_ids = {
+        h.get_attribute("col-id")
+        for h in driver.find_elements(By.CSS_SELECTOR, "div.ag-header-cell")
+    }
+    for column in (*(f"metrics.`{m}`" for m in viewstate.COLUMNS), "params.`noise.level`"):
+        assert column in header_ids, (column, sorted(filter(None, header_ids)))
+    driver.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+
+
+@pytest.mark.slow
+def test_saved_view_charts_one_line_and_one_bar_per_group(
+    ui_sweep: UISweep, ui_server: str, driver: Any
+) -> None:
+    """The saved view's chart view: test_acc, test_acc_reported and best_test_acc first; the
+    test_acc chart draws one line per group, the mean over its seeds per epoch; the
+    best_test_acc chart one bar per group, the mean of its seeds' best_test_acc."""
+    shot = ui_sweep.workdir / "mlflow-ui-view-charts.png"
+    groups = ui_sweep.groups()
+    _open_view(driver, _served(ui_sweep.compare_link, ui_server), groups, shot)
+    _until(driver, lambda d: len(_cards(d)) >= 4, shot, "the chart view shows no charts")
+    titles = [card.text.splitlines()[0] for card in _cards(driver)]
+    assert titles[:4] == ["test_acc", "test_acc_reported", "best_test_acc", "Parallel Coordinates"]
+
+    def lines(d: Any) -> set[tuple[float, ...]]:
+        card = _card_titled(d, "test_acc")
+        traces = _plot_data(d, card) if card else []
+        # Each line's points (its min-max band is a filled trace of its own).
+        return {
+            tuple(round(y, 4) for y in t["y"])
+            for t in traces
+            if t["type"] == "scatter" and not t["fill"] and t["x"] == [1, 2]
+        }
+
+    expected = {
+        tuple(round(_mean(epoch), 4) for epoch in zip(*(c.test_acc for c in runs), strict=True))
+        for runs in (list(g.values()) for g in groups.values())
+    }
+    _until(driver, lambda d: lines(d) == expected, shot, f"test_acc lines are not {expected}")
+    legend = [t for t in _card_titled(driver, "test_acc").text.splitlines() if "(test_acc)" in t]
+    assert len(legend) == len(groups), legend  # one line per group, none per run
+
+    bars = _plot_data(driver, _card_titled(driver, "best_test_acc"))
+    assert len(bars) == 1 and bars[0]["type"] == "bar", bars
+    # A horizontal bar chart: y holds the groups, x their values.
+    shown = dict(zip(bars[0]["y"], bars[0]["x"], strict=True))
+    assert shown == pytest.approx(
+        {group: _mean(c.best_test_acc for c in runs.values()) for group, runs in groups.items()}
+    )
+    driver.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+
+
+@pytest.mark.slow
+def test_make_ui_link_groups_every_run_by_experiment(
+    ui_sweep: UISweep, ui_server: str, driver: Any
+) -> None:
+    """`make ui` (python -m pnn.ui) prints a link to every job run of the experiment,
+    grouped by experiment, with the same charts."""
+    printed = subprocess.run(
+        [sys.executable, "-m", "pnn.ui", "--tracking-uri", f"sqlite:///{ui_sweep.store}"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    links = re.findall(r"compared by experiment: (\S+)", printed)
+    assert links, printed
+    shot = ui_sweep.workdir / "mlflow-ui-all-runs.png"
+    groups: dict[str, list[str]] = {}
+    for run_id, child in ui_sweep.children.items():
+        groups.setdefault(f"param.experiment.{child.experiment}", []).append(run_id)
+    rows = _open_view(driver, _served(links[0], ui_server), groups, shot)
+    for group, run_ids in groups.items():
+        assert str(len(run_ids)) in rows[group][1].splitlines(), rows[group]
+    assert ui_sweep.parent_id not in rows
+    _until(driver, lambda d: _card_titled(d, "best_test_acc"), shot, "no best_test_acc chart")
     driver.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
