@@ -18,7 +18,7 @@ import pytest
 from conftest import run_sweep, store
 from mlflow.tracking import MlflowClient
 
-from pnn import storeguard, tracking, ui, viewstate
+from pnn import storeguard, sweep_run, tracking, ui, viewstate
 from pnn.config import load_config
 
 BASE = ["profile=smoke", "model.nfilters=8"]
@@ -71,7 +71,8 @@ def _start(jobs: list[list[str]], tmp_path: Path) -> tuple[str, str, str]:
     """What the sweeper does before launching: (parent run id, sweep id, experiment id)."""
     ui._sweep_view.clear()  # a new sweep.py process
     configs = [load_config([*BASE, *job]) for job in jobs]
-    parent = tracking.start_sweep(configs[0], tmp_path / "multirun", "(test)", len(jobs))
+    sweep_run.start_sweep(configs[0], tmp_path / "multirun", "(test)", len(jobs))
+    parent = os.environ[tracking.ENV_PARENT]
     ui.open_sweep_view(jobs, configs)
     client = MlflowClient(os.environ[tracking.ENV_URI])
     return parent, os.environ[tracking.ENV_SWEEP], client.get_run(parent).info.experiment_id
