@@ -91,7 +91,11 @@ def test_sweep_end_puts_its_analysis_on_the_parent_run(tmp_path: Path) -> None:
         "?workflowType=machine_learning"
     )
     assert link in proc.stdout
-    assert _ui_link(tmp_path / "mlflow.db").stdout.strip() == f"Runs of 'pnn': {link}"
+    view = f"{link}&compareRunsMode=CHART&viewStateShareKey=pnn-all-runs"
+    assert _ui_link(tmp_path / "mlflow.db").stdout.strip().splitlines() == [
+        f"Runs of 'pnn', compared by experiment: {view}",
+        f"Runs of 'pnn': {link}",
+    ]
 
     # The parent holds what `analyze.py --sweep <parent>` writes, and the run is its dashboard.
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
