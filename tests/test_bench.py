@@ -99,7 +99,12 @@ def test_layer_paths_agree_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/layer_paths.py's three ways on a small layer (on CPU "fast" is the eager path),
     each measured against the reference formulation."""
     cases = [(4, 8, 6, 3, True, True, "prelu")]
-    rows = layer_paths.check_fast_path("cpu", batch=2, cases=cases)
+    # The case's conv is initialised from torch's global generator, seeded at random in each
+    # process: some draws put the prelu weight's gradient (a sum that nearly cancels) past
+    # 1e-5 from float32 rounding alone. One fixed draw instead.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        rows = layer_paths.check_fast_path("cpu", batch=2, cases=cases)
     assert [row["way"] for row in rows] == ["reference", "eager", "fast"]
     assert all(row["max_rel_error"] < 1e-5 for row in rows)
 
