@@ -74,15 +74,17 @@ def environment_restored() -> Iterator[None]:
 
 
 class FakeSweep:
-    """A parent run and child job runs written by ``pnn.tracking``'s own functions, called as
-    the sweeper and ``pnn/job.py`` call them, for configs composed from the real ``conf/``;
-    only the numbers (accuracies, parameter counts) are made up."""
+    """A parent run and child job runs written by the sweep's own functions
+    (``pnn.sweep_run``, ``pnn.tracking``), called as the sweeper and ``pnn/job.py`` call them,
+    for configs composed from the real ``conf/``; only the numbers (accuracies, parameter
+    counts) are made up."""
 
     def __init__(self, uri: str, sweep_dir: Path) -> None:
-        from pnn import storeguard, tracking
+        from pnn import storeguard, sweep_run, tracking
 
         cfg = load_config([f"tracking.uri={uri}"])
-        self.parent_id = tracking.start_sweep(cfg, sweep_dir, command="(test)", n_jobs=1)
+        sweep_run.start_sweep(cfg, sweep_dir, "(test)", 1)  # its heartbeat is not started
+        self.parent_id = os.environ[tracking.ENV_PARENT]
         keys = (tracking.ENV_URI, tracking.ENV_PARENT, tracking.ENV_SWEEP)
         self.env = {key: os.environ[key] for key in keys}  # what its job processes inherit
         self.client = storeguard.client(uri)
@@ -100,6 +102,7 @@ class FakeSweep:
         params: float = 5.5e6,
     ) -> str:
         from pnn import tracking
+        from pnn.claim import claim_tags, owner_id
 
         overrides = [
             f"experiment={'none' if experiment == 'custom' else experiment}",
@@ -111,8 +114,9 @@ class FakeSweep:
         cfg.description = f"{experiment} as logged"
         os.environ.update(self.env)
         client, chash = self.client, tracking.config_hash(cfg)
+        claim = claim_tags(owner_id())
         run_id = tracking.create_job_run(
-            client, self.experiment_id, cfg, chash, " ".join(overrides)
+            client, self.experiment_id, cfg, chash, " ".join(overrides), claim
         )
         counts = {"params": params, "mask_values": 1.2e5, "trainable": params}
         tracking.log_metrics(client, run_id, counts, step=0)
@@ -134,10 +138,10 @@ class FakeSweep:
         return run_id
 
     def end(self) -> None:
-        from pnn import tracking
+        from pnn import sweep_run
 
         os.environ.update(self.env)
-        assert tracking.end_sweep("FINISHED") is None
+        assert sweep_run.end_sweep("FINISHED") is None
 
 
 @pytest.fixture(scope="module")
