@@ -1,7 +1,8 @@
 """analyze.py: MLflow store -> results tables, reported-vs-actual, figures, report.html.
 
-Most tests read a store logged here with the mlflow API exactly as pnn/tracking.py writes it;
-the slow test fills one with the real sweep.py and checks every number against MlflowClient.
+Most tests read a store written here by pnn.tracking's own functions, as a sweep writes it
+(only the numbers are made up); the slow test fills one with the real sweep.py and checks
+every number against MlflowClient.
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ from __future__ import annotations
 import base64
 import importlib.util
 import math
+import os
 import re
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import conftest
 import pandas as pd
 import pytest
+
+from pnn.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -56,24 +61,34 @@ analyze = _load_analyze()
 # --------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def environment_restored() -> Iterator[None]:
+    """``tracking.start_sweep`` hands the sweep to its jobs through ``os.environ`` (and pins
+    the store there): undone afterwards, as for a sweep process that ends."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 class FakeSweep:
-    """Logs a parent run and child job runs the way pnn/tracking.py and pnn/job.py do."""
+    """A parent run and child job runs written by the sweep's own functions
+    (``pnn.sweep_run``, ``pnn.tracking``), called as the sweeper and ``pnn/job.py`` call them,
+    for configs composed from the real ``conf/``; only the numbers (accuracies, parameter
+    counts) are made up."""
 
-    def __init__(self, uri: str, experiment_name: str = "pnn") -> None:
-        from mlflow.tracking import MlflowClient
+    def __init__(self, uri: str, sweep_dir: Path) -> None:
+        from pnn import storeguard, sweep_run, tracking
 
-        self.client = MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment_name)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment_name)
-        )
-        self.sweep_id = f"20260101-000000-{len(self.client.search_runs([self.experiment_id])):04x}"
-        parent = self.client.create_run(
-            self.experiment_id,
-            tags={"pnn.role": "sweep", "pnn.sweep_id": self.sweep_id},
-            run_name=f"sweep-{self.sweep_id[:15]}",
-        )
-        self.parent_id = parent.info.run_id
+        cfg = load_config([f"tracking.uri={uri}"])
+        sweep_run.start_sweep(cfg, sweep_dir, "(test)", 1)  # its heartbeat is not started
+        self.parent_id = os.environ[tracking.ENV_PARENT]
+        keys = (tracking.ENV_URI, tracking.ENV_PARENT, tracking.ENV_SWEEP)
+        self.env = {key: os.environ[key] for key in keys}  # what its job processes inherit
+        self.client = storeguard.client(uri)
+        self.experiment_id = tracking.get_experiment_id(self.client, "pnn", uri)
 
     def job(
         self,
@@ -85,81 +100,76 @@ class FakeSweep:
         failure: str = "",
         config: dict[str, str] | None = None,
         params: float = 5.5e6,
-        published: str = "",
     ) -> str:
-        from mlflow.entities import Metric, Param
+        from pnn import tracking
+        from pnn.claim import claim_tags, owner_id
 
-        flat = {
-            "experiment": experiment,
-            "model.name": "perturb_resnet18",
-            "masks.nmasks": "64",
-            "train.seed": str(seed),
-            "train.epochs": str(len(test_acc)),
-            **(config or {}),
-        }
-        tags = {
-            "mlflow.parentRunId": self.parent_id,
-            "pnn.role": "job",
-            "pnn.sweep_id": self.sweep_id,
-            "experiment": experiment,
-            "description": f"{experiment} as logged",
-            "published_test_acc": published,
-            "pnn.config_hash": str(abs(hash(tuple(sorted(flat.items()))))),
-            "pnn.overrides": f"experiment={experiment} train.seed={seed}",
-        }
-        if failure:
-            tags["pnn.failure"] = failure
-        run = self.client.create_run(
-            self.experiment_id, tags=tags, run_name=f"{experiment}-seed{seed}"
+        overrides = [
+            f"experiment={'none' if experiment == 'custom' else experiment}",
+            f"train.seed={seed}",
+            f"train.epochs={len(test_acc)}",
+            *(f"{key}={value}" for key, value in (config or {}).items()),
+        ]
+        cfg = load_config(overrides)
+        cfg.description = f"{experiment} as logged"
+        os.environ.update(self.env)
+        client, chash = self.client, tracking.config_hash(cfg)
+        claim = claim_tags(owner_id())
+        run_id = tracking.create_job_run(
+            client, self.experiment_id, cfg, chash, " ".join(overrides), claim
         )
-        run_id = run.info.run_id
-        now = int(time.time() * 1000)
         counts = {"params": params, "mask_values": 1.2e5, "trainable": params}
-        metrics = [Metric(k, v, now, 0) for k, v in counts.items()]
+        tracking.log_metrics(client, run_id, counts, step=0)
         for epoch, acc in enumerate(test_acc, start=1):
-            metrics += [
-                Metric("test_acc", acc, now, epoch),
-                Metric("test_acc_reported", acc + gap, now, epoch),
-                Metric("train_loss", 1.0 / epoch, now, epoch),
-            ]
+            per_epoch = {"test_acc": acc, "test_acc_reported": acc + gap, "train_loss": 1 / epoch}
+            tracking.log_metrics(client, run_id, per_epoch, step=epoch)
         if status == "FINISHED":
             final = {
                 "best_test_acc": max(test_acc),
-                "best_epoch": float(test_acc.index(max(test_acc)) + 1),
+                "best_epoch": test_acc.index(max(test_acc)) + 1,
                 "final_test_acc": test_acc[-1],
                 "best_test_acc_reported": max(test_acc) + gap,
             }
-            metrics += [Metric(k, v, now, 0) for k, v in final.items()]
-        self.client.log_batch(
-            run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()]
-        )
-        if status != "RUNNING":
-            self.client.set_terminated(run_id, status)
+            tracking.log_metrics(client, run_id, final, step=0)
+            tracking.finish_job_run(client, run_id)
+        elif status != "RUNNING":
+            tags = {"pnn.failure": failure} if failure else {}
+            assert tracking.mark_run(client, run_id, status, tags) is None
         return run_id
+
+    def end(self) -> None:
+        from pnn import sweep_run
+
+        os.environ.update(self.env)
+        assert sweep_run.end_sweep("FINISHED") is None
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    first = FakeSweep(uri)
-    ids = {
-        "e1_s1": first.job("e1_baseline_resnet18", 1, [60.0, 70.0, 68.0], published="91.8"),
-        "e1_s2": first.job("e1_baseline_resnet18", 2, [62.0, 71.0, 72.0], published="91.8"),
-        "e2_s1": first.job("e2_original_noiseresnet18", 1, [50.0, 55.0, 58.0], gap=6.0),
-        "e4_old": first.job("e4_conv1x1_no_noise", 1, [40.0, 41.0, 42.0]),
-        "e5_failed": first.job(
-            "e5_pnn_all_layers", 1, [10.0], status="FAILED", failure="loss is nan at epoch 2"
-        ),
-        "e6_running": first.job("e6_pnn_unique_masks_mix_maps", 1, [30.0], status="RUNNING"),
-        "zz_custom": first.job("custom", 1, [20.0, 25.0, 24.0]),
-    }
-    second = FakeSweep(uri)  # the latest sweep: a rerun of e4 and an --by-able e7 pair
-    ids["e4_new"] = second.job("e4_conv1x1_no_noise", 1, [43.0, 44.0, 45.0])
-    ids["e7_m64"] = second.job("e7_pnn_shared_masks", 1, [50.0, 52.0, 53.0])
-    ids["e7_m8"] = second.job(
-        "e7_pnn_shared_masks", 1, [45.0, 47.0, 46.0], config={"masks.nmasks": "8"}
-    )
+    with environment_restored():
+        first = FakeSweep(uri, root / "multirun" / "first")
+        ids = {
+            "e1_s1": first.job("e1_baseline_resnet18", 1, [60.0, 70.0, 68.0]),
+            "e1_s2": first.job("e1_baseline_resnet18", 2, [62.0, 71.0, 72.0]),
+            "e2_s1": first.job("e2_original_noiseresnet18", 1, [50.0, 55.0, 58.0], gap=6.0),
+            "e4_old": first.job("e4_conv1x1_no_noise", 1, [40.0, 41.0, 42.0]),
+            "e5_failed": first.job(
+                "e5_pnn_all_layers", 1, [10.0], status="FAILED", failure="loss is nan at epoch 2"
+            ),
+            "e6_running": first.job("e6_pnn_unique_masks_mix_maps", 1, [30.0], status="RUNNING"),
+            "zz_custom": first.job("custom", 1, [20.0, 25.0, 24.0]),
+        }
+        first.end()
+        # The latest sweep: a rerun of e4 and an --by-able e7 pair.
+        second = FakeSweep(uri, root / "multirun" / "second")
+        ids["e4_new"] = second.job("e4_conv1x1_no_noise", 1, [43.0, 44.0, 45.0])
+        ids["e7_m64"] = second.job("e7_pnn_shared_masks", 1, [50.0, 52.0, 53.0])
+        ids["e7_m8"] = second.job(
+            "e7_pnn_shared_masks", 1, [45.0, 47.0, 46.0], config={"masks.nmasks": "8"}
+        )
+        second.end()
     return {"uri": uri, "root": root, "ids": ids, "latest": second.parent_id}
 
 

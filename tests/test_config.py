@@ -303,3 +303,10 @@ def test_dry_run_of_one_experiment_with_overrides(tmp_path: Path) -> None:
     (line,) = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert line["experiment"] == "e7_pnn_shared_masks" and line["model"] == "perturb_resnet18"
     assert set(line) == {"experiment", "model", "params", "mask_values", "trainable"}
+    # From e7's figures at its 64 masks (the reference's, above), by how the masks count: each
+    # of the 16 perturbing layers holds one shared 1 x nmasks x H x W mask tensor, and its 1x1
+    # conv (grouped by input channel) gives each output channel nmasks weights. The layers'
+    # output channels are 4 x (128, 256, 512, 1024).
+    weights_per_mask = 4 * (128 + 256 + 512 + 1024)
+    assert line["mask_values"] == 412_672 * 32 // 64
+    assert line["params"] == line["trainable"] == 1_220_234 - (64 - 32) * weights_per_mask

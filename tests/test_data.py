@@ -3,6 +3,7 @@ augmentation against torchvision's transforms, shuffling, and synthetic data."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import pickle
@@ -252,6 +253,17 @@ def test_training_epoch_shuffles_every_sample_once_and_keeps_the_partial_batch()
     assert torch.equal(first, again)  # the seed decides
     capped, _ = data.training_epoch(16, generator, max_steps=2)
     assert len(capped) == 32
+
+    # Each image keeps its own label: images that carry their index in every pixel, which the
+    # crop (at most 4 pixels off) and the flip leave at the centre.
+    indexed = torch.arange(50, dtype=torch.uint8)[:, None, None, None].expand(50, 3, 32, 32)
+    tagged = dataclasses.replace(data, train_images=indexed.contiguous())
+    inputs, paired = tagged.training_epoch(16, torch.Generator().manual_seed(0))
+    assert torch.equal(paired, first)  # the same draws as above
+    centre = inputs[:, 0, 16, 16] * data.std[0] + data.mean[0]  # Normalize undone
+    index = (centre * 255).round().long()
+    assert sorted(index.tolist()) == list(range(50))  # every sample once
+    assert torch.equal(paired, labels[index])  # each with its label
 
 
 # --------------------------------------------------------------------------------------------

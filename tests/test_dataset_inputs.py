@@ -31,6 +31,15 @@ def test_parallel_jobs_log_the_same_datasets(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert not errors, errors[0]
+    logged = []
     for run_id in runs:
         inputs = client.get_run(run_id).inputs.dataset_inputs
-        assert sorted(i.dataset.name for i in inputs) == ["synthetic", "synthetic"]
+        context = [{t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs]
+        logged.append(
+            {(c, i.dataset.name, i.dataset.digest) for c, i in zip(context, inputs, strict=True)}
+        )
+    # Every run links the same two datasets: the training and the test split, by name and digest.
+    assert logged == [logged[0]] * len(runs)
+    assert {context for context, _, _ in logged[0]} == {"train", "test"}
+    assert {name for _, name, _ in logged[0]} == {"synthetic"}
+    assert len({digest for _, _, digest in logged[0]}) == 2  # the splits are different data

@@ -30,6 +30,7 @@ from pnn.engine import (
     seed_everything,
     train,
 )
+from pnn.layers import PerturbLayer
 from pnn.step import build_train_step, execution
 
 CPU = torch.device("cpu")
@@ -264,8 +265,21 @@ def test_non_finite_loss_stops_the_run(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_trains(tmp_path: Path) -> None:
-    result, _ = run_tiny(small_config("train.precision=bf16", "train.epochs=1"), tmp_path / "r.pt")
-    assert all(math.isfinite(v) for v in result.history[0].values())
+    """bf16 is in effect where it should be: the conv's activations are bf16 in training and
+    in evaluation (fp32 with train.precision=fp32), while the weights stay fp32."""
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = small_config(f"train.precision={precision}", "train.epochs=1")
+        seed_everything(cfg.train.seed)
+        model = TinyNet()
+        seen: set[tuple[bool, torch.dtype]] = set()
+        model.conv.register_forward_hook(
+            lambda mod, _, out, seen=seen: seen.add((mod.training, out.dtype))
+        )
+        data = load_data(cfg, CPU, Path("."))
+        result = train(cfg, model, data, device=CPU, checkpoint_path=tmp_path / f"{precision}.pt")
+        assert seen == {(True, dtype), (False, dtype)}, precision
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert all(math.isfinite(v) for v in result.history[0].values())
 
 
 def test_progress_goes_to_stderr_only_when_asked(
@@ -366,8 +380,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("experiment", ["e7_pnn_shared_masks", "e8_pnn_trained_masks"])
-def test_real_pnn_trains_and_resumes_exactly(experiment: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("experiment", "masks_trained"),
+    [("e7_pnn_shared_masks", False), ("e8_pnn_trained_masks", True)],
+)
+def test_real_pnn_trains_and_resumes_exactly(
+    experiment: str, masks_trained: bool, tmp_path: Path
+) -> None:
     cfg = small_config(
         f"experiment={experiment}",
         "model.nfilters=8",
@@ -383,11 +402,20 @@ def test_real_pnn_trains_and_resumes_exactly(experiment: str, tmp_path: Path) ->
         return models.build_model(cfg)
 
     model = fresh_model()
-    trainable = sum(p.numel() for p in build_optimizer(cfg, model).param_groups[0]["params"])
-    assert trainable == models.count_parameters(model)["trainable"]  # masks only if trained
+    # Masks trained exactly when masks.train, read from the mask parameters themselves: they
+    # take gradients, the optimizer holds them, and training moves them.
+    assert cfg.masks.train is masks_trained
+    masks = [m.masks for m in model.modules() if isinstance(m, PerturbLayer) and m.filter_size == 0]
+    assert len(masks) == 16  # every layer of the four stages; the 3x3 stem has none
+    assert [p.requires_grad for p in masks] == [masks_trained] * len(masks)
+    optimized = {id(p) for p in build_optimizer(cfg, model).param_groups[0]["params"]}
+    assert [id(p) in optimized for p in masks] == [masks_trained] * len(masks)
+    before = [p.detach().clone() for p in masks]
 
     whole = train(cfg, model, data, device=CPU, checkpoint_path=tmp_path / "whole.pt")
     assert all(math.isfinite(v) for m in whole.history for v in m.values())
+    moved = [not torch.equal(b, p.detach()) for b, p in zip(before, masks, strict=True)]
+    assert moved == [masks_trained] * len(masks)
 
     cfg.train.epochs = 1
     train(cfg, fresh_model(), data, device=CPU, checkpoint_path=tmp_path / "parts.pt")
@@ -414,7 +442,6 @@ def test_execution_sets_the_choices_for_the_block_only(
     """train.fast / train.compile reach cuDNN autotuning and every PNN layer inside the block
     only; building the step changes neither."""
     from pnn.fused import FusedSettings
-    from pnn.layers import PerturbLayer
 
     cfg = small_config(f"train.fast={fast}", f"train.compile={str(compile_layers).lower()}")
     model = nn.Sequential(

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from pnn import claim, tracking
 from pnn.checkpoint import UnreadableCheckpointError, read_checkpoint
 from pnn.config import ConfigError, load_config, validate
-from pnn.data import DatasetUnavailableError, check_available
+from pnn.data import DatasetUnavailableError, check_available, load_data
 from pnn.tracking import EPOCH_METRICS
 
 # One job of a small model that takes a few seconds per epoch here, so that a kill triggered
@@ -341,9 +341,26 @@ def test_experiment_names_must_be_plain() -> None:
     validate(cfg)
 
 
-def test_check_available_looks_for_files_without_loading(tmp_path: Path) -> None:
+def test_check_available_looks_for_files_without_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No torchvision dataset is constructed (which would read the files) while checking;
+    load_data, as the control, constructs one per split."""
+    import torchvision
+
+    constructed: list[bool] = []
+    init = torchvision.datasets.MNIST.__init__
+
+    def recording_init(self, root: str, train: bool = True, **kwargs: object) -> None:
+        constructed.append(train)
+        init(self, root, train=train, **kwargs)
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "__init__", recording_init)
     cfg = load_config(["dataset=mnist", "model=lenet", "dataset.download=false"])
     with pytest.raises(DatasetUnavailableError, match="missing: .*train-images-idx3-ubyte"):
         check_available(cfg, tmp_path)
     _small_mnist(tmp_path)
     check_available(cfg, tmp_path)
+    assert constructed == []
+    assert len(load_data(cfg, torch.device("cpu"), tmp_path).train_labels) == 16
+    assert constructed == [True, False]

@@ -64,11 +64,23 @@ def test_a_store_deleted_during_a_write_is_named_as_deleted(
 
 
 def test_the_heartbeat_stops_when_the_store_is_deleted(
-    pinned_run: tuple[Path, MlflowClient, str],
+    pinned_run: tuple[Path, MlflowClient, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pnn.claim import TAG_HEARTBEAT, Heartbeat
 
     db, client, run_id = pinned_run
+    checks: list[BaseException | None] = []  # each beat's store check: None, or its error
+    check_same = storeguard.check_same
+
+    def recorded_check(uri: str | None = None) -> None:
+        try:
+            check_same(uri)
+        except storeguard.StoreError as err:
+            checks.append(err)
+            raise
+        checks.append(None)
+
+    monkeypatch.setattr(storeguard, "check_same", recorded_check)
     beat = Heartbeat(client, run_id, interval=0.02)
     with beat:
         deadline = time.monotonic() + 30
@@ -76,8 +88,12 @@ def test_the_heartbeat_stops_when_the_store_is_deleted(
             assert time.monotonic() < deadline, "no heartbeat was written"
             time.sleep(0.02)
         db.unlink()
-        beat._thread.join(timeout=5)
+        # The thread ends by itself, its store check refusing the deleted file. The timeout
+        # only keeps a regression from hanging the suite; it is no claim about speed.
+        beat._thread.join(timeout=60)
         assert not beat._thread.is_alive(), "the heartbeat kept writing after the deletion"
+        assert not beat._stop.is_set()  # not asked to stop: the block has not ended yet
+    assert checks and isinstance(checks[-1], storeguard.StoreError)
     assert not db.exists(), "a heartbeat created a new, empty store"
 
 

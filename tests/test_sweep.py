@@ -44,8 +44,11 @@ def test_sweep_logs_one_parent_and_a_child_per_job(tmp_path: Path) -> None:
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["pnn.sweep_id"] == parent.data.tags["pnn.sweep_id"]
-        assert tags["experiment"] in run.info.run_name
-        assert tags["published_test_acc"] in ("91.8", "82.4")
+        assert run.info.run_name == f"{tags['experiment']}-seed1"
+        # Each run the published figure of its own experiment (the README's), not just one of
+        # the two.
+        published = {"e1_baseline_resnet18": "91.8", "e7_pnn_shared_masks": "82.4"}
+        assert tags["published_test_acc"] == published[tags["experiment"]]
         assert "train.epochs=2" in tags["pnn.overrides"]
         assert len(tags.get("git_commit", "")) in (0, 40)
         for key in ("model.nfilters", "masks.nmasks", "optimizer.lr", "train.batch_size"):
