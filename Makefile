@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
+# pytest-xdist: one worker per usable core (tests/conftest.py), the slow tests first; the
+# tests sharing a module-scoped fixture stay on one worker (--dist loadgroup).
 test: venv
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -n auto --dist loadgroup
 
 sweep: venv
 	$(BIN)/python sweep.py

@@ -1,6 +1,6 @@
 """Which run a job trains in, and with which checkpoint: skip, adopt or create.
 
-The claim on a job lives in the tracking store (:func:`claim_status`): a live RUNNING
+The claim on a job lives in the tracking store (:func:`pnn.liveness.claim_status`): a live RUNNING
 run of the same job means "running elsewhere"; a stale, KILLED or FAILED one is adopted;
 otherwise a new run is created, and if two processes create one at once, the oldest wins. A
 checkpoint with finished epochs is never deleted without a message: it is resumed (into a new
@@ -22,19 +22,20 @@ from omegaconf import OmegaConf
 
 from pnn import storeguard, tracking
 from pnn.job_identity import Job
+from pnn.liveness import (
+    HEARTBEAT_S,
+    STALE_S,  # noqa: F401 - the claim's rule, read as claim.STALE_S too
+    TAG_HEARTBEAT,
+    TAG_OWNER,
+    claim_status,
+    parse_owner,  # noqa: F401 - read as claim.parse_owner too
+)
 
 log = logging.getLogger("pnn")
 
 
-# A job claims its run in the store, and a sweep its parent run (pnn.sweep_run): tag TAG_OWNER
-# names the process ("<host>/<pid>/<token>") and TAG_HEARTBEAT holds the Unix time of its last
-# beat, renewed every HEARTBEAT_S by a background thread. A RUNNING run is *live* (running
-# elsewhere) while its heartbeat is younger than STALE_S, unless its owner is on this host and
-# its process is gone; otherwise it is stale: a rerun adopts a job's, the next sweep closes a
-# sweep's.
-TAG_OWNER, TAG_HEARTBEAT = "pnn.owner", "pnn.heartbeat"
-HEARTBEAT_S = 30.0
-STALE_S = 180.0
+# The claim's tags and the rule that tells a live claim from a stale one are pnn.liveness's
+# (the analysis reads them too); this module writes and renews claims.
 _TOKEN = os.urandom(4).hex()
 
 
@@ -43,41 +44,8 @@ def owner_id(token: str = _TOKEN) -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{token}"
 
 
-def parse_owner(owner: str) -> tuple[str, int | None]:
-    """(host, pid) of an owner id; pid None if it cannot be read."""
-    host, _, rest = owner.partition("/")
-    pid = rest.partition("/")[0]
-    return host, int(pid) if pid.isdigit() else None
-
-
 def claim_tags(owner: str) -> dict[str, str]:
     return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time():.0f}"}
-
-
-def claim_status(run: Any, now: float | None = None) -> tuple[bool, str]:
-    """Whether a RUNNING run is live, i.e. some process is training it, and why."""
-    tags = run.data.tags
-    owner = tags.get(TAG_OWNER, "")
-    try:
-        age = (now or time.time()) - float(tags[TAG_HEARTBEAT])
-    except (KeyError, ValueError):
-        return False, "it has no heartbeat"
-    host, pid = parse_owner(owner)
-    if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
-        return False, f"its process {pid} on this host is gone"
-    if age > STALE_S:
-        return False, f"its heartbeat is {age:.0f}s old (stale after {STALE_S:.0f}s)"
-    return True, f"owner {owner}, heartbeat {max(age, 0):.0f}s ago (stale after {STALE_S:.0f}s)"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def first_live_run(client: Any, experiment_id: str, chash: str) -> Any | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pnn.accuracy import EVAL_BATCHES_PER_STEP, batch_accuracies, evaluate, reported_accuracy
 from pnn.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -311,25 +312,33 @@ def _raise_if_non_finite(totals: StepTotals, epoch: int) -> None:
 
 
 class _Progress:
-    """One self-overwriting line per epoch on stderr; a few updates per epoch, not per step."""
+    """A tqdm bar per epoch on stderr, replaced by the epoch's summary line when it ends."""
 
     def __init__(self, epochs: int, steps: int) -> None:
         self.epochs, self.steps = epochs, steps
-        self.every = max(1, steps // 20)
+        self.bar: tqdm | None = None
 
     def step(self, epoch: int, done: int) -> None:
-        if done % self.every == 0 or done == self.steps:
-            filled = 20 * done // self.steps
-            bar = "#" * filled + "." * (20 - filled)
-            line = f"\repoch {epoch}/{self.epochs} [{bar}] {done}/{self.steps}"
-            print(line, end="", file=sys.stderr, flush=True)
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.steps,
+                desc=f"epoch {epoch}/{self.epochs}",
+                bar_format="{desc} [{bar:20}] {n_fmt}/{total_fmt} {rate_fmt}",
+                ascii=".#",
+                unit="step",
+                leave=False,  # the summary line takes its place
+                file=sys.stderr,
+            )
+        self.bar.update(done - self.bar.n)
 
     def epoch_done(self, epoch: int, m: dict[str, float]) -> None:
-        print(
-            f"\repoch {epoch}/{self.epochs}  loss {m['train_loss']:.4f}  "
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        tqdm.write(
+            f"epoch {epoch}/{self.epochs}  loss {m['train_loss']:.4f}  "
             f"train {m['train_acc']:.2f}%  test {m['test_acc']:.2f}%  "
             f"(reported {m['test_acc_reported']:.2f}%)  lr {m['lr']:.2e}  "
             f"{m['epoch_time_s']:.1f}s  {m['train_img_per_s']:.0f} img/s",
             file=sys.stderr,
-            flush=True,
         )

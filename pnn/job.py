@@ -5,7 +5,7 @@ returns ``{"status": "failed", ...}``, so the sweep goes on and reports it at th
 
 A job's claim on its work lives in the tracking store, so that it holds across launch
 directories and machines: its run is RUNNING with an owner and a heartbeat tag (see
-``pnn.claim.claim_status``). A live run of the same job means "running elsewhere"; a stale,
+``pnn.liveness.claim_status``). A live run of the same job means "running elsewhere"; a stale,
 KILLED or FAILED one is adopted, never duplicated. A checkpoint with finished epochs is never
 deleted: it is resumed (into a new run if its own is not in this store), or moved aside with a
 message when it is unreadable or ``sweep.rerun=true``.

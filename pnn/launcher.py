@@ -4,8 +4,9 @@ Every job runs in a fresh Python process whose ``CUDA_VISIBLE_DEVICES`` is set b
 process starts, so CUDA can only ever see the job's own GPU. A slot is a (GPU, packing index)
 pair; a job holds its slot until its process exits, so no two jobs share a GPU beyond
 ``jobs_per_gpu``, however many jobs a slot runs one after another. Without GPUs the slots are
-``cpu_workers`` CPU workers; a job's thread count is its own ``train.threads``, never derived
-from the number of workers, so that parallelism never changes a job's numbers.
+``cpu_workers`` CPU workers (``auto``: the cores this process may use divided by the jobs'
+``train.threads``); a job's thread count is its own ``train.threads``, never derived from the
+number of workers, so that parallelism never changes a job's numbers.
 
 With ``seeds_per_process`` K > 1, jobs that differ only in ``train.seed`` are grouped K at a
 time into one job process that trains them together (:mod:`pnn.packing`); each stays its own
@@ -49,7 +50,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn import interrupt
 from pnn.outcomes import failed_return, is_pnn_sweep, outcome_of, stopped_return
@@ -58,12 +59,25 @@ from pnn.slots import check_launcher_keys, make_slots
 log = logging.getLogger(__name__)
 
 
+def job_threads(sweep_config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> int:
+    """The most ``train.threads`` any job asks for (1 where an app has no such key): the
+    sweep's own value, or a job's override (a grid such as ``train.threads=1,2``), without
+    composing every job's config."""
+    threads = [int(OmegaConf.select(sweep_config, "train.threads", default=1))]
+    for overrides in job_overrides:
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") == "train.threads" and value.isdigit():
+                threads.append(int(value))
+    return max(threads)
+
+
 class GpuPoolLauncher(Launcher):
     def __init__(
         self,
         gpus: list[int] | None = None,
         jobs_per_gpu: int = 1,
-        cpu_workers: int = 1,
+        cpu_workers: int | str = "auto",
         seeds_per_process: int = 1,
     ) -> None:
         check_launcher_keys(gpus, jobs_per_gpu, cpu_workers, seeds_per_process)
@@ -88,13 +102,16 @@ class GpuPoolLauncher(Launcher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
-        slots = make_slots(self.gpus, self.jobs_per_gpu, self.cpu_workers)
+        auto = self.cpu_workers == "auto"
+        threads = job_threads(self.config, job_overrides) if auto else 1
+        slots = make_slots(self.gpus, self.jobs_per_gpu, self.cpu_workers, threads)
         total = len(job_overrides)
         where = "GPU" if slots[0]["CUDA_VISIBLE_DEVICES"] else "CPU"
         groups = self._groups(job_overrides)
         packed = f" in {len(groups)} process(es)" if len(groups) < total else ""
         tag = self._tag()
-        log.info(f"{tag} launching {total} job(s){packed} on {len(slots)} {where} slot(s)")
+        how = f" (cpu_workers=auto, {threads} thread(s) a job)" if auto and where == "CPU" else ""
+        log.info(f"{tag} launching {total} job(s){packed} on {len(slots)} {where} slot(s){how}")
         pending: queue.Queue[list[int]] = queue.Queue()
         for group in groups:
             pending.put(group)

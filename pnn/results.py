@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pnn.claim import claim_status
 from pnn.comparability import ignored_key, row_reason
 from pnn.config import CONF_DIR
+from pnn.liveness import claim_status
 from pnn.store import CONFIG_PREFIX, AnalysisError, to_float
 
 # The reproduction's eight experiments, in its README's order.

@@ -31,8 +31,21 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers: int) -> list[dict]:
-    """Each slot is the environment one job process runs with."""
+def auto_cpu_workers(threads: int) -> int:
+    """``cpu_workers=auto``: the cores this process may run on (its affinity, which ``taskset``
+    and container limits narrow) divided by each job's ``train.threads``, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // threads)
+
+
+def make_slots(
+    gpus: Sequence[int | str] | None,
+    jobs_per_gpu: int,
+    cpu_workers: int | str,
+    threads: int = 1,
+) -> list[dict]:
+    """Each slot is the environment one job process runs with; ``threads`` (per job) only
+    matters for ``cpu_workers="auto"``."""
     check_launcher_keys(gpus, jobs_per_gpu, cpu_workers)
     ids = [str(g) for g in gpus] if gpus is not None else visible_gpus()
     if ids:
@@ -41,7 +54,8 @@ def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_workers:
             for k in range(jobs_per_gpu)
             for gpu in ids
         ]
-    return [{"CUDA_VISIBLE_DEVICES": "", "PNN_SLOT": f"cpu{k}"} for k in range(cpu_workers)]
+    workers = auto_cpu_workers(threads) if cpu_workers == "auto" else int(cpu_workers)
+    return [{"CUDA_VISIBLE_DEVICES": "", "PNN_SLOT": f"cpu{k}"} for k in range(workers)]
 
 
 def check_launcher_keys(
@@ -54,8 +68,13 @@ def check_launcher_keys(
         ("seeds_per_process", seeds_per_process),
     )
     for key, value in counts:
+        if key == "cpu_workers" and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"hydra.launcher.{key} must be >= 1, a whole number (got {value!r})")
+            auto = " or auto (cores / train.threads)" if key == "cpu_workers" else ""
+            raise ConfigError(
+                f"hydra.launcher.{key} must be >= 1, a whole number{auto} (got {value!r})"
+            )
     if gpus is None:
         return
     ids = [gpus] if isinstance(gpus, int | str) else gpus

@@ -22,16 +22,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pnn import storeguard, tracking
-from pnn.claim import (
-    TAG_HEARTBEAT,
-    TAG_OWNER,
-    Heartbeat,
-    claim_status,
-    claim_tags,
-    mark_killed,
-    owner_id,
-    parse_owner,
-)
+from pnn.claim import Heartbeat, claim_tags, mark_killed, owner_id
+from pnn.liveness import TAG_HEARTBEAT, TAG_OWNER, claim_status, parse_owner
 
 log = logging.getLogger("pnn")
 
@@ -57,7 +49,7 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
 
 def close_stale_sweeps(client: Any, experiment_id: str, closer: str) -> list[str]:
     """Mark KILLED the RUNNING parent runs of ``experiment_id`` whose claim is stale
-    (:func:`pnn.claim.claim_status`): their sweep.py died before it could end them. Returns
+    (:func:`pnn.liveness.claim_status`): their sweep.py died before it could end them. Returns
     the ids of the runs marked."""
     running = tracking.retry(
         lambda: client.search_runs([experiment_id], filter_string=tracking.RUNNING_SWEEPS)

@@ -7,7 +7,14 @@
   sweep in the background;
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
   stopped (with its workers) when the test ends;
-- :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds.
+- :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds;
+- ``IN_PROCESS``: Hydra's basic launcher, the jobs in the sweep's own process, for tests of
+  what a sweep logs rather than of its job processes (each job process costs seconds of imports).
+
+``make test`` runs the suite under pytest-xdist (``-n auto``: one worker per usable core,
+:func:`pytest_xdist_auto_num_workers`; ``--dist loadgroup``). :func:`pytest_collection_modifyitems`
+starts the slow tests first, so that no long test is left alone at the end, and keeps the tests
+of a module that share a module-scoped fixture on one worker, so that the fixture runs once.
 """
 
 from __future__ import annotations
@@ -34,7 +41,32 @@ SWEEP = REPO / "sweep.py"
 ANALYZE = REPO / "analyze.py"
 # Small and quick on CPU: for tests of the sweep's logic, not of the model's.
 TINY = ["profile=smoke", "model.nfilters=8", "dataset.train_size=64", "dataset.test_size=40"]
+# The jobs in the sweep's process (Hydra's basic launcher), one after another.
+IN_PROCESS = ["hydra/launcher=basic"]
 SERVER_START_TIMEOUT_S = 120
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: the cores this process may use (psutil would count the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort: the order within each kind is kept); a test that uses
+    a fixture with module scope, defined in its own module, joins that module's xdist group."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        module = getattr(item, "module", None)
+        if info is None or module is None:
+            continue
+        shared = any(
+            fixturedef.scope == "module" and fixturedef.baseid == item.nodeid.split("::")[0]
+            for defs in info.name2fixturedefs.values()
+            for fixturedef in defs
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(module.__name__))
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_analyze, run_sweep, runs_of, store
+from conftest import IN_PROCESS, run_analyze, run_sweep, runs_of, store
 from scipy import stats
 
 from pnn.ablations import ablation_table, figure_name, swept_keys
@@ -136,12 +136,13 @@ def test_figure_axis(levels: list[str], scale: str, ticks: list[str] | None) -> 
 # End to end: a researcher's own grid, then analyze.py with no --by
 # --------------------------------------------------------------------------------------------
 
-# The demo profile, smaller: one epoch on 32 images, two jobs side by side.
+# The demo profile, smaller: one epoch on 32 images, the jobs in the sweep's process (what is
+# under test is analyze.py's reading of the store, not job processes).
 SMALL = [
     "dataset.train_size=32",
     "dataset.test_size=64",
     "train.epochs=1",
-    "hydra.launcher.cpu_workers=2",
+    *IN_PROCESS,
 ]
 
 

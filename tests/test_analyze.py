@@ -403,13 +403,14 @@ def test_env_uri_used_and_flag_wins(store: dict, tmp_path: Path) -> None:
 # End to end: the real sweep.py fills the store, analyze.py reads it back
 # --------------------------------------------------------------------------------------------
 
-# Narrow models on a little data, two jobs at a time: the numbers under test are analyze.py's.
+# Narrow models on a little data, the jobs in the sweep's process: the numbers under test are
+# analyze.py's.
 QUICK = [
     "profile=smoke",
     "model.nfilters=8",
     "dataset.train_size=64",
     "dataset.test_size=40",
-    "hydra.launcher.cpu_workers=2",
+    *conftest.IN_PROCESS,
 ]
 SWEEPS = (
     ["experiment=e1_baseline_resnet18,e7_pnn_shared_masks", "train.seed=1,2", *QUICK],

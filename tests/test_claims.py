@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_analyze, run_sweep
+from conftest import IN_PROCESS, run_analyze, run_sweep
 from scipy import stats
 
 from pnn.claims import CLAIM_COLUMNS, verdict
@@ -280,7 +280,8 @@ def test_demo_sweep_then_claims(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     # profile=demo itself sweeps two seeds of each experiment.
-    done = run_sweep([f"experiment={E3},{E4}", "profile=demo"], tmp_path, timeout=900)
+    args = [f"experiment={E3},{E4}", "profile=demo", *IN_PROCESS]
+    done = run_sweep(args, tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = run_analyze([], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, clean_env, epochs_logged, run_sweep
+from conftest import IN_PROCESS, REPO, TINY, clean_env, epochs_logged, run_sweep
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -73,6 +73,7 @@ def test_sweep_end_puts_its_analysis_on_the_parent_run(tmp_path: Path) -> None:
         *TINY,
         "train.epochs=2",
         "tracking.system_metrics=true",
+        *IN_PROCESS,  # what the sweep's end logs, not job processes
     ]
     proc = run_sweep(args, tmp_path, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert proc.returncode == 1, proc.stderr[-3000:]  # the failed job, not the analysis
@@ -144,7 +145,8 @@ def test_sweep_end_puts_its_analysis_on_the_parent_run(tmp_path: Path) -> None:
 
     # A sweep whose jobs were all done before has nothing to analyse: a warning and a tag on
     # its parent, and the sweep still succeeds.
-    again = run_sweep(["experiment=e4_conv1x1_no_noise", *TINY, "train.epochs=2"], tmp_path)
+    again_args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.epochs=2", *IN_PROCESS]
+    again = run_sweep(again_args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 finished, 1 skipped, 0 failed" in again.stdout
     assert "no results on the parent run: the analysis failed" in again.stderr + again.stdout

@@ -146,7 +146,7 @@ def test_plugin_discovered_once_with_its_config_registered() -> None:
         "_target_": "hydra_plugins.pnn_plugins.GpuPoolLauncher",
         "gpus": None,
         "jobs_per_gpu": 1,
-        "cpu_workers": 1,
+        "cpu_workers": "auto",
         "seeds_per_process": 1,
     }
 

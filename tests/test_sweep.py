@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    IN_PROCESS,
     TINY,
     checkpoints,
     epochs_logged,
@@ -27,7 +28,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_sweep_logs_one_parent_and_a_child_per_job(tmp_path: Path) -> None:
+    # The jobs in the sweep's process: this is about what is logged (job processes: below).
     args = ["experiment=e1_baseline_resnet18,e7_pnn_shared_masks", *TINY, "train.epochs=2"]
+    args += IN_PROCESS
     proc = sweep(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 finished, 0 skipped, 0 failed" in proc.stdout

@@ -38,9 +38,10 @@ class GpuPoolLauncherConf:
     gpus: list[int] | None = None
     # Jobs that may share one GPU at once.
     jobs_per_gpu: int = 1
-    # Parallel jobs when no GPU is used. Typed Any so that it may also take a word later
-    # (e.g. "auto"); the launcher checks it.
-    cpu_workers: Any = 1
+    # Parallel jobs when no GPU is used: a number, or auto (the cores this process may use,
+    # os.sched_getaffinity, divided by the jobs' train.threads; at least 1). Typed Any so that
+    # it takes the word; the launcher checks it.
+    cpu_workers: Any = "auto"
     # pnn-sweep's jobs only: jobs that differ only in train.seed trained together in one
     # process, this many at a time (each keeps its own MLflow run and checkpoint).
     seeds_per_process: int = 1
