@@ -18,7 +18,7 @@ help:
 	@echo "make test    the test suite (includes the browser test of the MLflow UI)"
 	@echo "make sweep   the eight experiments on CIFAR-10 (downloaded to data/), logged to mlflow.db"
 	@echo "make ui      MLflow UI for mlflow.db at http://127.0.0.1:5000 (prints the link to the runs)"
-	@echo "make lint    ruff check and ruff format --check"
+	@echo "make lint    ruff check, ruff format --check, lint-imports (the stages)"
 	@echo "make device-wheels  .whl/: the wheels bench/device_run.sh needs on a GPU image without them"
 
 venv: $(STAMP)
@@ -49,12 +49,13 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 
 ui: venv
-	@$(BIN)/python -m pnn.ui --tracking-uri sqlite:///mlflow.db --base-url http://$(UI_HOST):$(UI_PORT)
+	@$(BIN)/python -m pnn.analysis.ui --tracking-uri sqlite:///mlflow.db --base-url http://$(UI_HOST):$(UI_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(UI_HOST) --port $(UI_PORT)
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # The GPU machine's image has torch but not Hydra, OmegaConf or pytest: bench/device_run.sh
 # installs .whl/*.whl when the call carries .whl (the versions of this venv, built as wheels).

@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    from pnn.report import write_report
-    from pnn.results import parse_by
-    from pnn.store import AnalysisError, resolve_tracking_uri
-    from pnn.storeguard import as_store_error
+    from pnn.analysis.report import write_report
+    from pnn.analysis.results import parse_by
+    from pnn.io.store import AnalysisError, resolve_tracking_uri
+    from pnn.io.storeguard import as_store_error
 
     uri = resolve_tracking_uri(args.tracking_uri)
     try:

@@ -25,7 +25,7 @@ register_schema()
 def main(cfg: DictConfig) -> Any:
     import torch
 
-    from pnn.job import run
+    from pnn.sweep.job import run
 
     # Fixed by the config, never by how many jobs run side by side: on the CPU the thread count
     # changes the order of floating-point sums, hence the numbers.

@@ -4,7 +4,7 @@
    ``--no-compile``) against the reference formulation: outputs and gradients.
 2. The CUDA-graphed training step against the eager step: same model, same batches, same
    losses and weights after several steps.
-3. A short training run through ``pnn.engine.train`` with the graphed step learns.
+3. A short training run through ``pnn.train.engine.train`` with the graphed step learns.
 
 Prints one line per check and exits non-zero if any fails.
 """
@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.throughput import experiment_config  # noqa: E402
-from pnn import layers  # noqa: E402
-from pnn.cuda_graph import GraphedTrainStep  # noqa: E402
-from pnn.engine import build_optimizer, seed_everything  # noqa: E402
-from pnn.fused import FusedSettings, perturb_conv  # noqa: E402
-from pnn.models import build_model  # noqa: E402
-from pnn.step import StepTotals, make_train_step  # noqa: E402
+from pnn.model import layers  # noqa: E402
+from pnn.model.fused import FusedSettings, perturb_conv  # noqa: E402
+from pnn.model.models import build_model  # noqa: E402
+from pnn.train.cuda_graph import GraphedTrainStep  # noqa: E402
+from pnn.train.engine import build_optimizer, seed_everything  # noqa: E402
+from pnn.train.step import StepTotals, make_train_step  # noqa: E402
 
 FAILURES: list[str] = []
 
@@ -108,8 +108,8 @@ def check_graph_step(experiment: str, steps: int = 8) -> None:
 
 
 def check_training_learns(compiled: bool) -> None:
-    from pnn.data import load_data
-    from pnn.engine import train
+    from pnn.train.data import load_data
+    from pnn.train.engine import train
 
     cfg = experiment_config("e4_conv1x1_no_noise")
     cfg.dataset.name, cfg.dataset.train_size, cfg.dataset.test_size = "synthetic", 2000, 500

@@ -1,7 +1,7 @@
 """The perturbation layer alone on a GPU, three ways: equivalence and timing.
 
 For each case (a layer shape, its masks and activation), forward and backward run as the
-reference formulation, the eager fused path and the compiled fused path (:mod:`pnn.fused`);
+reference formulation, the eager fused path and the compiled fused path (:mod:`pnn.model.fused`);
 each row gives the largest relative error against the reference, milliseconds per step and
 peak extra MiB. ``bench/device_run.sh`` runs the README shapes; ``tests/test_layers.py`` runs
 them on a CUDA machine.
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from throughput import _sync  # noqa: E402
 
-from pnn.fused import FusedSettings, perturb_conv  # noqa: E402
-from pnn.layers import ACTIVATIONS, make_act  # noqa: E402
+from pnn.model.fused import FusedSettings, perturb_conv  # noqa: E402
+from pnn.model.layers import ACTIVATIONS, make_act  # noqa: E402
 
 # (in_channels, out_channels, size, nmasks, unique_masks, train_masks, act).
 README_CASES = [

@@ -4,8 +4,8 @@
     python bench/seeds.py --device cpu --experiments e1 --seeds 1,2 --steps 2 --warmup 1
 
 "Packed" is what ``hydra.launcher.seeds_per_process=K`` runs: K models (seeds 0..K-1), each
-in a thread of :func:`pnn.packing.run_packed` (its own CUDA stream), taking turns after every
-step of the production step (``pnn.step.build_train_step``: CUDA graph, compiled layers).
+in a thread of :func:`pnn.train.packing.run_packed` (its own CUDA stream), taking turns after every
+step of the production step (``pnn.train.step.build_train_step``: CUDA graph, compiled layers).
 "One after another" is the same K seeds, each alone in this process, timed one by one. Both
 time ``--steps`` steps per seed after ``--warmup`` untimed ones (graph capture, compilation),
 training steps only (no test pass), data already on the device, as ``throughput.py`` does.
@@ -39,17 +39,17 @@ from throughput import (  # noqa: E402
     write_json,
 )
 
-from pnn.engine import seed_everything  # noqa: E402
-from pnn.packing import run_packed, step_boundary  # noqa: E402
-from pnn.step import execution  # noqa: E402
+from pnn.train.engine import seed_everything  # noqa: E402
+from pnn.train.packing import run_packed, step_boundary  # noqa: E402
+from pnn.train.step import execution  # noqa: E402
 
 
 def one_seed(
     cfg: Any, device: torch.device, seed: int, stack: contextlib.ExitStack
 ) -> tuple[Any, Any]:
-    """One seed's production steps, run as train() runs them: inside pnn.step.execution (cuDNN
+    """One seed's production steps, run as train() runs them: inside pnn.train.step.execution (cuDNN
     autotuning, the layers' compiled kernels), which ``stack`` keeps entered."""
-    from pnn.models import build_model
+    from pnn.model.models import build_model
 
     seed_everything(seed)
     model = build_model(cfg).to(device)

@@ -4,7 +4,7 @@
     python bench/throughput.py --steps 3 --warmup 1 --device cpu --experiments e1,e4
 
 For each experiment: the README model and batch size, the production step
-(``pnn.step.build_train_step``: forward, backward, optimizer step, on-device accumulation),
+(``pnn.train.step.build_train_step``: forward, backward, optimizer step, on-device accumulation),
 fed from augmented synthetic CIFAR-shaped data already on the device. ``--warmup`` steps, then
 ``--steps`` timed steps, synchronised only at the two ends; the step slices its batch from an
 epoch tensor exactly as ``train`` does. ``--mode reference`` times the reference code's own
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as well
 
-from pnn.accuracy import EVAL_BATCHES_PER_STEP, evaluate  # noqa: E402
 from pnn.config import DATASETS, FAST_CHOICES, PNNConfig  # noqa: E402
-from pnn.data import normalize, random_crop_flip, synthetic_split  # noqa: E402
-from pnn.engine import build_optimizer, seed_everything  # noqa: E402
-from pnn.step import StepTotals, build_train_step, execution  # noqa: E402
+from pnn.train.accuracy import EVAL_BATCHES_PER_STEP, evaluate  # noqa: E402
+from pnn.train.data import normalize, random_crop_flip, synthetic_split  # noqa: E402
+from pnn.train.engine import build_optimizer, seed_everything  # noqa: E402
+from pnn.train.step import StepTotals, build_train_step, execution  # noqa: E402
 
 # The experiment files' overrides of the defaults (conf/experiment/*.yaml), for machines
 # without Hydra. Keys are dotted paths into PNNConfig.
@@ -230,8 +230,8 @@ def reference_steps(
 def reference_execution(model: torch.nn.Module) -> Iterator[None]:
     """The reference's way inside the block: the materialised grouped-conv perturbation
     (``FusedSettings(reference=True)``) and no cuDNN autotuning."""
-    from pnn.fused import FusedSettings
-    from pnn.layers import use_fused
+    from pnn.model.fused import FusedSettings
+    from pnn.model.layers import use_fused
 
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
@@ -253,7 +253,7 @@ def bench_experiment(
     fast: str = "auto",
     compile_layers: bool = True,
 ) -> dict[str, Any]:
-    from pnn.models import build_model, count_parameters
+    from pnn.model.models import build_model, count_parameters
 
     cfg = experiment_config(name)
     cfg.train.precision = precision

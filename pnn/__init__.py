@@ -1,7 +1,8 @@
 """pnn-sweep: Perturbative Neural Networks, re-run with Hydra and MLflow.
 
 The public API is loaded lazily so that ``import pnn.config`` stays cheap (no torch) and
-``import pnn.models`` works where Hydra and MLflow are not installed (the benchmark's GPU image).
+``import pnn.model.models`` works where Hydra and MLflow are not installed (the benchmark's GPU
+image).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any
 __all__ = ["build_model", "count_parameters", "load_config", "ConfigError"]
 
 _LAZY = {
-    "build_model": "pnn.models",
-    "count_parameters": "pnn.models",
+    "build_model": "pnn.model.models",
+    "count_parameters": "pnn.model.models",
     "load_config": "pnn.config",
     "ConfigError": "pnn.config",
 }

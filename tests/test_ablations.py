@@ -1,8 +1,8 @@
 """Ablations: the swept keys found in the runs, each level against a reference with Welch's
 interval, and a figure per key.
 
-The unit tests hand pnn.ablations a table of runs shaped as pnn.store.load_runs gives it; the
-slow test runs the real sweep.py (profile=demo, made smaller) and analyze.py, and checks the
+The unit tests hand pnn.analysis.ablations a table of runs shaped as pnn.io.store.load_runs gives
+it; the slow test runs the real sweep.py (profile=demo, made smaller) and analyze.py, and checks the
 numbers against what MlflowClient reads back.
 """
 
@@ -16,8 +16,8 @@ import pytest
 from conftest import IN_PROCESS, run_analyze, run_sweep, runs_of, store
 from scipy import stats
 
-from pnn.ablations import ablation_table, figure_name, swept_keys
-from pnn.plots import plot_ablation
+from pnn.analysis.ablations import ablation_table, figure_name, swept_keys
+from pnn.analysis.plots import plot_ablation
 
 E4, E7 = "e4_conv1x1_no_noise", "e7_pnn_shared_masks"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

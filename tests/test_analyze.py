@@ -1,6 +1,6 @@
 """analyze.py: MLflow store -> results tables, reported-vs-actual, figures, report.html.
 
-Most tests read a store written here by pnn.tracking's own functions, as a sweep writes it
+Most tests read a store written here by pnn.io.tracking's own functions, as a sweep writes it
 (only the numbers are made up); the slow test fills one with the real sweep.py and checks
 every number against MlflowClient.
 """
@@ -75,12 +75,13 @@ def environment_restored() -> Iterator[None]:
 
 class FakeSweep:
     """A parent run and child job runs written by the sweep's own functions
-    (``pnn.sweep_run``, ``pnn.tracking``), called as the sweeper and ``pnn/job.py`` call them,
-    for configs composed from the real ``conf/``; only the numbers (accuracies, parameter
+    (``pnn.sweep.sweep_run``, ``pnn.io.tracking``), called as the sweeper and ``pnn/sweep/job.py``
+    call them, for configs composed from the real ``conf/``; only the numbers (accuracies, parameter
     counts) are made up."""
 
     def __init__(self, uri: str, sweep_dir: Path) -> None:
-        from pnn import storeguard, sweep_run, tracking
+        from pnn.io import storeguard, tracking
+        from pnn.sweep import sweep_run
 
         cfg = load_config([f"tracking.uri={uri}"])
         sweep_run.start_sweep(cfg, sweep_dir, "(test)", 1)  # its heartbeat is not started
@@ -101,8 +102,8 @@ class FakeSweep:
         config: dict[str, str] | None = None,
         params: float = 5.5e6,
     ) -> str:
-        from pnn import tracking
-        from pnn.claim import claim_tags, owner_id
+        from pnn.io import tracking
+        from pnn.sweep.claim import claim_tags, owner_id
 
         overrides = [
             f"experiment={'none' if experiment == 'custom' else experiment}",
@@ -138,7 +139,7 @@ class FakeSweep:
         return run_id
 
     def end(self) -> None:
-        from pnn import sweep_run
+        from pnn.sweep import sweep_run
 
         os.environ.update(self.env)
         assert sweep_run.end_sweep("FINISHED") is None
@@ -357,7 +358,7 @@ def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
     ],
 )
 def test_local_store_path(uri: str, path: str | None) -> None:
-    from pnn.store import local_store_path
+    from pnn.io.store import local_store_path
 
     assert local_store_path(uri) == (Path(path) if path else None)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pnn import fused
 from pnn.config import load_config
-from pnn.layers import PerturbLayer
-from pnn.models import build_model
+from pnn.model import fused
+from pnn.model.layers import PerturbLayer
+from pnn.model.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

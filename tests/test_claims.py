@@ -1,6 +1,6 @@
 """Comparability with the paper and the README's claims, on a real SQLite store.
 
-The job runs are logged by pnn.tracking.create_job_run itself from configs composed with the real
+The job runs are logged by pnn.io.tracking.create_job_run itself from configs composed with the real
 conf/ (load_config), so their params are exactly what sweep.py logs; only the metrics are set
 by hand, so that every expected number can be worked out here.
 """
@@ -16,7 +16,7 @@ import pytest
 from conftest import IN_PROCESS, run_analyze, run_sweep
 from scipy import stats
 
-from pnn.claims import CLAIM_COLUMNS, verdict
+from pnn.analysis.claims import CLAIM_COLUMNS, verdict
 
 E1, E2, E3, E4 = (
     "e1_baseline_resnet18",
@@ -47,7 +47,7 @@ def _log(uri: str, experiment_name: str, overrides: list[str], best: float, gap:
     from mlflow.tracking import MlflowClient
 
     from pnn.config import load_config
-    from pnn.tracking import config_hash, create_job_run, get_experiment_id, log_metrics
+    from pnn.io.tracking import config_hash, create_job_run, get_experiment_id, log_metrics
 
     cfg = load_config(overrides)
     client = MlflowClient(uri)
@@ -90,7 +90,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _analyze(store: dict, out: Path, **options: object) -> None:
-    from pnn.report import write_report
+    from pnn.analysis.report import write_report
 
     report, _ = write_report(store["uri"], out=out, **options)
     assert out / "claims.csv" in report.written and out / "claims.png" in report.written

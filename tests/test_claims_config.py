@@ -1,6 +1,6 @@
 """Claims as config: a user's claims file (analyze.py --claims), its errors, and the group rule.
 
-The store's job runs are logged by pnn.tracking from configs composed with the real conf/
+The store's job runs are logged by pnn.io.tracking from configs composed with the real conf/
 (tests/test_claims.py's ``_log``); only their metrics are set here, so that every expected
 number can be worked out with scipy.
 """

@@ -16,9 +16,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from pnn.config import ConfigError
-from pnn.launcher import GpuPoolLauncher
-from pnn.outcomes import killed_return
-from pnn.slots import auto_cpu_workers, check_launcher_keys, make_slots
+from pnn.sweep.launcher import GpuPoolLauncher
+from pnn.sweep.outcomes import killed_return
+from pnn.sweep.slots import auto_cpu_workers, check_launcher_keys, make_slots
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)"

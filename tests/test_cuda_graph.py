@@ -1,4 +1,4 @@
-"""The CUDA-graphed training step (pnn/cuda_graph.py) against the eager step, through train().
+"""The CUDA-graphed training step (pnn/train/cuda_graph.py) against the eager step, through train().
 
 Two epochs across an lr milestone, each with a last partial batch: the graph is captured once
 per epoch (the lr and the epoch's sums are baked in), the partial batch runs eagerly, and the
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pnn import cuda_graph
 from pnn.config import load_config
-from pnn.data import load_data
-from pnn.engine import seed_everything, train
-from pnn.models import build_model
+from pnn.model.models import build_model
+from pnn.train import cuda_graph
+from pnn.train.data import load_data
+from pnn.train.engine import seed_everything, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

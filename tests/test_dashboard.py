@@ -13,8 +13,8 @@ from conftest import IN_PROCESS, REPO, TINY, clean_env, epochs_logged, run_sweep
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pnn.dashboard import NOTE_LIMIT, description
-from pnn.run_context import dataset_digest, dataset_inputs
+from pnn.analysis.dashboard import NOTE_LIMIT, description
+from pnn.io.run_context import dataset_digest, dataset_inputs
 
 
 def _git_head() -> str | None:
@@ -30,7 +30,7 @@ def _git_head() -> str | None:
 def _ui_link(store: Path) -> subprocess.CompletedProcess:
     """What `make ui` prints before it starts the server."""
     return subprocess.run(
-        [sys.executable, "-m", "pnn.ui", "--tracking-uri", f"sqlite:///{store}"],
+        [sys.executable, "-m", "pnn.analysis.ui", "--tracking-uri", f"sqlite:///{store}"],
         cwd=REPO,
         env=clean_env(),
         capture_output=True,

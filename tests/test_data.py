@@ -19,7 +19,7 @@ from conftest import write_idx
 from PIL import Image
 
 from pnn.config import CIFAR_MEAN, CIFAR_STD, load_config
-from pnn.data import (
+from pnn.train.data import (
     DatasetUnavailableError,
     crop_flip,
     load_data,

@@ -3,8 +3,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pnn import tracking
 from pnn.config import load_config
+from pnn.io import tracking
 
 
 def test_parallel_jobs_log_the_same_datasets(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pnn import claim, storeguard, sweep_run, tracking
+from pnn.io import storeguard, tracking
+from pnn.sweep import claim, sweep_run
 
 SWEEP, OLD_SWEEP, OTHER_SWEEP = (
     "20261129-100000-aaaa",

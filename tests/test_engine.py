@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnn import models
-from pnn.accuracy import batch_accuracies, reported_accuracy
-from pnn.checkpoint import load_checkpoint
 from pnn.config import load_config
-from pnn.data import load_data
-from pnn.engine import (
+from pnn.model import models
+from pnn.model.layers import PerturbLayer
+from pnn.train.accuracy import batch_accuracies, reported_accuracy
+from pnn.train.checkpoint import load_checkpoint
+from pnn.train.data import load_data
+from pnn.train.engine import (
     NonFiniteLossError,
     TrainResult,
     build_optimizer,
@@ -30,8 +31,7 @@ from pnn.engine import (
     seed_everything,
     train,
 )
-from pnn.layers import PerturbLayer
-from pnn.step import build_train_step, execution
+from pnn.train.step import build_train_step, execution
 
 CPU = torch.device("cpu")
 TIMING = ("epoch_time_s", "train_img_per_s")
@@ -441,7 +441,7 @@ def test_execution_sets_the_choices_for_the_block_only(
 ) -> None:
     """train.fast / train.compile reach cuDNN autotuning and every PNN layer inside the block
     only; building the step changes neither."""
-    from pnn.fused import FusedSettings
+    from pnn.model.fused import FusedSettings
 
     cfg = small_config(f"train.fast={fast}", f"train.compile={str(compile_layers).lower()}")
     model = nn.Sequential(

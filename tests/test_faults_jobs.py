@@ -30,11 +30,12 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
-from pnn import claim, tracking
-from pnn.checkpoint import UnreadableCheckpointError, read_checkpoint
 from pnn.config import ConfigError, load_config, validate
-from pnn.data import DatasetUnavailableError, check_available, load_data
-from pnn.tracking import EPOCH_METRICS
+from pnn.io import tracking
+from pnn.io.tracking import EPOCH_METRICS
+from pnn.sweep import claim
+from pnn.train.checkpoint import UnreadableCheckpointError, read_checkpoint
+from pnn.train.data import DatasetUnavailableError, check_available, load_data
 
 # One job of a small model that takes a few seconds per epoch here, so that a kill triggered
 # by its first checkpoint lands before it ends.
@@ -67,7 +68,7 @@ def job_processes(pid: int) -> list[int]:
     for children in Path(f"/proc/{pid}/task").glob("*/children"):
         try:
             for kid in children.read_text().split():
-                if b"pnn.launch_child" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                if b"pnn.sweep.launch_child" in Path(f"/proc/{kid}/cmdline").read_bytes():
                     found.append(int(kid))
         except OSError:
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pnn.slots import make_slots
+from pnn.sweep.slots import make_slots
 
 
 def test_gpu_pool_slots_pin_one_gpu_per_job() -> None:

@@ -170,7 +170,7 @@ def test_pnn_parts_apply_to_the_jobs_of_pnn_sweeps_only(overrides: list[str], pn
     from hydra.core.utils import JobStatus
 
     from pnn.config import CONF_DIR, register_schema
-    from pnn.outcomes import JobInterrupted, is_pnn_sweep, stopped_return
+    from pnn.sweep.outcomes import JobInterrupted, is_pnn_sweep, stopped_return
 
     register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnn import fused, layers
 from pnn.config import load_config
-from pnn.fused import FusedSettings, perturb_conv
-from pnn.layers import ACTIVATIONS, NoiseLayer, PerturbLayer, use_fused
-from pnn.models import build_model
+from pnn.model import fused, layers
+from pnn.model.fused import FusedSettings, perturb_conv
+from pnn.model.layers import ACTIVATIONS, NoiseLayer, PerturbLayer, use_fused
+from pnn.model.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 

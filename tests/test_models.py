@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pnn.config import ConfigError, load_config
-from pnn.layers import NoiseLayer, PerturbLayer
-from pnn.models import build_model, count_parameters
+from pnn.model.layers import NoiseLayer, PerturbLayer
+from pnn.model.models import build_model, count_parameters
 
 
 def model_for(*overrides: str, validate: bool = True, seed: int = 0) -> nn.Module:

@@ -19,8 +19,8 @@ from conftest import (
 )
 from conftest import store as launch_store
 
-from pnn.packing import group_seeds, run_packed, step_boundary
-from pnn.tracking import EPOCH_METRICS
+from pnn.io.tracking import EPOCH_METRICS
+from pnn.train.packing import group_seeds, run_packed, step_boundary
 
 # Timings differ between any two runs; every other per-epoch metric must match exactly.
 TIMING = {"epoch_time_s", "train_img_per_s"}
@@ -126,7 +126,7 @@ def _checkpoint_history(tmp: Path, name: str) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 def test_a_failing_seed_leaves_the_others_training_to_their_own_end(tmp_path: Path) -> None:
-    from pnn.job import run
+    from pnn.sweep.job import run
 
     seeds = {
         "e4_conv1x1_no_noise-seed1": ["train.seed=1", "train.epochs=2"],

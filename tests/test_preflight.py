@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, TINY, run_sweep
 
 from pnn.config import load_config, warnings_for
-from pnn.resources import GIB, estimate
+from pnn.train.resources import GIB, estimate
 
 README = [f"experiment={p.stem}" for p in sorted((REPO / "conf/experiment").glob("e*.yaml"))]
 
@@ -37,7 +37,7 @@ def test_batch_larger_than_test_set_warns() -> None:
 
 def test_launcher_keys() -> None:
     from pnn.config import ConfigError
-    from pnn.slots import check_launcher_keys
+    from pnn.sweep.slots import check_launcher_keys
 
     for gpus, per_gpu, workers, per_process, key in (
         (None, 0, 1, 1, "jobs_per_gpu"),
@@ -54,8 +54,8 @@ def test_launcher_keys() -> None:
 def test_a_failing_launcher_thread_gives_a_failed_job(tmp_path: Path, monkeypatch) -> None:
     from hydra.core.utils import JobStatus
 
-    from pnn.launcher import GpuPoolLauncher
-    from pnn.sweeper import outcome_of, print_summary
+    from pnn.sweep.launcher import GpuPoolLauncher
+    from pnn.sweep.sweeper import outcome_of, print_summary
 
     class Broken(GpuPoolLauncher):
         def _run_one(self, jobs, slot, workdir):  # fails before any process starts

@@ -17,7 +17,7 @@ import cloudpickle
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pnn import storeguard, tracking
+from pnn.io import storeguard, tracking
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_a_store_deleted_during_a_write_is_named_as_deleted(
 def test_the_heartbeat_stops_when_the_store_is_deleted(
     pinned_run: tuple[Path, MlflowClient, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pnn.claim import TAG_HEARTBEAT, Heartbeat
+    from pnn.sweep.claim import TAG_HEARTBEAT, Heartbeat
 
     db, client, run_id = pinned_run
     checks: list[BaseException | None] = []  # each beat's store check: None, or its error

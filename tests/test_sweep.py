@@ -19,7 +19,7 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
-from pnn.tracking import EPOCH_METRICS, SUMMARY_METRICS
+from pnn.io.tracking import EPOCH_METRICS, SUMMARY_METRICS
 
 FINAL_METRICS = SUMMARY_METRICS
 sweep = run_sweep

@@ -8,11 +8,11 @@ small models and 2 epochs so that the charts have lines, into a store of its own
 - from the plain runs link: reach the runs table in MLflow 3's model-training view, with the
   eight runs nested under the sweep's parent run; group the children by experiment; show a
   ``test_acc`` chart of the child runs in the chart view;
-- from the link to the sweep's saved view (``pnn.viewstate``), with no click: show the runs
+- from the link to the sweep's saved view (``pnn.analysis.viewstate``), with no click: show the runs
   grouped by experiment and noise level, each group open on its two runs, with the accuracy
   columns; chart ``test_acc`` with one line per group (the mean over its seeds) and
   ``best_test_acc`` with one bar per group (the mean over its seeds);
-- from the link ``make ui`` prints (``python -m pnn.ui``): every run grouped by experiment;
+- from the link ``make ui`` prints (``python -m pnn.analysis.ui``): every run grouped by experiment;
 - show the results table, and the link to the saved view, in the parent run's description.
 
 Each check saves a screenshot in the module's tmp dir (its path is printed; ``pytest -s``).
@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 from conftest import TINY, clean_env, launch_mlflow_server, stop_server
 
-from pnn import viewstate
+from pnn.analysis import viewstate
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -548,7 +548,7 @@ def test_parent_run_description_shows_the_results_table(
 
 
 # --------------------------------------------------------------------------------------------
-# The saved views (pnn.viewstate): the printed links land on the comparison, with no click
+# The saved views (pnn.analysis.viewstate): the printed links land on the comparison, with no click
 # --------------------------------------------------------------------------------------------
 
 
@@ -673,10 +673,10 @@ def test_saved_view_charts_one_line_and_one_bar_per_group(
 def test_make_ui_link_groups_every_run_by_experiment(
     ui_sweep: UISweep, ui_server: str, driver: Any
 ) -> None:
-    """`make ui` (python -m pnn.ui) prints a link to every job run of the experiment,
+    """`make ui` (python -m pnn.analysis.ui) prints a link to every job run of the experiment,
     grouped by experiment, with the same charts."""
     printed = subprocess.run(
-        [sys.executable, "-m", "pnn.ui", "--tracking-uri", f"sqlite:///{ui_sweep.store}"],
+        [sys.executable, "-m", "pnn.analysis.ui", "--tracking-uri", f"sqlite:///{ui_sweep.store}"],
         cwd=REPO,
         env=clean_env(),
         capture_output=True,

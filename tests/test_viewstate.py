@@ -1,4 +1,5 @@
-"""The MLflow UI's saved views that a sweep writes (``pnn.viewstate``, ``pnn.ui``, issue 22).
+"""The MLflow UI's saved views that a sweep writes (``pnn.analysis.viewstate``, ``pnn.analysis.ui``,
+issue 22).
 
 On a real SQLite store, with configs composed from the real ``conf/``: each sweep's view is an
 experiment tag of plain JSON whose search filter finds exactly the runs that sweep created or
@@ -18,8 +19,10 @@ import pytest
 from conftest import run_sweep, store
 from mlflow.tracking import MlflowClient
 
-from pnn import storeguard, sweep_run, tracking, ui, viewstate
+from pnn.analysis import ui, viewstate
 from pnn.config import load_config
+from pnn.io import storeguard, tracking
+from pnn.sweep import sweep_run
 
 BASE = ["profile=smoke", "model.nfilters=8"]
 SEEDS_AND_LEVELS = [
@@ -52,7 +55,7 @@ def test_swept_params_are_the_varied_keys_besides_seed_and_experiment() -> None:
 
 @pytest.fixture
 def sweep_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
-    """A store of the test's own; what a sweep puts in the environment and in ``pnn.ui`` is
+    """A store of the test's own; what a sweep puts in the environment and in ``pnn.analysis.ui`` is
     undone after the test."""
     for name in (
         tracking.ENV_URI,

@@ -24,7 +24,8 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
-from pnn import claim, storeguard, tracking
+from pnn.io import storeguard, tracking
+from pnn.sweep import claim
 
 pytestmark = pytest.mark.slow
 

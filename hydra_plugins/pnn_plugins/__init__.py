@@ -7,10 +7,10 @@
   an MLflow parent run, so it has no use outside ``sweep.py`` and its config stays in this
   app's ``conf/hydra/sweeper/pnn.yaml``.
 
-The logic lives in ``pnn.launcher`` and ``pnn.sweeper``; the subclasses here only give it a name
-Hydra accepts (it instantiates plugins only from classes under ``hydra_plugins``). Their modules
-are imported, not their classes: discovery lists every plugin class a module here holds, so a
-base class bound to a name here would be listed as a second plugin.
+The logic lives in ``pnn.sweep.launcher`` and ``pnn.sweep.sweeper``; the subclasses here only give
+it a name Hydra accepts (it instantiates plugins only from classes under ``hydra_plugins``). Their
+modules are imported, not their classes: discovery lists every plugin class a module here holds, so
+a base class bound to a name here would be listed as a second plugin.
 """
 
 from dataclasses import dataclass
@@ -18,15 +18,15 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from pnn import launcher, sweeper
+from pnn.sweep import launcher, sweeper
 
 
 class PNNSweeper(sweeper.PNNSweeper):
-    """See :class:`pnn.sweeper.PNNSweeper`."""
+    """See :class:`pnn.sweep.sweeper.PNNSweeper`."""
 
 
 class GpuPoolLauncher(launcher.GpuPoolLauncher):
-    """See :class:`pnn.launcher.GpuPoolLauncher`."""
+    """See :class:`pnn.sweep.launcher.GpuPoolLauncher`."""
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""Claims as config: the YAML files that state hypotheses about the runs, read and checked.
+
+A claims file holds a ``claims:`` list; each claim says that ``a − b`` (best test accuracy,
+percentage points) lies on one side of a threshold::
+
+    claims:
+      - id: nmasks_64_matches_1
+        statement: 64 masks are within a point of one mask      # optional
+        a: {experiment: e7_pnn_shared_masks, masks.nmasks: 64}  # a side with a config filter
+        b: {experiment: e7_pnn_shared_masks, masks.nmasks: 1}
+        kind: within                                            # below, at_least, within, above
+        threshold: 1.0
+        comparable_only: false                                  # optional, see below
+
+A side is an experiment (its file name, or its short id ``e7``), a mapping of ``experiment``
+plus config filters (``noise.level: 0.05``), or a list of those: a *group*, tested member by
+member (:mod:`pnn.analysis.claims`). ``comparable_only: true`` (the README's claims) gives a verdict
+only from runs comparable with the paper (:mod:`pnn.analysis.comparability`).
+
+:func:`load_claims` checks a file against the conf/ experiments and the runs at hand, and
+raises :class:`pnn.io.store.AnalysisError` with one line naming the file, the claim and the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from pnn.config import CONF_DIR
+from pnn.io.store import CONFIG_PREFIX, AnalysisError, to_float
+
+README_CLAIMS = CONF_DIR / "claims" / "readme.yaml"
+# diff < t, diff >= t, |diff| < t, diff > t
+KINDS = ("below", "at_least", "within", "above")
+FIELDS = ("id", "statement", "a", "b", "kind", "threshold", "comparable_only")
+KIND_TEXT = {"below": "<", "at_least": ">=", "within": "within ±", "above": ">"}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One experiment's runs, those whose config matches every ``key = value`` of ``where``."""
+
+    experiment: str
+    where: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.where:
+            return self.experiment
+        return f"{self.experiment} ({', '.join(f'{k}={v}' for k, v in self.where)})"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``a − b`` lies on the claimed side of ``threshold`` (``kind``) for every pair of members."""
+
+    id: str
+    a: tuple[Member, ...]
+    b: tuple[Member, ...]
+    kind: str
+    threshold: float
+    statement: str
+    comparable_only: bool = False
+    source: str = ""  # the file it came from
+
+
+def short_id(experiment: str) -> str:
+    """``e3_original_first3x3`` -> ``e3``; other names as they are."""
+    head = experiment.split("_", 1)[0]
+    return head if head[:1] == "e" and head[1:].isdigit() else experiment
+
+
+def short_label(label: str) -> str:
+    """A member's label with its experiment's short id: ``e7 (noise.level=0.05)``."""
+    name, _, rest = label.partition(" ")
+    return short_id(name) + (f" {rest}" if rest else "")
+
+
+def known_experiments(runs: pd.DataFrame) -> list[str]:
+    """The experiments a claim may name: conf/experiment/ files and those in the runs."""
+    files = [p.stem for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))]
+    return list(dict.fromkeys([*files, *runs["experiment"].astype(str)]))
+
+
+def _text(value: Any) -> str:
+    """A YAML scalar as MLflow logged it (the str() of the resolved config value)."""
+    return str(value)
+
+
+class _Reader:
+    """Reads one file's claims; ``fail`` names the file, the claim and the field."""
+
+    def __init__(self, path: Path, runs: pd.DataFrame) -> None:
+        self.path, self.runs = path, runs
+        self.known = known_experiments(runs)
+        self.claim = ""
+
+    def fail(self, field: str, message: str) -> AnalysisError:
+        where = f"claims file {self.path}" + (f", claim {self.claim}" if self.claim else "")
+        return AnalysisError(f"{where}, field {field}: {message}")
+
+    def experiment(self, field: str, name: Any) -> str:
+        name = str(name)
+        if name in self.known:
+            return name
+        matches = [e for e in self.known if short_id(e) == name]
+        if len(matches) == 1:
+            return matches[0]
+        shown = ", ".join(self.known[:12]) + (", ..." if len(self.known) > 12 else "")
+        raise self.fail(field, f"unknown experiment {name!r}; known: {shown}")
+
+    def member(self, field: str, node: Any) -> Member:
+        if isinstance(node, str):
+            return Member(self.experiment(field, node))
+        if not isinstance(node, dict) or "experiment" not in node:
+            raise self.fail(
+                field,
+                "a side is an experiment, {experiment: NAME, KEY: VALUE, ...} or a list of these",
+            )
+        where = []
+        for key, value in node.items():
+            if key == "experiment":
+                continue
+            key = str(key).removeprefix(CONFIG_PREFIX)
+            if CONFIG_PREFIX + key not in self.runs.columns:
+                raise self.fail(field, f"no run has the config key {key!r}")
+            where.append((key, _text(value)))
+        return Member(self.experiment(field, node["experiment"]), tuple(where))
+
+    def side(self, node: dict[str, Any], field: str) -> tuple[Member, ...]:
+        if node.get(field) is None:
+            raise self.fail(field, "missing (an experiment, or a list of them)")
+        value = node[field]
+        members = value if isinstance(value, list) else [value]
+        if not members:
+            raise self.fail(field, "an empty list; name at least one experiment")
+        return tuple(self.member(field, m) for m in members)
+
+    def read(self, index: int, node: Any) -> Claim:
+        self.claim = f"#{index}"
+        if not isinstance(node, dict):
+            raise self.fail("id", "each claim is a mapping with id, a, b, kind and threshold")
+        if not node.get("id"):
+            raise self.fail("id", "missing")
+        self.claim = str(node["id"])
+        unknown = [str(k) for k in node if k not in FIELDS]
+        if unknown:
+            raise self.fail(unknown[0], f"unknown field; allowed: {', '.join(FIELDS)}")
+        kind = node.get("kind")
+        if kind not in KINDS:
+            raise self.fail("kind", f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
+        threshold = to_float(node.get("threshold"))
+        if isinstance(node.get("threshold"), bool) or math.isnan(threshold):
+            got = "missing" if node.get("threshold") is None else repr(node["threshold"])
+            raise self.fail("threshold", f"a number of percentage points is needed (got {got})")
+        a, b = self.side(node, "a"), self.side(node, "b")
+        comparable_only = node.get("comparable_only", False)
+        if not isinstance(comparable_only, bool):
+            raise self.fail("comparable_only", f"true or false (got {comparable_only!r})")
+        statement = node.get("statement") or (
+            f"{' | '.join(m.label for m in a)} − {' | '.join(m.label for m in b)} "
+            f"{KIND_TEXT[kind]} {threshold:g}"
+        )
+        return Claim(
+            self.claim, a, b, kind, threshold, str(statement), comparable_only, str(self.path)
+        )
+
+
+def load_claims(path: Path, runs: pd.DataFrame) -> list[Claim]:
+    """The claims of one file, checked against the conf/ experiments and ``runs``."""
+    reader = _Reader(path, runs)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise AnalysisError(f"claims file {path}: cannot read it ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        first = str(err).replace("\n", " ")
+        raise AnalysisError(f"claims file {path}: not valid YAML ({first})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("claims"), list):
+        raise AnalysisError(f"claims file {path}: expected a top-level 'claims:' list")
+    claims = [reader.read(i, node) for i, node in enumerate(document["claims"], start=1)]
+    return claims
+
+
+def load_all(paths: list[Path], runs: pd.DataFrame) -> list[Claim]:
+    """The README's claims, then each file's in order; a claim id used twice is an error."""
+    claims: list[Claim] = []
+    for path in [README_CLAIMS, *paths]:
+        for claim in load_claims(path, runs):
+            twin = next((c for c in claims if c.id == claim.id), None)
+            if twin is not None:
+                raise AnalysisError(
+                    f"claims file {path}, claim {claim.id}, field id: already used in "
+                    f"{twin.source}; give it another id"
+                )
+            claims.append(claim)
+    return claims

@@ -1,0 +1,57 @@
+"""Whether a claimed MLflow run is live: the claim's tags and its staleness rule.
+
+A job claims its run (:mod:`pnn.sweep.claim`), and a sweep its parent run
+(:mod:`pnn.sweep.sweep_run`), with two tags; whoever reads runs (the claim, the sweep's end, the
+analysis's note on dead sweeps) decides with :func:`claim_status` whether a RUNNING run still has a
+process behind it. Only the tags and the clock are read here: nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+# A job claims its run in the store, and a sweep its parent run (pnn.sweep.sweep_run): tag TAG_OWNER
+# names the process ("<host>/<pid>/<token>") and TAG_HEARTBEAT holds the Unix time of its last
+# beat, renewed every HEARTBEAT_S by a background thread. A RUNNING run is *live* (running
+# elsewhere) while its heartbeat is younger than STALE_S, unless its owner is on this host and
+# its process is gone; otherwise it is stale: a rerun adopts a job's, the next sweep closes a
+# sweep's.
+TAG_OWNER, TAG_HEARTBEAT = "pnn.owner", "pnn.heartbeat"
+HEARTBEAT_S = 30.0
+STALE_S = 180.0
+
+
+def parse_owner(owner: str) -> tuple[str, int | None]:
+    """(host, pid) of an owner id; pid None if it cannot be read."""
+    host, _, rest = owner.partition("/")
+    pid = rest.partition("/")[0]
+    return host, int(pid) if pid.isdigit() else None
+
+
+def claim_status(run: Any, now: float | None = None) -> tuple[bool, str]:
+    """Whether a RUNNING run is live, i.e. some process is training it, and why."""
+    tags = run.data.tags
+    owner = tags.get(TAG_OWNER, "")
+    try:
+        age = (now or time.time()) - float(tags[TAG_HEARTBEAT])
+    except (KeyError, ValueError):
+        return False, "it has no heartbeat"
+    host, pid = parse_owner(owner)
+    if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
+        return False, f"its process {pid} on this host is gone"
+    if age > STALE_S:
+        return False, f"its heartbeat is {age:.0f}s old (stale after {STALE_S:.0f}s)"
+    return True, f"owner {owner}, heartbeat {max(age, 0):.0f}s ago (stale after {STALE_S:.0f}s)"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

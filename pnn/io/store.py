@@ -1,0 +1,277 @@
+"""The reading side of MLflow: the analysis (``analyze.py``) reads a sweep's job runs and their
+per-epoch curves out of the store, as pandas. Nothing here writes; the sweep's writing side is
+:mod:`pnn.io.tracking`.
+
+What ``sweep.py`` logs (``pnn/io/tracking.py``): one parent run per invocation (tag
+``pnn.role=sweep``) and one child run per job (tag ``pnn.role=job``, ``mlflow.parentRunId``)
+whose params are the flattened config, whose metrics are per epoch (step = epoch, from 1) and
+whose summary metrics (``best_test_acc``, ``params``, ...) are logged once at step 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+
+from pnn.io.tracking import (
+    RUNNING_SWEEPS,
+    SUMMARY_METRICS,  # logged once per run, at step 0
+    TAG_SWEEPS,
+)
+
+# Per-epoch metrics fetched for the figures.
+CURVE_METRICS = ("test_acc", "test_acc_reported")
+# Run params (the flattened config) become columns ``config.<dotted key>``.
+CONFIG_PREFIX = "config."
+
+
+class AnalysisError(RuntimeError):
+    """Something a person must fix (no store, no runs, a bad option). The message is one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Where the runs are
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(flag: str | None, cwd: Path | None = None) -> str:
+    """``--tracking-uri`` if given, else ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``."""
+    if flag:
+        return flag
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder a local tracking URI points at, or None for a server URI."""
+    if uri.startswith("sqlite:"):
+        # sqlite:///relative.db, sqlite:////abs/path.db; a query string may follow.
+        path = uri.split("://", 1)[-1].split("?", 1)[0]
+        path = path[1:] if path.startswith("/") else path
+        return Path(unquote(path)) if path else None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a bare path (or a Windows drive)
+        return Path(uri)
+    return None
+
+
+def check_store(uri: str) -> None:
+    """Fail in one line if the store cannot be read: MLflow would silently create an empty
+    SQLite file, refuse a ``file:`` store with a traceback, or retry a dead server for minutes."""
+    from pnn.io.storeguard import StoreError, prepare
+
+    path = local_store_path(uri)
+    if path is not None and not uri.startswith("sqlite:") and not path.exists():
+        raise AnalysisError(
+            f"no MLflow store at {path} (tracking URI {uri}); run sweep.py first, or pass "
+            "--tracking-uri / set MLFLOW_TRACKING_URI"
+        )
+    try:
+        prepare(uri, create=False)
+    except StoreError as err:
+        raise AnalysisError(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading runs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSet:
+    """The job runs of one analysis: ``finished`` ones are summarised, ``excluded`` counted."""
+
+    tracking_uri: str
+    experiment_name: str
+    finished: pd.DataFrame
+    excluded: pd.DataFrame
+    sweep_run_id: str | None = None
+    sweep_name: str | None = None
+    # With a sweep: how many of its runs it resumed (created by an earlier sweep; column
+    # ``in_sweep`` says "resumed" for those, "created" for the others).
+    resumed: int = 0
+    # The parent runs in scope (that sweep's, else the experiment's) still RUNNING in the
+    # store: live sweeps, or dead ones that nothing has closed yet (pnn.analysis.results tells
+    # which).
+    running_sweeps: list[Any] = field(default_factory=list)
+
+
+def _client(uri: str) -> Any:
+    from pnn.io.storeguard import as_store_error, client
+
+    try:
+        return client(uri)
+    except Exception as err:
+        problem = as_store_error(uri, err)
+        if problem is None:
+            raise
+        raise AnalysisError(str(problem)) from None
+
+
+def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _run_record(run: Any) -> dict[str, Any]:
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    seed = params.get("train.seed")
+    record: dict[str, Any] = {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name or tags.get("mlflow.runName", ""),
+        "status": run.info.status,
+        "start_time": run.info.start_time,
+        "parent_run_id": tags.get("mlflow.parentRunId", ""),
+        "sweep_id": tags.get("pnn.sweep_id", ""),
+        # Every sweep that worked on the run: the one that created it, then those that resumed it.
+        "sweep_ids": tags.get(TAG_SWEEPS, ""),
+        "experiment": tags.get("experiment") or params.get("experiment") or "custom",
+        "description": tags.get("description", ""),
+        "published_test_acc": to_float(tags.get("published_test_acc")),
+        "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
+        "failure": tags.get("pnn.failure", ""),
+        "config_hash": tags.get("pnn.config_hash", ""),
+    }
+    for key in SUMMARY_METRICS:
+        record[key] = metrics.get(key, math.nan)
+    for key, value in params.items():
+        record[CONFIG_PREFIX + key] = value
+    return record
+
+
+def _pick_sweep(client: Any, experiment_id: str, sweep: str) -> tuple[list[Any], Any]:
+    parents = sorted(
+        _search_all(client, experiment_id, "tags.`pnn.role` = 'sweep'"),
+        key=lambda r: r.info.start_time or 0,
+        reverse=True,
+    )
+    if not parents:
+        raise AnalysisError("--sweep given, but the store has no sweep (parent) runs")
+    if sweep == "latest":
+        return [parents[0]], parents[0]
+    # A parent run id, or a pnn.sweep_id shared by several invocations (a resumed sweep).
+    chosen = [p for p in parents if sweep in (p.info.run_id, p.data.tags.get("pnn.sweep_id"))]
+    if not chosen:
+        recent = ", ".join(f"{p.info.run_id} ({p.info.run_name})" for p in parents[:3])
+        raise AnalysisError(f"no sweep run {sweep!r}; the most recent are: {recent}")
+    return chosen, chosen[0]
+
+
+def load_runs(uri: str, experiment_name: str = "pnn", sweep: str | None = None) -> RunSet:
+    """All job runs of ``experiment_name`` (or of one sweep), split into finished and excluded."""
+    check_store(uri)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise AnalysisError(
+            f"no MLflow experiment {experiment_name!r} in {uri} (it has: {', '.join(names)}); "
+            "pass --experiment-name"
+        )
+    records = [
+        _run_record(r)
+        for r in _search_all(client, experiment.experiment_id, "tags.`pnn.role` = 'job'")
+    ]
+    sweep_run_id = sweep_name = None
+    resumed = 0
+    running_sweeps = _search_all(client, experiment.experiment_id, RUNNING_SWEEPS)
+    if sweep is not None:
+        parents, newest = _pick_sweep(client, experiment.experiment_id, sweep)
+        parent_ids = {p.info.run_id for p in parents}
+        sweep_ids = {p.data.tags.get("pnn.sweep_id") for p in parents} - {None}
+        for r in records:
+            r["in_sweep"] = "created" if r["parent_run_id"] in parent_ids else "resumed"
+        records = [
+            r
+            for r in records
+            if r["in_sweep"] == "created" or sweep_ids.intersection(r["sweep_ids"].split(","))
+        ]
+        resumed = sum(r["in_sweep"] == "resumed" for r in records)
+        sweep_run_id, sweep_name = newest.info.run_id, newest.info.run_name
+        running_sweeps = [p for p in running_sweeps if p.info.run_id in parent_ids]
+    if not records:
+        if sweep is not None:
+            raise AnalysisError(
+                f"no job runs in sweep {sweep_name} ({sweep_run_id}); jobs it skipped as "
+                "already finished belong to the sweep that ran them (drop --sweep to see all)"
+            )
+        raise AnalysisError(f"no job runs in experiment {experiment_name!r} of {uri}")
+
+    frame = pd.DataFrame.from_records(records)
+    finished_mask = (frame["status"] == "FINISHED") & frame["best_test_acc"].notna()
+    excluded = frame.loc[~finished_mask].copy()
+    excluded["excluded_as"] = excluded["status"]
+    excluded["reason"] = excluded["failure"].where(excluded["failure"] != "", excluded["status"])
+    no_metrics = excluded["status"] == "FINISHED"
+    excluded.loc[no_metrics, "excluded_as"] = "FINISHED without metrics"
+    excluded.loc[no_metrics, "reason"] = "no best_test_acc metric logged"
+
+    # sweep.rerun=true trains a finished job again as a new run: the newest one of a config
+    # counts, so that a rerun does not pass for an extra seed.
+    finished = frame.loc[finished_mask].sort_values("start_time", ascending=False)
+    superseded = finished["config_hash"].ne("") & finished.duplicated("config_hash")
+    newest = finished.loc[~superseded].set_index("config_hash")["run_id"]
+    old = finished.loc[superseded].copy()
+    old["excluded_as"] = "SUPERSEDED"
+    old["reason"] = [f"re-run as {newest[h]}, which is used" for h in old["config_hash"]]
+    excluded = pd.concat([excluded, old]) if len(old) else excluded
+    finished = finished.loc[~superseded].sort_values("start_time")
+    return RunSet(
+        tracking_uri=uri,
+        experiment_name=experiment_name,
+        finished=finished.reset_index(drop=True),
+        excluded=excluded.reset_index(drop=True),
+        sweep_run_id=sweep_run_id,
+        sweep_name=sweep_name,
+        resumed=resumed,
+        running_sweeps=running_sweeps,
+    )
+
+
+def load_curves(
+    uri: str, runs: pd.DataFrame, metrics: tuple[str, ...] = CURVE_METRICS
+) -> pd.DataFrame:
+    """Per-epoch metrics of ``runs``: one row per (run, epoch), one column per metric."""
+    client = _client(uri)
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in runs.itertuples():
+        for key in metrics:
+            # A resumed run may log an epoch twice; the later value wins.
+            history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.timestamp)
+            for point in history:
+                if point.step < 1:
+                    continue
+                row = rows.setdefault(
+                    (run.run_id, point.step),
+                    {"run_id": run.run_id, "experiment": run.experiment, "epoch": point.step},
+                )
+                row[key] = point.value
+    columns = ["run_id", "experiment", "epoch", *metrics]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    curves = pd.DataFrame(list(rows.values())).reindex(columns=columns)
+    return curves.sort_values(["run_id", "epoch"]).reset_index(drop=True)

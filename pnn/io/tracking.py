@@ -1,0 +1,366 @@
+"""The writing side of MLflow, used by the sweep (``sweep.py`` and its jobs): where runs go,
+how they are named, and what they hold (it reads only what a sweep needs to skip or resume a
+job). The analysis reads the runs back with :mod:`pnn.io.store`.
+
+Layout (``analyze.py`` and the MLflow UI rely on it):
+
+- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep``, ``pnn.sweep_id`` and
+  the sweep process's claim ``pnn.owner`` and ``pnn.heartbeat`` (``pnn.sweep.claim``);
+- one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
+  ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
+  ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the claim ``pnn.owner`` and
+  ``pnn.heartbeat`` (``pnn.sweep.claim``) and, on failure, ``pnn.failure``; run name
+  ``<experiment>-seed<seed>``;
+- on every run, MLflow's own ``mlflow.source.*`` and ``mlflow.user`` tags, and on a job its
+  training and test datasets as run inputs (``pnn.io.run_context``);
+- child params: the flattened resolved config; metrics per epoch with step = epoch (from 1);
+  final metrics at step 0.
+
+Every write goes through :func:`retry`: many jobs share one SQLite file, and SQLite answers
+"database is locked" while another process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from pnn.io import run_context, storeguard
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
+    "PNN_TRACKING_URI",
+    "PNN_PARENT_RUN_ID",
+    "PNN_SWEEP_ID",
+    "PNN_SWEEP_JOBS",
+)
+# This process, as no other one: host, pid and a random part (pids are reused).
+PROCESS_GROUP = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+# What every child run holds: these per epoch (step = epoch, from 1) ...
+EPOCH_METRICS = (
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "test_acc_reported",
+    "lr",
+    "epoch_time_s",
+    "train_img_per_s",
+)
+# ... and these once (step 0).
+SUMMARY_METRICS = (
+    "best_test_acc",
+    "best_epoch",
+    "final_test_acc",
+    "best_test_acc_reported",
+    "params",
+    "mask_values",
+    "trainable",
+)
+# Keys that change how a job runs or where it logs, not what it computes: a rerun that only
+# changes these is the same job (it is skipped, or resumed).
+VOLATILE_KEYS = (
+    "tracking",
+    "sweep",
+    "dry_run",
+    "train.device",
+    "train.fast",
+    "train.compile",
+    "train.progress",
+    "train.checkpoint_dir",
+    "train.memory_check",
+    "dataset.root",
+    "dataset.download",
+)
+
+
+def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.0) -> T:
+    """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``).
+
+    Before each call: the sweep's SQLite file must still be the one it started in
+    (:func:`pnn.io.storeguard.check_same`), so that no write lands in a new, empty store. After a
+    failed call, the same check again: a file deleted during the write makes SQLite answer
+    'attempt to write a readonly database', and the true reason is the deletion."""
+    delay, end = 0.05, time.monotonic() + timeout
+    while True:
+        storeguard.check_same()
+        try:
+            return fn()
+        except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
+            storeguard.check_same()
+            text = str(err).lower()
+            transient = "locked" in text or "busy" in text or "connection refused" in text
+            if not transient or time.monotonic() > end:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
+def resolve_uri(cfg: DictConfig, launch_dir: Path) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``<launch dir>/mlflow.db``."""
+    uri = cfg.tracking.uri or os.environ.get(ENV_URI) or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # A relative SQLite path means relative to where the sweep was launched, for every job.
+        uri = f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
+    return uri
+
+
+def get_experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = retry(lambda: client.get_experiment_by_name(name))
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the database instead of in whatever directory we started in.
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return retry(lambda: client.create_experiment(name, artifact_location=location))
+    except Exception:  # another process created it first
+        experiment = retry(lambda: client.get_experiment_by_name(name))
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as dotted keys and string values (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = json.dumps(node) if isinstance(node, list) else str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    walk(container, "")
+    return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a job: the resolved config without the keys in VOLATILE_KEYS."""
+    flat = flatten(cfg)
+    kept = {
+        k: v
+        for k, v in flat.items()
+        if not any(k == vk or k.startswith(vk + ".") for vk in VOLATILE_KEYS)
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The parent run (one per sweep.py invocation), created by the sweeper in the main process
+# --------------------------------------------------------------------------------------------
+
+# The parent runs that are not ended: live sweeps, and dead ones not closed yet
+# (pnn.sweep.sweep_run).
+RUNNING_SWEEPS = "attributes.status = 'RUNNING' and tags.`pnn.role` = 'sweep'"
+
+
+def start_sweep(
+    cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+) -> str:
+    """Check (and if new, create) the store, then create the parent run with the ``claim``
+    tags of the sweep's process (``pnn.sweep.claim``). Raises StoreError."""
+    uri = resolve_uri(cfg, Path.cwd())
+    storeguard.prepare(uri)
+    storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
+    try:
+        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs, claim)
+    except Exception as err:
+        problem = storeguard.as_store_error(uri, err)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def _start_sweep(
+    cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+) -> str:
+    client = storeguard.client(uri)
+    experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
+    sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+    tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
+    tags.update(claim)
+    tags["pnn.command"] = command or "(no arguments)"
+    tags["mlflow.note.content"] = f"sweep.py {command}".strip()
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    run = retry(
+        lambda: client.create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep_id[:15]}")
+    )
+    log_run_context(client, run.info.run_id)
+    os.environ.update(
+        {
+            ENV_URI: uri,
+            ENV_PARENT: run.info.run_id,
+            ENV_SWEEP: sweep_id,
+            ENV_JOBS: str(n_jobs),
+        }
+    )
+    return run.info.run_id
+
+
+def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> str | None:
+    """Tag and end a job run, for failure handlers: never raises a store error (the store may be
+    what failed); returns it as one line instead."""
+    try:
+        if tags:
+            set_tags(client, run_id, tags)
+        retry(lambda: client.set_terminated(run_id, status))
+    except Exception as err:
+        problem = storeguard.as_store_error(client.tracking_uri, err)
+        if problem is None:
+            raise
+        return f"run {run_id} could not be marked {status}: {problem}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Child runs (one per job)
+# --------------------------------------------------------------------------------------------
+
+
+# Every sweep that worked on a job run (comma-separated pnn.sweep_id values): the one that
+# created it, then those that resumed it (``analyze.py --sweep``).
+TAG_SWEEPS = "pnn.sweep_ids"
+# The launcher's job processes write "<run id> <owner>" here once they claim a run, so that
+# the launcher can mark the run KILLED if the process dies (see ``pnn.sweep.launcher``).
+ENV_RUN_ID_FILE = "PNN_RUN_ID_FILE"
+
+
+def find_job_runs(client: MlflowClient, experiment_id: str, chash: str) -> list:
+    """The job's runs in this store, oldest first."""
+    runs = retry(
+        lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.`pnn.config_hash` = '{chash}'"
+        )
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def create_job_run(
+    client: MlflowClient,
+    experiment_id: str,
+    cfg: DictConfig,
+    chash: str,
+    overrides: str,
+    claim: dict[str, str] | None = None,
+) -> str:
+    """A new child run; ``claim`` holds the tags of the job's claim on it (``pnn.sweep.claim``)."""
+    tags = {
+        "pnn.role": "job",
+        "pnn.config_hash": chash,
+        "pnn.overrides": overrides,
+        "experiment": str(cfg.experiment),
+        "description": str(cfg.description),
+        "published_test_acc": "" if cfg.published_test_acc is None else str(cfg.published_test_acc),
+        "mlflow.note.content": str(cfg.description),
+        **(claim or {}),
+    }
+    if os.environ.get(ENV_PARENT):
+        tags["mlflow.parentRunId"] = os.environ[ENV_PARENT]
+    if os.environ.get(ENV_SWEEP):
+        tags["pnn.sweep_id"] = os.environ[ENV_SWEEP]
+        tags[TAG_SWEEPS] = os.environ[ENV_SWEEP]
+    # Which GPU (or CPU slot) the launcher gave this job, for debugging a crowded machine.
+    tags["pnn.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
+    tags["pnn.slot"] = os.environ.get("PNN_SLOT", "in-process")
+    # Seeds trained together in one process (hydra.launcher.seeds_per_process) share this.
+    tags["pnn.process_group"] = PROCESS_GROUP
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    name = f"{cfg.experiment}-seed{cfg.train.seed}"
+    run = retry(lambda: client.create_run(experiment_id, tags=tags, run_name=name))
+    run_id = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        chunk = params[start : start + 100]
+        retry(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
+    log_run_context(client, run_id, cfg)
+    return run_id
+
+
+DATASET_ATTEMPTS = 5
+
+
+def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = None) -> None:
+    """MLflow's standard tags (source, git commit, user) and, for a job, its training and test
+    datasets as run inputs: what the UI's Source, User and Dataset columns show."""
+    set_tags(client, run_id, run_context.standard_tags())
+    if cfg is not None:
+        inputs = run_context.dataset_inputs(cfg)
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                retry(lambda: client.log_inputs(run_id, datasets=inputs))
+                return
+            except Exception as err:
+                # MLflow's get-or-create of a dataset is not atomic: when parallel jobs log the
+                # same (name, digest) at once, one insert loses. Asked again, it finds the
+                # winner's row and links it.
+                text = str(err)
+                lost = "UNIQUE constraint" in text or "IntegrityError" in text
+                if not lost or attempt == DATASET_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (1 + random.random()))
+
+
+def finish_job_run(client: MlflowClient, run_id: str) -> None:
+    """FINISHED, without the failure tag of an earlier attempt."""
+    run = retry(lambda: client.get_run(run_id))
+    if "pnn.failure" in run.data.tags:
+        retry(lambda: client.delete_tag(run_id, "pnn.failure"))
+    retry(lambda: client.set_terminated(run_id, "FINISHED"))
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    retry(lambda: client.log_batch(run_id, metrics=batch))
+
+
+def logged_steps(client: MlflowClient, run_id: str, keys: Iterable[str]) -> dict[str, set[int]]:
+    return {
+        key: {m.step for m in retry(lambda key=key: client.get_metric_history(run_id, key))}
+        for key in keys
+    }
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    batch = [RunTag(k, v) for k, v in tags.items()]
+    retry(lambda: client.log_batch(run_id, tags=batch))

@@ -1,0 +1,274 @@
+"""Which run a job trains in, and with which checkpoint: skip, adopt or create.
+
+The claim on a job lives in the tracking store (:func:`pnn.io.liveness.claim_status`): a live
+RUNNING run of the same job means "running elsewhere"; a stale, KILLED or FAILED one is adopted;
+otherwise a new run is created, and if two processes create one at once, the oldest wins. A
+checkpoint with finished epochs is never deleted without a message: it is resumed (into a new
+run when its own run is not in this store), or moved aside when it is unreadable or when
+``sweep.rerun=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pnn.io import storeguard, tracking
+from pnn.io.liveness import (
+    HEARTBEAT_S,
+    STALE_S,  # noqa: F401 - the claim's rule, read as claim.STALE_S too
+    TAG_HEARTBEAT,
+    TAG_OWNER,
+    claim_status,
+    parse_owner,  # noqa: F401 - read as claim.parse_owner too
+)
+from pnn.sweep.job_identity import Job
+
+log = logging.getLogger("pnn")
+
+
+# The claim's tags and the rule that tells a live claim from a stale one are pnn.io.liveness's
+# (the analysis reads them too); this module writes and renews claims.
+_TOKEN = os.urandom(4).hex()
+
+
+def owner_id(token: str = _TOKEN) -> str:
+    """Who claims a run: this host, this process and a token (several jobs per process)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{token}"
+
+
+def claim_tags(owner: str) -> dict[str, str]:
+    return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def first_live_run(client: Any, experiment_id: str, chash: str) -> Any | None:
+    """The oldest live run of a job: when two processes create a run for it at once, both
+    then ask this, and the one whose run is oldest trains."""
+    runs = tracking.find_job_runs(client, experiment_id, chash)
+    live = [r for r in runs if r.info.status == "RUNNING" and claim_status(r)[0]]
+    return live[0] if live else None
+
+
+def adopt_job_run(client: Any, run: Any, owner: str) -> bool:
+    """Claim an open run of this job for ``owner``: RUNNING, our heartbeat, this sweep's id
+    added to tracking.TAG_SWEEPS. False if another process claimed it at the same time."""
+    sweeps = [s for s in run.data.tags.get(tracking.TAG_SWEEPS, "").split(",") if s]
+    sweep = os.environ.get(tracking.ENV_SWEEP)
+    if sweep and sweep not in sweeps:
+        sweeps.append(sweep)
+    run_id = run.info.run_id
+    tracking.set_tags(client, run_id, {**claim_tags(owner), tracking.TAG_SWEEPS: ",".join(sweeps)})
+    tracking.retry(lambda: client.update_run(run_id, status="RUNNING"))
+    # Read back: of two processes that adopted it at once, the last writer owns it.
+    now = tracking.retry(lambda: client.get_run(run_id))
+    return now.data.tags.get(TAG_OWNER) == owner
+
+
+def mark_killed(client: Any, run_id: str, reason: str, owner: str | None = None) -> bool:
+    """Mark a RUNNING run KILLED with ``reason`` (tag ``pnn.failure``), if it is still
+    RUNNING and, when ``owner`` is given, still claimed by it. True if it was marked."""
+    run = tracking.retry(lambda: client.get_run(run_id))
+    if run.info.status != "RUNNING":
+        return False
+    if owner is not None and run.data.tags.get(TAG_OWNER) != owner:
+        return False
+    tracking.set_tags(client, run_id, {"pnn.failure": reason[:5000]})
+    tracking.retry(lambda: client.set_terminated(run_id, "KILLED"))
+    return True
+
+
+class Heartbeat:
+    """Renews a run's TAG_HEARTBEAT every HEARTBEAT_S from a daemon thread, while a job
+    trains or a sweep runs; a missed beat (store busy or away) is retried at the next one."""
+
+    def __init__(self, client: Any, run_id: str, interval: float = HEARTBEAT_S):
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="pnn-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        from mlflow.entities import RunTag
+
+        while not self._stop.wait(self.interval):
+            try:  # as tracking.retry does: never write into a new store in place of a deleted one
+                storeguard.check_same()
+            except storeguard.StoreError:
+                return  # the job's own next write reports it
+            try:
+                tag = RunTag(TAG_HEARTBEAT, f"{time.time():.0f}")
+                self.client.log_batch(self.run_id, tags=[tag])
+            except Exception:  # noqa: BLE001 - the next beat tries again
+                continue
+
+
+def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
+    """Skip a job that has FINISHED in this store or whose run is live elsewhere (the
+    outcome), else go on (None) with the job's runs that are open (not FINISHED), oldest
+    first. Asked under the job's lock: a twin job that held it may have just finished."""
+    runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished and not job.cfg.sweep.rerun:
+        if not job.ckpt_path.exists():
+            remove_folder_if_only_lock(job)
+        return job.skip(
+            f"already FINISHED as run {finished[-1].info.run_id} (sweep.rerun=true to redo)"
+        ), []
+    open_runs = [r for r in runs if r.info.status != "FINISHED"]
+    for r in open_runs:
+        live, why = claim_status(r) if r.info.status == "RUNNING" else (False, "")
+        if live:
+            return job.skip(f"running elsewhere as run {r.info.run_id} ({why})"), []
+    return None, open_runs
+
+
+def open_run(job: Job, open_runs: list[Any]) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
+    """Claim the job's run: adopt an open one (the checkpoint's, else the newest) or create
+    one. Returns (run id, checkpoint state or None), or a skip outcome if another process
+    claimed the job at the same moment."""
+    state = _usable_checkpoint(job)
+    if job.cfg.sweep.rerun:
+        for r in open_runs:  # stale runs of the old attempt must not stay RUNNING
+            reason = "superseded: sweep.rerun=true started this job again in a new run"
+            mark_killed(job.client, r.info.run_id, reason)
+        open_runs = []
+    ckpt_run = (state or {}).get("extra_state", {}).get("mlflow_run_id")
+    mine = [r for r in open_runs if r.info.run_id == ckpt_run]
+    target = (mine or open_runs or [None])[-1]
+    if target is None:
+        return _new_run(job, state, ckpt_run)
+    return _adopt_run(job, target, state, ckpt_run)
+
+
+def _usable_checkpoint(job: Job) -> dict[str, Any] | None:
+    """The job's checkpoint, or None: absent, moved aside unread (sweep.rerun=true), or
+    moved aside because it cannot be read. Never deleted."""
+    from pnn.train.checkpoint import UnreadableCheckpointError, move_aside, read_checkpoint
+
+    path = job.ckpt_path
+    if not path.exists():
+        return None
+    if job.cfg.sweep.rerun:
+        moved = move_aside(path, "rerun")
+        log.warning(f"[{job.name}] sweep.rerun=true: the old checkpoint {path} is now {moved}")
+        return None
+    try:
+        return read_checkpoint(path)
+    except UnreadableCheckpointError as err:
+        moved = move_aside(path, "corrupt")
+        log.warning(f"[{job.name}] {err}. Moved it aside to {moved}; starting the job afresh")
+        return None
+
+
+def _new_run(
+    job: Job, state: dict[str, Any] | None, ckpt_run: str | None
+) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
+    run_id = _create_run(job)
+    first = first_live_run(job.client, job.experiment_id, job.chash)
+    if first is not None and first.info.run_id != run_id:  # two created at once: oldest wins
+        tracking.retry(lambda: job.client.delete_run(run_id))
+        return job.skip(f"running elsewhere as run {first.info.run_id} (claimed first)")
+    if state is None:
+        log.info(f"[{job.name}] new MLflow run {run_id}")
+        return run_id, None
+    history = state["history"]
+    _log_missing_epochs(job.client, run_id, history)
+    log.info(
+        f"[{job.name}] new MLflow run {run_id} continues from checkpoint {job.ckpt_path} after "
+        f"epoch {len(history)} (its run {ckpt_run} is not open in this store); epochs "
+        f"1-{len(history)} logged from the checkpoint's history"
+    )
+    return run_id, state
+
+
+def _adopt_run(
+    job: Job, run: Any, state: dict[str, Any] | None, ckpt_run: str | None
+) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
+    run_id, was = run.info.run_id, run.info.status
+    if not adopt_job_run(job.client, run, job.owner):
+        return job.skip(f"running elsewhere as run {run_id} (claimed at the same moment)")
+    if state is None:
+        log.info(f"[{job.name}] adopting MLflow run {run_id} ({was}, no checkpoint): from epoch 1")
+        return run_id, None
+    history = state["history"]
+    _log_missing_epochs(job.client, run_id, history)
+    source = "" if ckpt_run == run_id else f" (the checkpoint was written for run {ckpt_run})"
+    log.info(
+        f"[{job.name}] resuming MLflow run {run_id} ({was}) after epoch {len(history)}{source}"
+    )
+    return run_id, state
+
+
+def report_run_id(run_id: str, owner: str) -> None:
+    """Tell the launcher which run this process trains, so it can mark the run KILLED if the
+    process dies (pnn.sweep.launcher)."""
+    path = os.environ.get(tracking.ENV_RUN_ID_FILE)
+    if path:
+        with open(path, "a") as file:
+            file.write(f"{run_id} {owner}\n")
+
+
+def _create_run(job: Job) -> str:
+    """A new child run with the job's config, parameter counts and model summary."""
+    from pnn.model.models import build_model, count_parameters
+    from pnn.train.engine import seed_everything
+
+    cfg = job.cfg
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    counts = count_parameters(model)
+    overrides = _overrides()
+    run_id = tracking.create_job_run(
+        job.client, job.experiment_id, cfg, job.chash, overrides, claim_tags(job.owner)
+    )
+    tracking.log_metrics(job.client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
+    _log_text(job.client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    summary = f"{model}\n\n{json.dumps(counts, indent=2)}\n"
+    _log_text(job.client, run_id, summary, "model_summary.txt")
+    return run_id
+
+
+def remove_folder_if_only_lock(job: Job) -> None:
+    """Remove the job's checkpoint folder if only our lock file is left in it: never a file
+    that was moved aside, and never anything outside train.checkpoint_dir."""
+    folder = job.ckpt_dir.resolve()
+    if folder.parent != job.ckpt_root.resolve() or not folder.is_dir():
+        return
+    if {p.name for p in folder.iterdir()} <= {"lock"}:
+        (folder / "lock").unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def _overrides() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return " ".join(HydraConfig.get().overrides.task)
+    return ""
+
+
+def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
+    """Log the epochs a checkpoint holds but MLflow missed (killed between the two writes)."""
+    logged = tracking.logged_steps(client, run_id, tracking.EPOCH_METRICS)
+    for epoch, metrics in enumerate(history, start=1):
+        missing = {k: metrics[k] for k in tracking.EPOCH_METRICS if epoch not in logged[k]}
+        if missing:
+            tracking.log_metrics(client, run_id, missing, step=epoch)
+
+
+def _log_text(client: Any, run_id: str, text: str, filename: str) -> None:
+    tracking.retry(lambda: client.log_text(run_id, text, filename))

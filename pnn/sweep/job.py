@@ -1,0 +1,261 @@
+"""One job of a sweep: decide whether to skip, adopt or start; train; log to MLflow.
+
+The job never raises for a failed run: it marks the MLflow run FAILED with the reason and
+returns ``{"status": "failed", ...}``, so the sweep goes on and reports it at the end.
+
+A job's claim on its work lives in the tracking store, so that it holds across launch
+directories and machines: its run is RUNNING with an owner and a heartbeat tag (see
+``pnn.io.liveness.claim_status``). A live run of the same job means "running elsewhere"; a stale,
+KILLED or FAILED one is adopted, never duplicated. A checkpoint with finished epochs is never
+deleted: it is resumed (into a new run if its own is not in this store), or moved aside with a
+message when it is unreadable or ``sweep.rerun=true``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pnn.config import ConfigError, validate
+from pnn.sweep.job_identity import Job
+
+log = logging.getLogger("pnn")
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    """Compose, validate and build the model; print one JSON line. Loads no data, logs nothing."""
+    from pnn.model.models import build_model, count_parameters
+
+    counts = count_parameters(build_model(cfg))
+    line = {"experiment": cfg.experiment, "model": cfg.model.name, **counts}
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def launch_dir() -> Path:
+    """Where the sweep was started: relative paths in the config are relative to it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd)
+    return Path.cwd()
+
+
+@contextmanager
+def exclusive(directory: Path) -> Iterator[bool]:
+    """A lock per job identity: the same job started twice at once runs only once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def show_progress(cfg: DictConfig) -> bool:
+    if cfg.train.progress != "auto":
+        return cfg.train.progress == "on"
+    # A live bar only when one job owns the terminal; parallel jobs log one line per epoch.
+    return sys.stderr.isatty() and os.environ.get("PNN_SWEEP_JOBS", "1") == "1"
+
+
+def job_name(cfg: DictConfig) -> str:
+    return f"{cfg.experiment}-seed{cfg.train.seed}"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One job, in phases: check -> decide (skip or go; pnn.sweep.claim) -> open its run (adopt or
+    create; pnn.sweep.claim) -> train -> finish."""
+    name = job_name(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        return {"status": "failed", "name": name, "reason": str(err)}
+    if cfg.dry_run:
+        dry_run(cfg)
+        return {"status": "finished", "name": name, "reason": "dry run"}
+
+    from pnn.sweep import claim
+    from pnn.train.data import DatasetUnavailableError, check_available
+
+    job = locate(cfg, name)
+    # The file lock guards this checkpoint folder on this machine; the claim in the store
+    # (decide, open_run) guards the job across launch directories and machines.
+    with exclusive(job.ckpt_dir) as owned:
+        if not owned:
+            return job.skip(f"running in another process (lock held on {job.ckpt_dir})")
+        skipped, open_runs = claim.decide(job)
+        if skipped is not None:
+            return skipped
+        try:  # a set-up error, found before any run is created or adopted
+            check_available(cfg, _absolute(cfg.dataset.root))
+        except DatasetUnavailableError as err:
+            log.error(f"[{name}] FAILED: {err}")
+            return job.outcome("failed", str(err))
+        opened = claim.open_run(job, open_runs)
+        if isinstance(opened, dict):
+            return opened  # another process claimed the job first
+        run_id, state = opened
+        claim.report_run_id(run_id, job.owner)
+        with claim.Heartbeat(job.client, run_id):
+            return train_and_finish(job, run_id, state)
+
+
+def locate(cfg: DictConfig, name: str) -> Job:
+    """The job's store, experiment, identity and checkpoint folder."""
+    from pnn.io import storeguard, tracking
+    from pnn.sweep import claim
+
+    root = launch_dir()
+    uri = tracking.resolve_uri(cfg, root)
+    client = storeguard.client(uri)
+    experiment_id = tracking.get_experiment_id(client, cfg.tracking.experiment_name, uri)
+    chash = tracking.config_hash(cfg)
+    ckpt_root = Path(cfg.train.checkpoint_dir)
+    ckpt_root = ckpt_root if ckpt_root.is_absolute() else root / ckpt_root
+    owner = claim.owner_id(os.urandom(4).hex())
+    return Job(
+        cfg, name, client, experiment_id, chash, ckpt_root, ckpt_root / f"{name}-{chash}", owner
+    )
+
+
+def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
+    """Train in ``run_id`` (from ``state``'s epoch on); mark the run FINISHED, FAILED or KILLED.
+
+    The marks go through ``tracking.mark_run``, which never raises a store error: the store
+    may be what just failed."""
+    from pnn.io import run_context, storeguard, tracking
+    from pnn.train.engine import NonFiniteLossError
+
+    monitor = run_context.start_system_metrics(job.cfg, job.client.tracking_uri, run_id)
+    try:
+        result = _train(job, run_id, state)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT through pnn.sweep.interrupt
+        signal_name = getattr(err, "signal_name", "SIGINT")
+        problem = tracking.mark_run(job.client, run_id, "KILLED", {"pnn.killed_by": signal_name})
+        if problem:
+            log.warning(f"[{job.name}] {problem}")
+        raise
+    except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
+        if isinstance(err, NonFiniteLossError):
+            reason = str(err)
+        else:  # a store error in one line, not MLflow's pages of SQL
+            problem = storeguard.as_store_error(job.client.tracking_uri, err)
+            reason = str(problem) if problem else f"{type(err).__name__}: {err}"
+        return _mark_failed(job, run_id, reason)
+    finally:
+        run_context.stop_system_metrics(monitor)
+    return _finish(job, run_id, result)
+
+
+def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
+    """The training loop, logging each epoch to ``run_id``; the engine's TrainResult."""
+    from pnn.io import tracking
+    from pnn.model.models import build_model
+    from pnn.train.data import load_data
+    from pnn.train.engine import seed_everything, train
+
+    cfg, name, epochs = job.cfg, job.name, job.cfg.train.epochs
+    first_epoch = len((state or {}).get("history", [])) + 1
+    started = time.monotonic()
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        per_epoch = {k: metrics[k] for k in tracking.EPOCH_METRICS}
+        tracking.log_metrics(job.client, run_id, per_epoch, step=epoch)
+        left = (time.monotonic() - started) / max(1, epoch - first_epoch + 1) * (epochs - epoch)
+        log.info(
+            f"[{name}] epoch {epoch}/{epochs}  test_acc {metrics['test_acc']:.2f}%  "
+            f"reported {metrics['test_acc_reported']:.2f}%  train_loss "
+            f"{metrics['train_loss']:.4f}  {metrics['epoch_time_s']:.1f}s/epoch  "
+            f"ETA {_duration(left)}"
+        )
+
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    device = resolve_device(cfg.train.device)
+    data = load_data(cfg, device, _absolute(cfg.dataset.root))
+    return train(
+        cfg,
+        model,
+        data,
+        device=device,
+        checkpoint_path=job.ckpt_path,
+        on_epoch=on_epoch,
+        extra_state={"mlflow_run_id": run_id},
+        progress=show_progress(cfg),
+    )
+
+
+def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
+    from pnn.io import tracking
+
+    problem = tracking.mark_run(job.client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
+    if problem:
+        log.warning(f"[{job.name}] {problem}")
+    log.error(f"[{job.name}] FAILED: {reason}")
+    return job.outcome("failed", reason, run_id=run_id)
+
+
+def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
+    """Final metrics, the checkpoint as an artifact, and the run FINISHED."""
+    from pnn.io import tracking
+    from pnn.sweep import claim
+
+    cfg, client = job.cfg, job.client
+    final = {
+        "best_test_acc": result.best_test_acc,
+        "best_epoch": result.best_epoch,
+        "final_test_acc": result.final_test_acc,
+        "best_test_acc_reported": result.best_test_acc_reported,
+    }
+    tracking.log_metrics(client, run_id, final, step=0)
+    if cfg.tracking.log_checkpoint and job.ckpt_path.exists():
+        tracking.retry(lambda: client.log_artifact(run_id, str(job.ckpt_path), "checkpoint"))
+    tracking.finish_job_run(client, run_id)
+    if cfg.tracking.log_checkpoint:  # the artifact store holds it now
+        job.ckpt_path.unlink(missing_ok=True)
+        claim.remove_folder_if_only_lock(job)
+    log.info(
+        f"[{job.name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
+        f"{result.best_epoch}, reported {result.best_test_acc_reported:.2f}%"
+    )
+    return job.outcome("finished", run_id=run_id, **final)
+
+
+def _absolute(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else launch_dir() / p
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

@@ -1,0 +1,15 @@
+"""Entry point of one job process started by the gpu_pool launcher."""
+
+import sys
+
+from pnn.sweep.interrupt import Interrupted, install_child
+
+if __name__ == "__main__":
+    install_child()  # first: from here on a signal marks the job's run KILLED, no traceback
+    try:
+        from pnn.sweep.launcher import die_with_parent, run_child
+
+        die_with_parent()
+        run_child(sys.argv[1], sys.argv[2])
+    except Interrupted as sig:  # before the job started: nothing of it to mark
+        sys.exit(128 + sig.signum)

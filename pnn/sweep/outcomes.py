@@ -1,0 +1,66 @@
+"""What a job reports back, for the launcher that runs it and the sweeper that sums it up.
+
+A pnn-sweep job (``pnn.sweep.job.run``) returns an outcome: a dict with ``status`` ("finished",
+"skipped", "failed", "killed"), ``name`` and, unless finished, a ``reason``. The sweeper prints
+them; :func:`outcome_of` makes one from any ``JobReturn``.
+
+Any other Hydra task reports the Hydra way: a ``JobReturn`` that is COMPLETED with the task's
+return value, or FAILED with the exception, which Hydra's sweepers raise. :func:`stopped_return`
+gives a job that a signal stopped, or kept from starting, the form its sweeper expects.
+
+Both the launcher and the sweeper need these, so they live below both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from omegaconf import DictConfig, OmegaConf
+
+
+def is_pnn_sweep(config: DictConfig) -> bool:
+    """Whether the jobs of ``config`` are pnn-sweep's: launched by its sweeper, which runs no
+    other task (it checks every job against pnn's schema first) and reads their outcomes."""
+    target = OmegaConf.select(config, "hydra.sweeper._target_", default=None)
+    return str(target).rsplit(".", 1)[-1] == "PNNSweeper"
+
+
+def outcome_of(ret: JobReturn, overrides: Sequence[str]) -> dict[str, Any]:
+    """What a pnn-sweep job reported, or why it reported nothing."""
+    if ret.status == JobStatus.COMPLETED and isinstance(ret._return_value, dict):
+        return dict(ret._return_value)
+    if ret.status == JobStatus.FAILED:
+        reason = f"{type(ret._return_value).__name__}: {ret._return_value}"
+    else:
+        reason = f"job returned {ret._return_value!r}"
+    return {"status": "failed", "name": " ".join(overrides), "reason": reason}
+
+
+def failed_return(overrides: list[str], error: BaseException) -> JobReturn:
+    """What a job that could not run, or whose Hydra setup failed, reports: FAILED with
+    ``error``."""
+    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+    ret._return_value = error
+    return ret
+
+
+def killed_return(overrides: list[str], reason: str) -> JobReturn:
+    """What a pnn-sweep job that a signal stopped (or kept from starting) reports."""
+    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+    name = " ".join(filter_overrides(overrides))
+    ret._return_value = {"status": "killed", "name": name, "reason": reason}
+    return ret
+
+
+def stopped_return(overrides: list[str], reason: str, pnn_jobs: bool) -> JobReturn:
+    """A job stopped by a signal: KILLED for pnn-sweep's sweeper, else FAILED, as Hydra
+    reports a job that did not complete."""
+    if pnn_jobs:
+        return killed_return(overrides, reason)
+    return failed_return(overrides, JobInterrupted(f"job interrupted ({reason})"))
+
+
+class JobInterrupted(RuntimeError):
+    """A job that a signal stopped, or kept from starting (in a generic Hydra app)."""

@@ -1,0 +1,131 @@
+"""The sweep's parent run, claimed like a job's run, so that no sweep stays RUNNING for ever.
+
+``sweep.py`` claims its parent run with the owner and heartbeat tags of :mod:`pnn.sweep.claim` (the
+same code as a job's claim) and renews the heartbeat while its jobs run. A sweep killed with
+``kill -9``, or one whose machine died, cannot end its parent run; its claim goes stale, and
+the next sweep on the same experiment marks it KILLED, with tag ``pnn.failure`` saying why and
+when (:func:`close_stale_sweeps`). A live sweep (fresh heartbeat, say on another host) is never
+touched. ``analyze.py`` reads such a run as a dead sweep, and writes nothing
+(:mod:`pnn.analysis.results`). After a signal, a sweep ends its own leftovers (:func:`end_sweep`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pnn.io import storeguard, tracking
+from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, claim_status, parse_owner
+from pnn.sweep.claim import Heartbeat, claim_tags, mark_killed, owner_id
+
+log = logging.getLogger("pnn")
+
+
+def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> Heartbeat:
+    """Create the parent run, claimed by this process, then close the experiment's stale
+    sweeps. Returns the parent run's heartbeat, for the sweeper to run while its jobs do.
+    Raises StoreError if the parent run cannot be created."""
+    run_id = tracking.start_sweep(cfg, sweep_dir, command, n_jobs, claim_tags(owner_id()))
+    uri = os.environ[tracking.ENV_URI]
+    client = storeguard.client(uri)
+    try:
+        experiment_id = tracking.retry(lambda: client.get_run(run_id)).info.experiment_id
+        close_stale_sweeps(client, experiment_id, os.environ[tracking.ENV_SWEEP])
+    except Exception as err:
+        problem = storeguard.as_store_error(uri, err)
+        if problem is None:
+            raise
+        # Only housekeeping failed: the jobs still run, and report the store if it is gone.
+        log.warning(f"[sweep] could not check for stale sweeps: {problem}")
+    return Heartbeat(client, run_id)
+
+
+def close_stale_sweeps(client: Any, experiment_id: str, closer: str) -> list[str]:
+    """Mark KILLED the RUNNING parent runs of ``experiment_id`` whose claim is stale
+    (:func:`pnn.io.liveness.claim_status`): their sweep.py died before it could end them. Returns
+    the ids of the runs marked."""
+    running = tracking.retry(
+        lambda: client.search_runs([experiment_id], filter_string=tracking.RUNNING_SWEEPS)
+    )
+    closed = []
+    for run in running:
+        live, why = claim_status(run)
+        if live:
+            continue
+        reason = (
+            f"stale sweep: {why}{_last_beat(run)}; marked KILLED at {_stamp(time.time())} "
+            f"by sweep {closer}"
+        )
+        # Only while it is still RUNNING under the same claim: never a sweep that came back.
+        if mark_killed(client, run.info.run_id, reason, owner=run.data.tags.get(TAG_OWNER)):
+            closed.append(run.info.run_id)
+            log.warning(
+                f"[sweep] marked KILLED the parent run {run.info.run_id} "
+                f"({run.info.run_name}) of a sweep that is gone: {why}"
+            )
+    return closed
+
+
+def _stamp(unix: float) -> str:
+    return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds")
+
+
+def _last_beat(run: Any) -> str:
+    try:
+        return f" (last heartbeat {_stamp(float(run.data.tags[TAG_HEARTBEAT]))})"
+    except (KeyError, ValueError):
+        return ""
+
+
+def end_sweep(status: str, signal_name: str | None = None) -> str | None:
+    """End the parent run with ``status``; after a signal, also mark KILLED the job runs this
+    sweep was training that are still RUNNING (:func:`_left_running`). Returns a one-line error
+    instead of raising when the store cannot be written."""
+    run_id, uri = os.environ.get(tracking.ENV_PARENT), os.environ.get(tracking.ENV_URI)
+    if not (run_id and uri):
+        return None
+    try:
+        client = storeguard.client(uri)
+        if signal_name:
+            tag = {"pnn.killed_by": signal_name}
+            for child in _left_running(client, run_id):
+                tracking.set_tags(client, child.info.run_id, tag)
+                tracking.retry(lambda c=child: client.set_terminated(c.info.run_id, "KILLED"))
+            tracking.set_tags(client, run_id, tag)
+        tracking.retry(lambda: client.set_terminated(run_id, status))
+    except Exception as err:
+        problem = storeguard.as_store_error(uri, err)
+        if problem is None:
+            raise
+        return f"the sweep's parent run {run_id} could not be ended: {problem}"
+    return None
+
+
+def _left_running(client: Any, parent_id: str) -> list:
+    """The RUNNING job runs this sweep worked on (created or adopted: TAG_SWEEPS), except those
+    another process has claimed since and still trains: those are not ours to end. One trained
+    in this very process is ours, though its claim looks live."""
+    sweep = os.environ.get(tracking.ENV_SWEEP)
+    if sweep:
+        mine = f"tags.`{tracking.TAG_SWEEPS}` LIKE '%{sweep}%'"
+    else:
+        mine = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    experiment_id = tracking.retry(lambda: client.get_run(parent_id)).info.experiment_id
+    runs = tracking.retry(
+        lambda: client.search_runs(
+            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {mine}"
+        )
+    )
+    here = (socket.gethostname(), os.getpid())
+    return [
+        r
+        for r in runs
+        if parse_owner(r.data.tags.get(TAG_OWNER, "")) == here or not claim_status(r)[0]
+    ]

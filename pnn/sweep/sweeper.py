@@ -1,0 +1,309 @@
+"""The sweeper behind every ``sweep.py`` invocation.
+
+It is Hydra's basic sweeper (same grid syntax, same job numbering), plus what a researcher
+running many jobs needs:
+
+- every job's config is composed and validated before any job starts, so a typo in one grid
+  value, or a key the schema lacks (``+train.epoch=5``), fails the whole command before data is
+  loaded or anything is logged;
+- dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
+- one MLflow parent run per invocation, whose id the jobs read from the environment, claimed
+  like a job's run so that a sweep killed outright is closed by the next (``pnn.sweep.sweep_run``);
+- jobs report instead of raising, so one failure does not stop the others; at the end a
+  summary lists finished, skipped and failed jobs, and the command exits non-zero on failures;
+- before the parent run exists: the launcher's keys, each job's memory estimate
+  (``pnn.train.resources``) and the tracking store (``pnn.io.storeguard``) are checked;
+- SIGTERM and SIGINT end the sweep cleanly (``pnn.sweep.interrupt``): running jobs are marked
+  KILLED, the summary is printed, the parent run is ended, the exit status is 128 + signal.
+
+Hydra only instantiates plugins that live under ``hydra_plugins``; ``hydra_plugins.pnn_plugins``
+subclasses this class to give it such a name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from hydra.errors import ConfigCompositionException
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pnn.config import ConfigError, schema, validate, warnings_for
+from pnn.schema_keys import describe_unknown
+from pnn.sweep import interrupt
+from pnn.sweep.launcher import GpuPoolLauncher
+from pnn.sweep.outcomes import outcome_of
+from pnn.sweep.slots import check_launcher_keys, visible_gpus
+
+log = logging.getLogger(__name__)
+
+
+class PNNSweeper(Sweeper):
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        self._split = BasicSweeper.split_arguments
+        self.max_batch_size = max_batch_size
+        self.params = dict(params or {})
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+        self.config = config
+
+    def _job_overrides(self, arguments: list[str]) -> list[list[str]]:
+        assert self.hydra_context is not None
+        params = [f"{key}={value}" for key, value in self.params.items()]
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(params + list(arguments))
+        # Later overrides of the same key replace earlier ones, so `experiment=e6_...` on the
+        # command line replaces the default sweep over all eight.
+        batches = self._split(overrides, None)
+        return [list(job) for job in batches[0]]
+
+    def _compose(self, overrides: list[str], idx: int) -> DictConfig:
+        assert self.hydra_context is not None and self.config is not None
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        except ConfigCompositionException as err:
+            refuse_unknown_top_level_key(err)
+            raise
+        with open_dict(cfg):
+            cfg.hydra.job.id = idx
+            cfg.hydra.job.num = idx
+        return cfg
+
+    def sweep(self, arguments: list[str]) -> Any:
+        interrupt.install_parent()
+        try:
+            return self._sweep(arguments)
+        except interrupt.Interrupted as sig:  # before any job process ran
+            from pnn.analysis import ui
+            from pnn.sweep import sweep_run
+
+            ui.close_sweep_view()  # removes it: no job ran
+            problem = sweep_run.end_sweep("KILLED", sig.signal_name)
+            print(f"[sweep] interrupted by {sig.signal_name} before any job started", flush=True)
+            if problem:
+                print(f"[sweep] {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + sig.signum) from None
+
+    def _sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.hydra_context is not None
+        launcher_cfg = self.config.hydra.launcher
+        try:
+            check_sweeper_keys(self.max_batch_size)
+            gpus_visible = check_launcher_config(launcher_cfg)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+        jobs = self._job_overrides(arguments)
+        configs = [self._compose(overrides, idx) for idx, overrides in enumerate(jobs)]
+        if not all(cfg.dry_run for cfg in configs):
+            check_server_first(configs[0])
+
+        from pnn.train.resources import check_fits
+
+        errors: dict[str, list[int]] = {}
+        for idx, cfg in enumerate(configs):
+            try:
+                validate(cfg)
+                check_model_builds(cfg)
+                if not cfg.dry_run:
+                    check_fits(cfg, gpus_visible)
+            except ConfigError as err:
+                errors.setdefault(str(err), []).append(idx)
+        if errors:
+            lines = []
+            for message, idxs in errors.items():
+                where = ""
+                if len(jobs) > 1:
+                    where = f" (in {len(idxs)} of {len(jobs)} jobs, e.g. {' '.join(jobs[idxs[0]])})"
+                lines.append(f"error: {message}{where}")
+            raise SystemExit("\n".join(lines))
+        for warning in dict.fromkeys(w for cfg in configs for w in warnings_for(cfg)):
+            log.warning(f"[sweep] warning: {warning}")
+
+        if all(cfg.dry_run for cfg in configs):
+            from pnn.sweep.job import dry_run
+
+            for cfg in configs:
+                dry_run(cfg)
+            return []
+
+        from pnn.io.storeguard import StoreError
+        from pnn.sweep import sweep_run
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        try:  # the parent run, claimed by this process; stale sweeps are closed (no zombies)
+            heartbeat = sweep_run.start_sweep(
+                configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
+            )
+        except StoreError as err:
+            raise SystemExit(f"error: {err}") from None
+        with heartbeat:  # renewed until the parent run is ended
+            return self._run_jobs(jobs, configs, sweep_dir)
+
+    def _run_jobs(self, jobs: list[list[str]], configs: list[DictConfig], sweep_dir: Path) -> Any:
+        """Launch the jobs, print the summary, publish the dashboard, end the parent run."""
+        from pnn.analysis import dashboard, ui
+        from pnn.sweep import sweep_run
+
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        ui.open_sweep_view(jobs, configs)  # the MLflow UI's saved view of this sweep's runs
+
+        launcher = self._launcher()
+        log.info(f"[sweep] {len(jobs)} job(s); outputs in {sweep_dir}")
+        tic = time.monotonic()
+        returns: list[JobReturn] = []
+        crash = None
+        # gpu_pool forwards a signal to its job processes and lets them end their runs; other
+        # launchers get it as an Interrupted exception here.
+        forward = interrupt.forwarding() if isinstance(launcher, GpuPoolLauncher) else None
+        try:
+            with forward or contextlib.nullcontext():
+                batch = self.max_batch_size or len(jobs)
+                for start in range(0, len(jobs), batch):
+                    if interrupt.received():
+                        break
+                    returns.extend(launcher.launch(jobs[start : start + batch], start))
+        except interrupt.Interrupted:
+            pass
+        except Exception as err:  # the launcher itself broke: still sum up and end the parent
+            crash = f"the launcher failed: {type(err).__name__}: {err}"
+            log.error(f"[sweep] {crash}")
+        signame = interrupt.signal_name()
+        outcomes = []
+        for i, overrides in enumerate(jobs):
+            if i < len(returns):
+                outcomes.append(outcome_of(returns[i], overrides))
+            else:
+                status = "killed" if signame else "failed"
+                reason = f"not started: the sweep got {signame}" if signame else crash
+                outcomes.append({"status": status, "name": " ".join(overrides), "reason": reason})
+        failed = print_summary(outcomes, time.monotonic() - tic)
+        ui.close_sweep_view()  # kept, or removed if no job ever ran
+        if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
+            dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
+        status = "KILLED" if signame else "FAILED" if failed else "FINISHED"
+        problem = sweep_run.end_sweep(status, signame)
+        if problem:
+            print(f"[sweep] {problem}", file=sys.stderr, flush=True)
+        if signame:
+            raise SystemExit(128 + interrupt.received())
+        if failed or problem:
+            raise SystemExit(1)
+        return [returns]
+
+    def _launcher(self) -> Any:
+        from hydra.core.plugins import Plugins
+
+        assert self.config is not None and self.hydra_context is not None
+        assert self.task_function is not None
+        return Plugins.instance().instantiate_launcher(
+            hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
+        )
+
+
+def refuse_unknown_top_level_key(err: ConfigCompositionException) -> None:
+    """A sweeper ``params`` entry naming an unknown top-level key (the schema's sections are
+    open, its root is not: Hydra closes it) gets the same message as any other unknown key,
+    not Hydra's advice to add it with ``+``."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key and "." not in key:
+        raise SystemExit(f"error: {describe_unknown([key], schema())}") from None
+
+
+def check_server_first(cfg: DictConfig) -> None:
+    """A tracking server that does not answer fails the sweep in seconds, before the slower
+    checks (an SQLite store is checked, and created, when the parent run is)."""
+    from pnn.io.storeguard import StoreError, check_server
+
+    uri = str(cfg.tracking.uri or "")
+    if uri.startswith(("http://", "https://")):
+        try:
+            check_server(uri)
+        except StoreError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
+def check_sweeper_keys(max_batch_size: object) -> None:
+    value = max_batch_size
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(
+            "hydra.sweeper.max_batch_size must be null (all jobs at once) or a whole number "
+            f">= 1 (got {max_batch_size!r})"
+        )
+
+
+def check_launcher_config(launcher: DictConfig) -> bool:
+    """The launcher's keys, before anything runs. Returns whether jobs will see a GPU."""
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("GpuPoolLauncher"):
+        gpus = launcher.get("gpus")
+        gpus = list(gpus) if gpus is not None and not isinstance(gpus, int | str) else gpus
+        check_launcher_keys(
+            gpus,
+            launcher.get("jobs_per_gpu"),
+            launcher.get("cpu_workers"),
+            launcher.get("seeds_per_process", 1),
+        )
+        return bool(gpus) if gpus is not None else bool(visible_gpus())
+    if "submitit" in target:
+        for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
+            value = launcher.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(
+                    f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})"
+                )
+        return bool(launcher.get("gpus_per_task") or launcher.get("gpus_per_node"))
+    return False
+
+
+def check_model_builds(cfg: DictConfig) -> None:
+    """Build the model on the meta device: every shape rule of ``pnn.model.models`` is checked, and
+    no memory is allocated, no data loaded, nothing logged."""
+    import torch
+
+    from pnn.model.models import build_model
+
+    with torch.device("meta"):
+        build_model(cfg)
+
+
+def print_summary(outcomes: list[dict[str, Any]], seconds: float) -> int:
+    """Print the sweep's summary; returns the number of jobs that failed or were killed."""
+    keys = ("finished", "skipped", "killed")
+    counts = {key: sum(o["status"] == key for o in outcomes) for key in keys}
+    failures = [o for o in outcomes if o["status"] not in ("finished", "skipped", "killed")]
+    killed = f", {counts['killed']} killed" if counts["killed"] else ""
+    lines = [
+        f"[sweep] done in {seconds:.0f}s: {counts['finished']} finished, "
+        f"{counts['skipped']} skipped, {len(failures)} failed{killed}"
+    ]
+    for outcome in outcomes:
+        if outcome["status"] == "skipped":
+            lines.append(f"  skipped {outcome['name']}: {outcome.get('reason', '')}")
+    for outcome in outcomes:
+        if outcome["status"] == "killed":
+            lines.append(f"  KILLED  {outcome['name']}: {outcome.get('reason', '')}")
+    for outcome in failures:
+        lines.append(f"  FAILED  {outcome['name']}: {outcome.get('reason', 'unknown')}")
+    print("\n".join(lines), flush=True)
+    return len(failures) + counts["killed"]
