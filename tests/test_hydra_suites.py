@@ -28,15 +28,22 @@ from hydra.test_utils.launcher_common_tests import (
 pytestmark = pytest.mark.slow
 
 GPU_POOL = ["hydra.launcher.cpu_workers=2"]
+# The launcher suites check each job's log in its working dir, i.e. Hydra's chdir into the job's
+# folder, which Hydra's default turns on only while no version_base is set. A pytest-xdist worker
+# has run other tests first (pnn's own compose with version_base="1.3"), and the launcher hands
+# Hydra's singletons to its job processes; in CI the jobs then stayed in the launch folder. Said
+# explicitly, the cases no longer depend on which tests ran before them in the process.
+CHDIR = ["hydra.job.chdir=True"]
 
 
-@pytest.mark.parametrize("launcher_name, overrides", [("gpu_pool", GPU_POOL)])
+@pytest.mark.parametrize("launcher_name, overrides", [("gpu_pool", [*GPU_POOL, *CHDIR])])
 class TestGpuPoolLauncher(LauncherTestSuite):
     pass
 
 
 @pytest.mark.parametrize(
-    "launcher_name, overrides", [("gpu_pool", [*GPU_POOL, "hydra.sweeper.max_batch_size=2"])]
+    "launcher_name, overrides",
+    [("gpu_pool", [*GPU_POOL, *CHDIR, "hydra.sweeper.max_batch_size=2"])],
 )
 class TestGpuPoolLauncherInBatches(BatchedSweeperTestSuite):
     pass

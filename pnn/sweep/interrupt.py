@@ -17,6 +17,7 @@ import contextlib
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -84,12 +85,32 @@ def run_process(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     finally:
         with _lock:
             _state["procs"].discard(proc)
+    if proc.returncode in STOPPED_CODES:
+        _settle()
     return subprocess.CompletedProcess(cmd, proc.returncode)
+
+
+# How a job process ends when a signal stopped it: killed by it, or exiting 128 + its number
+# once it has reported (``pnn.sweep.launch_child``).
+STOPPED_CODES = frozenset(code for sig in SIGNALS for code in (-sig, 128 + sig))
+SETTLE_S = 2.0
+
+
+def _settle(timeout: float = SETTLE_S) -> None:
+    """A job process was stopped by a signal. Ctrl-C reaches the whole process group, and the
+    job may see it before this process's handler runs: Python runs handlers in the main thread
+    only, which may not get the GIL before the calling worker thread starts the next job. Sleep
+    (releasing the GIL) until the handler has run, or ``timeout`` if the signal was the job's
+    alone (someone stopped that one job)."""
+    deadline = time.monotonic() + timeout
+    while _state["signum"] is None and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _child_handler(signum: int, frame: object) -> None:
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _state["signum"] = signum  # launch_child exits with 128 + signum once the job has reported
     raise Interrupted(signum)
 
 

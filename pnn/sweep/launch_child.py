@@ -2,7 +2,7 @@
 
 import sys
 
-from pnn.sweep.interrupt import Interrupted, install_child
+from pnn.sweep.interrupt import Interrupted, install_child, received
 
 if __name__ == "__main__":
     install_child()  # first: from here on a signal marks the job's run KILLED, no traceback
@@ -13,3 +13,5 @@ if __name__ == "__main__":
         run_child(sys.argv[1], sys.argv[2])
     except Interrupted as sig:  # before the job started: nothing of it to mark
         sys.exit(128 + sig.signum)
+    if received():  # the job reported being stopped by a signal: say so to the launcher
+        sys.exit(128 + received())

@@ -169,7 +169,11 @@ class GpuPoolLauncher(Launcher):
             for t in threads:
                 t.start()
             for t in threads:
-                t.join()
+                # Never one unbounded join: a signal that the kernel handed to a worker thread
+                # leaves the main thread asleep in it, and only the main thread runs handlers
+                # (Ctrl-C then waited for every running job to end).
+                while t.is_alive():
+                    t.join(timeout=0.1)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return [
