@@ -239,7 +239,11 @@ def test_ctrl_c_ends_the_app_and_every_job_process(tmp_path: Path) -> None:
     out = tmp_path / "out.txt"
     with open(out, "w") as sink:
         proc = subprocess.Popen(
-            **app, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            **app,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_terminal_signals,
         )
     try:
         running = tmp_path / "records" / "running"
@@ -258,6 +262,16 @@ def test_ctrl_c_ends_the_app_and_every_job_process(tmp_path: Path) -> None:
     assert "KeyboardInterrupt" in text, text
     assert "job #2 starting" not in text, "no job starts after Ctrl-C"
     assert "FileNotFoundError" not in text, text
+
+
+def _terminal_signals() -> None:
+    """The app starts as from a shell: SIGINT and SIGTERM neither ignored nor blocked. An
+    ignored SIGINT survives exec, and Python then keeps ignoring it; in CI, late in a full run,
+    the app (not its jobs, which set their own handlers) ignored Ctrl-C as if something in the
+    pytest-xdist worker had left SIGINT ignored or blocked."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _group_alive(pgid: int) -> bool:
