@@ -19,6 +19,7 @@ of a module that share a module-scoped fixture on one worker, so that the fixtur
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -67,6 +68,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
         if shared:
             item.add_marker(pytest.mark.xdist_group(module.__name__))
+
+
+def load_analyze() -> Any:
+    """analyze.py as a module (it is a script, not in a package), for in-process ``main()``."""
+    spec = importlib.util.spec_from_file_location("analyze_cli", REPO / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

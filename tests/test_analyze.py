@@ -8,7 +8,6 @@ every number against MlflowClient.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import math
 import os
 import re
@@ -24,7 +23,6 @@ import pytest
 
 from pnn.config import load_config
 
-REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 # A copy on purpose: the README's order, checked independently of results.README_EXPERIMENTS.
 README_ORDER = [
@@ -46,14 +44,7 @@ FIGURES = (
 )
 
 
-def _load_analyze():
-    spec = importlib.util.spec_from_file_location("analyze_cli", REPO / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-analyze = _load_analyze()
+analyze = conftest.load_analyze()
 
 
 # --------------------------------------------------------------------------------------------

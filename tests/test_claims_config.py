@@ -7,16 +7,15 @@ number can be worked out with scipy.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import load_analyze
 from scipy import stats
 from test_claims import _log
 
-REPO = Path(__file__).resolve().parent.parent
 E4, E7 = "e4_conv1x1_no_noise", "e7_pnn_shared_masks"
 # Best test accuracy per seed: e7 with its own 64 masks, e7 with one mask (a wider spread), e4.
 BEST = {
@@ -26,14 +25,7 @@ BEST = {
 }
 
 
-def _load_analyze():
-    spec = importlib.util.spec_from_file_location("analyze_cli", REPO / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-analyze = _load_analyze()
+analyze = load_analyze()
 
 
 @pytest.fixture(scope="module")
