@@ -31,9 +31,8 @@ from conftest import (
 from mlflow.tracking import MlflowClient
 
 from pnn.config import ConfigError, load_config, validate
-from pnn.io import tracking
+from pnn.io import liveness, tracking
 from pnn.io.tracking import EPOCH_METRICS
-from pnn.sweep import claim
 from pnn.train.checkpoint import UnreadableCheckpointError, read_checkpoint
 from pnn.train.data import DatasetUnavailableError, check_available, load_data
 
@@ -303,21 +302,21 @@ class _Run:
 
 def test_claim_status_rules() -> None:
     here, now = socket.gethostname(), time.time()
-    beat = {claim.TAG_HEARTBEAT: f"{now:.0f}"}
-    alive = _Run({**beat, claim.TAG_OWNER: f"{here}/{os.getpid()}/ab"})
-    assert claim.claim_status(alive, now)[0]
-    assert not claim.claim_status(alive, now + claim.STALE_S + 1)[0]
+    beat = {liveness.TAG_HEARTBEAT: f"{now:.0f}"}
+    alive = _Run({**beat, liveness.TAG_OWNER: f"{here}/{os.getpid()}/ab"})
+    assert liveness.claim_status(alive, now)[0]
+    assert not liveness.claim_status(alive, now + liveness.STALE_S + 1)[0]
     dead = subprocess.Popen(["true"])
     dead.wait()
-    gone = _Run({**beat, claim.TAG_OWNER: f"{here}/{dead.pid}/ab"})
-    assert claim.claim_status(gone, now) == (
+    gone = _Run({**beat, liveness.TAG_OWNER: f"{here}/{dead.pid}/ab"})
+    assert liveness.claim_status(gone, now) == (
         False,
         f"its process {dead.pid} on this host is gone",
     )
     # Another host's process cannot be checked: only its heartbeat counts.
-    remote = _Run({**beat, claim.TAG_OWNER: f"elsewhere.example/{dead.pid}/ab"})
-    assert claim.claim_status(remote, now)[0]
-    assert not claim.claim_status(_Run({}), now)[0]
+    remote = _Run({**beat, liveness.TAG_OWNER: f"elsewhere.example/{dead.pid}/ab"})
+    assert liveness.claim_status(remote, now)[0]
+    assert not liveness.claim_status(_Run({}), now)[0]
 
 
 def test_read_checkpoint_never_unpickles_unsafely(tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ def test_a_store_deleted_during_a_write_is_named_as_deleted(
 def test_the_heartbeat_stops_when_the_store_is_deleted(
     pinned_run: tuple[Path, MlflowClient, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pnn.sweep.claim import TAG_HEARTBEAT, Heartbeat
+    from pnn.io.liveness import TAG_HEARTBEAT
+    from pnn.sweep.claim import Heartbeat
 
     db, client, run_id = pinned_run
     checks: list[BaseException | None] = []  # each beat's store check: None, or its error

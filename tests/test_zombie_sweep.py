@@ -24,7 +24,7 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
-from pnn.io import storeguard, tracking
+from pnn.io import liveness, storeguard, tracking
 from pnn.sweep import claim
 
 pytestmark = pytest.mark.slow
@@ -61,9 +61,9 @@ def kill_9_after_first_checkpoint(launch_dir: Path, client: MlflowClient, env: d
         kill_group(proc)
     (zombie,) = runs_of(client, "sweep")
     assert zombie.info.status == "RUNNING"
-    owner = zombie.data.tags[claim.TAG_OWNER]
-    assert claim.parse_owner(owner) == (socket.gethostname(), proc.pid)
-    assert claim.claim_status(zombie) == (
+    owner = zombie.data.tags[liveness.TAG_OWNER]
+    assert liveness.parse_owner(owner) == (socket.gethostname(), proc.pid)
+    assert liveness.claim_status(zombie) == (
         False,
         f"its process {proc.pid} on this host is gone",
     )
@@ -85,7 +85,7 @@ def rerun_and_check(launch_dir: Path, client: MlflowClient, env: dict, zombie) -
     (new,) = parents.values()
     assert old.info.status == "KILLED"
     reason = old.data.tags["pnn.failure"]
-    pid = claim.parse_owner(zombie.data.tags[claim.TAG_OWNER])[1]
+    pid = liveness.parse_owner(zombie.data.tags[liveness.TAG_OWNER])[1]
     assert reason.startswith(f"stale sweep: its process {pid} on this host is gone")
     assert f"by sweep {new.data.tags['pnn.sweep_id']}" in reason
     assert " marked KILLED at 20" in reason  # the ISO time it was closed
@@ -134,11 +134,11 @@ def test_a_live_sweep_on_another_host_is_left_running(tmp_path: Path) -> None:
 
     def parent(name: str, heartbeat_age: float) -> str:
         tags = {"pnn.role": "sweep", **claim.claim_tags("elsewhere.example/4242/0a0b")}
-        tags[claim.TAG_HEARTBEAT] = f"{time.time() - heartbeat_age:.0f}"
+        tags[liveness.TAG_HEARTBEAT] = f"{time.time() - heartbeat_age:.0f}"
         return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
     live = parent("live-elsewhere", heartbeat_age=0)
-    lost = parent("lost-machine", heartbeat_age=claim.STALE_S + 60)
+    lost = parent("lost-machine", heartbeat_age=liveness.STALE_S + 60)
 
     # The cheapest real sweep: its one job fails at once (no dataset), after the parent run
     # is made and the stale sweeps are closed.
@@ -151,4 +151,4 @@ def test_a_live_sweep_on_another_host_is_left_running(tmp_path: Path) -> None:
     assert gone.info.status == "KILLED"
     reason = gone.data.tags["pnn.failure"]
     assert reason.startswith("stale sweep: its heartbeat is ")
-    assert f"s old (stale after {claim.STALE_S:.0f}s)" in reason
+    assert f"s old (stale after {liveness.STALE_S:.0f}s)" in reason

@@ -21,14 +21,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pnn.io import storeguard, tracking
-from pnn.io.liveness import (
-    HEARTBEAT_S,
-    STALE_S,  # noqa: F401 - the claim's rule, read as claim.STALE_S too
-    TAG_HEARTBEAT,
-    TAG_OWNER,
-    claim_status,
-    parse_owner,  # noqa: F401 - read as claim.parse_owner too
-)
+from pnn.io.liveness import HEARTBEAT_S, TAG_HEARTBEAT, TAG_OWNER, claim_status
 from pnn.sweep.job_identity import Job
 
 log = logging.getLogger("pnn")
