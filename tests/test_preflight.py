@@ -3,6 +3,8 @@ the batch size; and a launcher thread that fails never loses its job."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import probe
@@ -119,3 +121,26 @@ def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
     assert [(r["address"], r["error"]) for r in attempts] == [
         (["127.0.0.1", 1], "ConnectionRefusedError")
     ]
+
+
+def test_the_shape_check_initialises_no_meta_weights() -> None:
+    """The sweep's shape check builds each model on the meta device without the reference's
+    init: initialising meta tensors imports torch._dynamo (seconds at every sweep's start,
+    and in every dry run), and gives them no values anyway. The control: with the init."""
+    code = (
+        "import sys, torch\n"
+        "from pnn.config import load_config\n"
+        "from pnn.model.models import build_model\n"
+        "from pnn.sweep.sweeper import check_model_builds\n"
+        "cfg = load_config(['experiment=e7_pnn_shared_masks'])\n"
+        "check_model_builds(cfg)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "with torch.device('meta'):\n"
+        "    build_model(cfg)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True"]

@@ -343,8 +343,10 @@ def _shape_error(cfg: DictConfig, spec: DatasetSpec, detail: str) -> ConfigError
     )
 
 
-def build_model(cfg: DictConfig) -> nn.Module:
-    """The model ``cfg`` describes, initialised as the reference does."""
+def build_model(cfg: DictConfig, init: bool = True) -> nn.Module:
+    """The model ``cfg`` describes, initialised as the reference does unless ``init`` is false
+    (a model built on the meta device to check shapes or sizes has no values to initialise, and
+    initialising one imports ``torch._dynamo``: seconds at each sweep's start)."""
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(
             f"dataset.name must be one of {{{', '.join(DATASETS)}}} (got {cfg.dataset.name!r})"
@@ -366,7 +368,8 @@ def build_model(cfg: DictConfig) -> nn.Module:
         model = _build(m, cfg.noise, cfg.masks, spec)
     except _ShapeError as error:
         raise _shape_error(cfg, spec, str(error)) from None
-    model.apply(init_weights)
+    if init:
+        model.apply(init_weights)
     return model
 
 

@@ -284,7 +284,7 @@ def check_model_builds(cfg: DictConfig) -> None:
     from pnn.model.models import build_model
 
     with torch.device("meta"):
-        build_model(cfg)
+        build_model(cfg, init=False)
 
 
 def print_summary(outcomes: list[dict[str, Any]], seconds: float) -> int:

@@ -67,7 +67,7 @@ def estimate(cfg: DictConfig) -> Estimate:
 
     spec = DATASETS[cfg.dataset.name]
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg, init=False)
     model.train()
     tensors = list(model.parameters()) + list(model.buffers())
     weights = sum(t.numel() * t.element_size() for t in tensors)
