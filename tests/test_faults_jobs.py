@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    IN_PROCESS,
     TINY,
     checkpoints,
     epochs_logged,
@@ -46,6 +47,9 @@ SLOW_TINY = [
     "train.epochs=3",
 ]
 WAIT_S = 600
+# The tests below that are not about job processes run their jobs in the sweep's process
+# (IN_PROCESS): a kill of the sweep's process group ends the job the same way, and each job
+# process would cost seconds of imports.
 
 
 def client_of(path: Path) -> MlflowClient:
@@ -82,7 +86,7 @@ def job_processes(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_checkpoint_continues_into_a_new_store(tmp_path: Path) -> None:
     log = tmp_path / "first.log"
-    proc = start_sweep(SLOW_TINY, tmp_path, output=log)
+    proc = start_sweep([*SLOW_TINY, *IN_PROCESS], tmp_path, output=log)
     try:
         wait_for(lambda: checkpoints(tmp_path), proc, "a checkpoint")
     finally:
@@ -92,7 +96,7 @@ def test_checkpoint_continues_into_a_new_store(tmp_path: Path) -> None:
     assert 1 <= done < 3
 
     other = tmp_path / "other.db"
-    rerun = run_sweep([*SLOW_TINY, f"tracking.uri=sqlite:///{other}"], tmp_path)
+    rerun = run_sweep([*SLOW_TINY, *IN_PROCESS, f"tracking.uri=sqlite:///{other}"], tmp_path)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-3000:]
     assert f"continues from checkpoint {checkpoint} after epoch {done}" in out
@@ -169,6 +173,7 @@ def test_kill_before_the_first_checkpoint_leaves_one_run_per_job(tmp_path: Path)
         "dataset.download=false",
         "train.epochs=1",
         "train.batch_size=4",
+        *IN_PROCESS,
     ]
     client = client_of(tmp_path / "mlflow.db")
     # Holding the dataset's download lock stops the job inside load_data: after its run is
@@ -205,7 +210,7 @@ def test_two_launch_directories_on_one_server_train_a_job_once(
     first_dir, second_dir = tmp_path / "a", tmp_path / "b"
     first_dir.mkdir()
     second_dir.mkdir()
-    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.epochs=100000"]
+    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.epochs=100000", *IN_PROCESS]
     env = {"MLFLOW_TRACKING_URI": uri}
     proc = start_sweep(args, first_dir, env=env, output=tmp_path / "a.log")
     try:
@@ -240,7 +245,7 @@ class _Exploit:
 
 @pytest.mark.slow
 def test_corrupt_checkpoints_are_moved_aside_and_the_jobs_restart(tmp_path: Path) -> None:
-    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.seed=1,2"]
+    args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.seed=1,2", *IN_PROCESS]
     good = tmp_path / "good.pt"
     torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, good)
     contents = {
@@ -284,6 +289,7 @@ def test_an_experiment_name_with_dots_and_slashes_is_refused(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_a_missing_dataset_fails_before_its_run_is_created(tmp_path: Path) -> None:
     args = ["experiment=none", "model=lenet", "dataset=mnist", "dataset.download=false"]
+    args += IN_PROCESS
     proc = run_sweep([*args, f"dataset.root={tmp_path / 'nowhere'}"], tmp_path)
     assert proc.returncode == 1
     assert "Dataset mnist is not available" in proc.stdout

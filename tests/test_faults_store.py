@@ -13,6 +13,7 @@ from pathlib import Path
 import probe
 import pytest
 from conftest import (
+    IN_PROCESS,
     SWEEP,
     TINY,
     checkpoints,
@@ -136,7 +137,7 @@ def _small_files() -> None:
 
 def test_full_and_read_only_stores_are_a_few_lines(tmp_path: Path) -> None:
     full = subprocess.run(
-        [sys.executable, str(SWEEP), *ONE],
+        [sys.executable, str(SWEEP), *ONE, *IN_PROCESS],
         cwd=tmp_path,
         env=clean_env(),
         capture_output=True,
@@ -147,7 +148,7 @@ def test_full_and_read_only_stores_are_a_few_lines(tmp_path: Path) -> None:
     short_and_clean(full, "disk is full")
     assert not (tmp_path / "mlflow.db").exists()  # no half-created store left behind
 
-    ok = run_sweep(ONE, tmp_path)
+    ok = run_sweep([*ONE, *IN_PROCESS], tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
     db = tmp_path / "mlflow.db"
     immutable = os.geteuid() == 0 and shutil.which("chattr")
@@ -156,7 +157,7 @@ def test_full_and_read_only_stores_are_a_few_lines(tmp_path: Path) -> None:
     else:
         db.chmod(0o444)
     try:
-        proc = run_sweep([*ONE, "sweep.rerun=true"], tmp_path)
+        proc = run_sweep([*ONE, *IN_PROCESS, "sweep.rerun=true"], tmp_path)
     finally:
         if immutable:
             subprocess.run(["chattr", "-i", str(db)], check=True)
@@ -166,7 +167,7 @@ def test_full_and_read_only_stores_are_a_few_lines(tmp_path: Path) -> None:
 
 def test_a_deleted_store_is_never_recreated(tmp_path: Path) -> None:
     args = ["experiment=e1_baseline_resnet18", "train.seed=1,2", *TINY, "train.epochs=3"]
-    args += ["dataset.train_size=400", "train.max_steps_per_epoch=null"]
+    args += ["dataset.train_size=400", "train.max_steps_per_epoch=null", *IN_PROCESS]
     log = tmp_path / "sweep.log"
     proc = start_sweep(args, tmp_path, output=log)
     wait_for(lambda: checkpoints(tmp_path), proc, "a checkpoint", timeout=300)

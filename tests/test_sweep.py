@@ -111,7 +111,7 @@ def test_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path: Path) -> None:
 
 def test_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
     args = ["experiment=e1_baseline_resnet18", "optimizer.lr=1e-3,1e30", *TINY, "train.epochs=2"]
-    proc = sweep(args, tmp_path)
+    proc = sweep([*args, *IN_PROCESS], tmp_path)  # a failing job process: test_faults_jobs
     assert proc.returncode != 0
     assert "1 finished, 0 skipped, 1 failed" in proc.stdout
     assert "loss became" in proc.stdout and "at epoch 1 step" in proc.stdout
@@ -134,11 +134,12 @@ def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
         "dataset.train_size=400",
         f"train.epochs={epochs}",
         "train.max_steps_per_epoch=null",
+        *IN_PROCESS,  # the jobs in the sweep's process, which the kill ends with them
     ]
     proc = start_sweep(args, tmp_path)
-    # Kill the whole sweep (launcher and job processes) right after the first epoch's
-    # checkpoint lands: the first job is then mid-way, and MLflow may or may not have that
-    # epoch yet (the checkpoint is written first), which the resume must reconcile.
+    # Kill the whole sweep right after the first epoch's checkpoint lands: the first job is
+    # then mid-way, and MLflow may or may not have that epoch yet (the checkpoint is written
+    # first), which the resume must reconcile.
     try:
         wait_for(lambda: checkpoints(tmp_path), proc, "the checkpoints to kill at", timeout=300)
     finally:
@@ -178,7 +179,7 @@ def test_sweep_logs_to_an_mlflow_server(tmp_path: Path, mlflow_server) -> None:
     work.mkdir()
     # Selected through the environment, as MLflow users expect.
     proc = sweep(
-        ["experiment=e1_baseline_resnet18", *TINY, "tracking.log_checkpoint=false"],
+        ["experiment=e1_baseline_resnet18", *TINY, "tracking.log_checkpoint=false", *IN_PROCESS],
         work,
         env={"MLFLOW_TRACKING_URI": uri},
     )

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY, clean_env, launch_mlflow_server, stop_server
+from conftest import IN_PROCESS, TINY, clean_env, launch_mlflow_server, stop_server
 
 from pnn.analysis import viewstate
 
@@ -64,7 +64,8 @@ CHROMIUM_FLAGS = [
 
 # Two of `make demo`'s experiments over two noise levels and two seeds, with TINY's small models
 # (the full-size smoke models cost minutes of CPU and show nothing more in the UI) and 2 epochs,
-# so that the per-epoch charts have lines. The two seeds of a job train in one process.
+# so that the per-epoch charts have lines. The jobs run in the sweep's process: what the UI
+# shows is what they logged, and job processes would cost seconds each.
 SWEEP_ARGS = [
     *TINY,
     "train.epochs=2",
@@ -72,7 +73,7 @@ SWEEP_ARGS = [
     f"experiment={','.join(EXPERIMENTS)}",
     f"noise.level={','.join(LEVELS)}",
     f"train.seed={','.join(map(str, SEEDS))}",
-    "hydra.launcher.seeds_per_process=2",
+    *IN_PROCESS,
 ]
 PRINTED_BASE = "http://127.0.0.1:5000"  # where the printed link expects `mlflow ui`
 SWEEP_TIMEOUT_S = 1800

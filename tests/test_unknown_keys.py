@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TINY, epochs_logged, run_sweep, runs_of, store
+from conftest import IN_PROCESS, TINY, epochs_logged, run_sweep, runs_of, store
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError
 
@@ -83,7 +83,8 @@ def test_sweep_refuses_an_added_unknown_key(tmp_path: Path, override: str, named
 
 @pytest.mark.slow
 def test_force_add_of_a_known_key_runs_with_it(tmp_path: Path) -> None:
-    proc = run_sweep(["experiment=e4_conv1x1_no_noise", *TINY, "++train.epochs=2"], tmp_path)
+    args = ["experiment=e4_conv1x1_no_noise", *TINY, "++train.epochs=2", *IN_PROCESS]
+    proc = run_sweep(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs_of(store(tmp_path), "job")
     assert run.data.params["train.epochs"] == "2"

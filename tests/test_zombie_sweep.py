@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    IN_PROCESS,
     TINY,
     checkpoints,
     epochs_logged,
@@ -30,13 +31,15 @@ from pnn.sweep import claim
 pytestmark = pytest.mark.slow
 
 # One job that takes a few seconds per epoch here, so that a kill triggered by its first
-# checkpoint lands before its last epoch.
+# checkpoint lands before its last epoch. It runs in the sweep's process: the kill -9 of the
+# process group ends it all the same, and what is tested is the sweep's parent run.
 ONE_JOB = [
     "experiment=e4_conv1x1_no_noise",
     *TINY,
     "dataset.train_size=400",
     "train.max_steps_per_epoch=null",
     "train.epochs=3",
+    *IN_PROCESS,
 ]
 
 
@@ -143,7 +146,7 @@ def test_a_live_sweep_on_another_host_is_left_running(tmp_path: Path) -> None:
     # The cheapest real sweep: its one job fails at once (no dataset), after the parent run
     # is made and the stale sweeps are closed.
     nowhere = ["dataset=mnist", f"dataset.root={tmp_path / 'nowhere'}", "dataset.download=false"]
-    proc = run_sweep(["experiment=none", "model=lenet", *nowhere], tmp_path)
+    proc = run_sweep(["experiment=none", "model=lenet", *nowhere, *IN_PROCESS], tmp_path)
     assert "Dataset mnist is not available" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
 
     assert client.get_run(live).info.status == "RUNNING"
