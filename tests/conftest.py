@@ -50,6 +50,16 @@ SERVER_START_TIMEOUT_S = 120
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker computes on one thread: there is one worker per core, and torch's
+    default (a thread per core in each worker) only has the OpenMP threads of the workers
+    spin against each other. Subprocesses keep their own choice (a job sets train.threads)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: the cores this process may use (psutil would count the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
