@@ -36,26 +36,35 @@ WORKFLOW_TYPE = "machine_learning"
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` and `make ui` serve by default
 
 
+def _route(experiment_id: str, run_id: str | None = None, query: str = "") -> str:
+    """The UI's route, after its address, to the experiment's runs (or to one run) in the
+    model-training view, with ``query`` appended."""
+    runs = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{runs}?workflowType={WORKFLOW_TYPE}{query}"
+
+
+def _at(base_url: str, route: str) -> str:
+    return f"{base_url.rstrip('/')}/{route}"
+
+
 def runs_url(base_url: str, experiment_id: str) -> str:
     """The experiment's runs table in the model-training view."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType={WORKFLOW_TYPE}"
+    return _at(base_url, _route(experiment_id))
 
 
 def compare_path(experiment_id: str, view_key: str) -> str:
     """The saved view ``view_key`` of the experiment's runs, in the chart view; relative to
     the UI's address (a link in a run's description works wherever the UI is served)."""
-    query = f"workflowType={WORKFLOW_TYPE}&{viewstate.share_query(view_key)}"
-    return f"#/experiments/{experiment_id}/runs?{query}"
+    return _route(experiment_id, query=f"&{viewstate.share_query(view_key)}")
 
 
 def compare_url(base_url: str, experiment_id: str, view_key: str) -> str:
-    return f"{base_url.rstrip('/')}/{compare_path(experiment_id, view_key)}"
+    return _at(base_url, compare_path(experiment_id, view_key))
 
 
 def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
     """One run's page (its description, metrics and artifacts), in the same view."""
-    base = base_url.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType={WORKFLOW_TYPE}"
+    return _at(base_url, _route(experiment_id, run_id))
 
 
 def served_by(tracking_uri: str) -> str | None:
