@@ -8,6 +8,7 @@
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
   stopped (with its workers) when the test ends;
 - :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds;
+- :func:`run_ui_link`: what ``make ui`` prints for a store;
 - ``IN_PROCESS``: Hydra's basic launcher, the jobs in the sweep's own process, for tests of
   what a sweep logs rather than of its job processes (each job process costs seconds of imports).
 
@@ -163,6 +164,19 @@ def run_analyze(
 ) -> subprocess.CompletedProcess:
     """``python analyze.py *args`` run from ``cwd``; output captured as text."""
     return run_script(ANALYZE, args, cwd, env, timeout)
+
+
+def run_ui_link(store: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """What `make ui` prints before it starts the server (``python -m pnn.analysis.ui``) for
+    the SQLite file ``store``; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "pnn.analysis.ui", "--tracking-uri", f"sqlite:///{store}"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def store(launch_dir: Path) -> MlflowClient:

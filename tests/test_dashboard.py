@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import getpass
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import IN_PROCESS, REPO, TINY, clean_env, epochs_logged, run_sweep
+from conftest import IN_PROCESS, REPO, TINY, epochs_logged, run_sweep, run_ui_link
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -27,20 +26,8 @@ def _git_head() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _ui_link(store: Path) -> subprocess.CompletedProcess:
-    """What `make ui` prints before it starts the server."""
-    return subprocess.run(
-        [sys.executable, "-m", "pnn.analysis.ui", "--tracking-uri", f"sqlite:///{store}"],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_make_ui_on_a_missing_store_says_so_and_creates_none(tmp_path: Path) -> None:
-    proc = _ui_link(tmp_path / "mlflow.db")
+    proc = run_ui_link(tmp_path / "mlflow.db")
     assert proc.returncode == 0, proc.stderr
     assert "No MLflow store at" in proc.stdout and "make demo" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()
@@ -93,7 +80,7 @@ def test_sweep_end_puts_its_analysis_on_the_parent_run(tmp_path: Path) -> None:
     )
     assert link in proc.stdout
     view = f"{link}&compareRunsMode=CHART&viewStateShareKey=pnn-all-runs"
-    assert _ui_link(tmp_path / "mlflow.db").stdout.strip().splitlines() == [
+    assert run_ui_link(tmp_path / "mlflow.db").stdout.strip().splitlines() == [
         f"Runs of 'pnn', compared by experiment: {view}",
         f"Runs of 'pnn': {link}",
     ]

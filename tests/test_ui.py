@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IN_PROCESS, TINY, clean_env, launch_mlflow_server, stop_server
+from conftest import (
+    IN_PROCESS,
+    TINY,
+    clean_env,
+    launch_mlflow_server,
+    run_ui_link,
+    stop_server,
+)
 
 from pnn.analysis import viewstate
 
@@ -676,15 +683,9 @@ def test_make_ui_link_groups_every_run_by_experiment(
 ) -> None:
     """`make ui` (python -m pnn.analysis.ui) prints a link to every job run of the experiment,
     grouped by experiment, with the same charts."""
-    printed = subprocess.run(
-        [sys.executable, "-m", "pnn.analysis.ui", "--tracking-uri", f"sqlite:///{ui_sweep.store}"],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    proc = run_ui_link(ui_sweep.store, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout
     links = re.findall(r"compared by experiment: (\S+)", printed)
     assert links, printed
     shot = ui_sweep.workdir / "mlflow-ui-all-runs.png"
