@@ -125,8 +125,8 @@ def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
 
 def test_the_shape_check_initialises_no_meta_weights() -> None:
     """The sweep's shape check builds each model on the meta device without the reference's
-    init: initialising meta tensors imports torch._dynamo (seconds at every sweep's start,
-    and in every dry run), and gives them no values anyway. The control: with the init."""
+    init: initialising meta tensors imports torch._dynamo (seconds in every dry run, which has
+    no other use for it), and gives them no values anyway. The control: with the init."""
     code = (
         "import sys, torch\n"
         "from pnn.config import load_config\n"

@@ -111,7 +111,9 @@ def test_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path: Path) -> None:
 
 def test_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
     args = ["experiment=e1_baseline_resnet18", "optimizer.lr=1e-3,1e30", *TINY, "train.epochs=2"]
-    proc = sweep([*args, *IN_PROCESS], tmp_path)  # a failing job process: test_faults_jobs
+    # In the sweep's process; a job process that fails or dies: test_launcher_plugin and
+    # test_faults_jobs.
+    proc = sweep([*args, *IN_PROCESS], tmp_path)
     assert proc.returncode != 0
     assert "1 finished, 0 skipped, 1 failed" in proc.stdout
     assert "loss became" in proc.stdout and "at epoch 1 step" in proc.stdout
