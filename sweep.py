@@ -17,7 +17,9 @@ import hydra
 from omegaconf import DictConfig
 
 from pnn.config import register_schema
+from pnn.shutdown import skip_exit_collection
 
+skip_exit_collection()
 register_schema()
 
 

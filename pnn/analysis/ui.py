@@ -211,4 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pnn.shutdown import skip_exit_collection
+
+    skip_exit_collection()
     sys.exit(main())

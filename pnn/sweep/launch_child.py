@@ -2,9 +2,11 @@
 
 import sys
 
+from pnn.shutdown import skip_exit_collection
 from pnn.sweep.interrupt import Interrupted, install_child, received
 
 if __name__ == "__main__":
+    skip_exit_collection()
     install_child()  # first: from here on a signal marks the job's run KILLED, no traceback
     try:
         from pnn.sweep.launcher import die_with_parent, run_child

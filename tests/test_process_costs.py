@@ -1,0 +1,59 @@
+"""What each of pnn-sweep's processes pays for without needing it: the garbage collection at
+interpreter exit (pnn.shutdown, after the atexit handlers)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, clean_env
+
+# Runs the program as ``__main__`` after registering a handler that atexit calls last (it was
+# registered first): by then the heap must be frozen.
+PROBE = """
+import atexit, gc, runpy, sys
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))
+sys.argv = {argv!r}
+{run}
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "run"),
+    [
+        (["sweep.py", "--help"], "runpy.run_path('sweep.py', run_name='__main__')"),
+        (["analyze.py", "--help"], "runpy.run_path('analyze.py', run_name='__main__')"),
+        (["ui", "--help"], "runpy.run_module('pnn.analysis.ui', run_name='__main__')"),
+        # No such payload: the job process exits with an error, after atexit's handlers.
+        (
+            ["launch_child", "/nonexistent", "/nonexistent"],
+            "runpy.run_module('pnn.sweep.launch_child', run_name='__main__')",
+        ),
+    ],
+    ids=["sweep.py", "analyze.py", "pnn.analysis.ui", "job process"],
+)
+def test_programs_freeze_the_heap_after_their_exit_handlers(argv: list[str], run: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(argv=argv, run=run)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "frozen at exit: True" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_handlers_registered_later_run_before_the_freeze() -> None:
+    code = (
+        "import atexit, gc\n"
+        "from pnn.shutdown import skip_exit_collection\n"
+        "skip_exit_collection()\n"
+        "atexit.register(lambda: print('handler saw a frozen heap:', gc.get_freeze_count() > 0))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True
+    )
+    assert proc.stdout.strip() == "handler saw a frozen heap: False", proc.stderr
