@@ -1,5 +1,5 @@
 """What each of pnn-sweep's processes pays for without needing it: the garbage collection at
-interpreter exit (pnn.shutdown, after the atexit handlers)."""
+interpreter exit (pnn.shutdown, after the atexit handlers), and scipy.stats before an interval."""
 
 from __future__ import annotations
 
@@ -57,3 +57,22 @@ def test_handlers_registered_later_run_before_the_freeze() -> None:
         [sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True
     )
     assert proc.stdout.strip() == "handler saw a frozen heap: False", proc.stderr
+
+
+def test_the_analysis_imports_scipy_stats_only_for_an_interval() -> None:
+    code = (
+        "import sys\n"
+        "from pnn.analysis import dashboard, report, intervals\n"
+        "print('before:', 'scipy.stats' in sys.modules)\n"
+        "print('one seed:', intervals.mean_interval([1.0]), 'scipy.stats' in sys.modules)\n"
+        "intervals.welch_interval([1.0, 2.0], [3.0, 5.0])\n"
+        "print('two seeds:', 'scipy.stats' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True
+    )
+    assert proc.stdout.splitlines() == [
+        "before: False",
+        "one seed: (nan, nan) False",
+        "two seeds: True",
+    ], proc.stdout + proc.stderr

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from scipy import stats
 
 from pnn.analysis.claims_file import Claim, Member, short_label
 from pnn.analysis.comparability import same_value
-from pnn.analysis.intervals import interval, welch_interval
+from pnn.analysis.intervals import mean_interval, welch_interval
 from pnn.analysis.results import sort_experiments
 from pnn.io.store import CONFIG_PREFIX
 
@@ -216,9 +215,7 @@ def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
         gaps = (used["best_test_acc_reported"] - used["best_test_acc"]).dropna()
         if gaps.empty:
             continue
-        low = high = math.nan
-        if len(gaps) >= 2:
-            low, high = interval(stats.ttest_1samp, gaps, 0.0)
+        low, high = mean_interval(gaps)  # NaN with one run
         comparable = bool(used["comparable"].all())
         enough = comparable and len(gaps) >= 2
         rows.append(

@@ -1,5 +1,9 @@
 """The 95% t-intervals of the analysis, all from ``scipy.stats``: of a mean over seeds, and of a
-difference of two means (Welch's, unequal variances). NaN where there are too few values."""
+difference of two means (Welch's, unequal variances). NaN where there are too few values.
+
+``scipy.stats`` is imported when the first interval is computed, not with this module: it takes
+about 0.9 s of CPU, and a sweep whose groups each hold one seed computes none (the sweep's end
+runs the analysis, and so does every ``analyze.py``)."""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from scipy import stats
 
 CONFIDENCE = 0.95
 
@@ -26,6 +28,8 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
     """The t-interval of the mean of ``values``; NaN with fewer than 2 values."""
     if len(values) < 2:
         return math.nan, math.nan
+    from scipy import stats
+
     return interval(stats.ttest_1samp, values, 0.0)
 
 
@@ -33,4 +37,6 @@ def welch_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float
     """Welch's t-interval for mean(a) − mean(b); NaN with fewer than 2 values on a side."""
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
+    from scipy import stats
+
     return interval(stats.ttest_ind, a, b, equal_var=False)
