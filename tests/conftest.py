@@ -8,6 +8,10 @@
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
   stopped (with its workers) when the test ends;
 - :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds;
+- ``existing_store``: ``tmp_path/mlflow.db`` made beforehand (a copy of ``empty_store``;
+  ``launch_dir(name)`` for a folder of it), for
+  tests of what sweeps log rather than of how a store comes to exist: MLflow's migrations cost
+  every new store about 1.4 s of CPU;
 - :func:`run_ui_link`: what ``make ui`` prints for a store;
 - ``IN_PROCESS``: Hydra's basic launcher, the jobs in the sweep's own process, for tests of
   what a sweep logs rather than of its job processes (each job process costs seconds of imports).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -314,12 +319,16 @@ def stop_server(server: MlflowServer) -> None:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[Callable[..., MlflowServer]]:
+def mlflow_server(tmp_path: Path, empty_store: Path) -> Iterator[Callable[..., MlflowServer]]:
     """A factory: ``mlflow_server(store)`` starts ``mlflow server`` on the SQLite file ``store``
-    (artifacts beside it, in ``<store dir>/server-artifacts``) and waits until it answers."""
+    (artifacts beside it, in ``<store dir>/server-artifacts``) and waits until it answers. A
+    missing ``store`` starts as a copy of ``empty_store``: no test is about the server's own
+    migrations."""
     started: list[MlflowServer] = []
 
     def start(store: Path, artifacts: Path | None = None) -> MlflowServer:
+        if not store.exists():
+            shutil.copyfile(empty_store, store)
         server = launch_mlflow_server(
             store, tmp_path / f"mlflow-server-{len(started)}.log", artifacts
         )
@@ -329,3 +338,37 @@ def mlflow_server(tmp_path: Path) -> Iterator[Callable[..., MlflowServer]]:
     yield start
     for server in started:
         stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new, empty MLflow store, made once per worker the way sweep.py makes one
+    (:func:`pnn.io.storeguard.prepare`). Copy it; never write to it."""
+    from pnn.io import storeguard
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    storeguard.prepare(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def existing_store(tmp_path: Path, empty_store: Path) -> Path:
+    """``tmp_path/mlflow.db``, already made: what a launch directory holds after its first
+    sweep created the store and before it logged anything."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    return path
+
+
+@pytest.fixture
+def launch_dir(tmp_path: Path, empty_store: Path) -> Callable[[str], Path]:
+    """A factory: ``launch_dir(name)`` makes the folder ``tmp_path/name`` with its mlflow.db
+    already made, as ``existing_store`` does for ``tmp_path``."""
+
+    def make(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        shutil.copyfile(empty_store, path / "mlflow.db")
+        return path
+
+    return make

@@ -147,6 +147,7 @@ SMALL = [
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_own_grid_found_compared_and_drawn(tmp_path: Path) -> None:
     grid = [f"experiment={E7}", "noise.level=0.05,0.3", "train.seed=1,2", "profile=demo"]
     done = run_sweep([*grid, *SMALL], tmp_path, timeout=900)

@@ -438,6 +438,7 @@ def _same(actual: float, expected: float) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_end_to_end_with_real_sweep(tmp_path: Path) -> None:
     for args in SWEEPS:
         done = conftest.run_sweep(args, tmp_path, timeout=900)

@@ -276,6 +276,7 @@ def test_verdict_rules(kind: str, low: float, high: float, expected: str) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_demo_sweep_then_claims(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 

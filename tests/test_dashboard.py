@@ -52,6 +52,7 @@ def test_the_parent_description_stays_within_mlflow_tag_limit() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_sweep_end_puts_its_analysis_on_the_parent_run(tmp_path: Path) -> None:
     # One job finishes, one fails (its loss overflows): the analysis still runs.
     args = [

@@ -112,6 +112,7 @@ def test_checkpoint_continues_into_a_new_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
     tmp_path: Path,
 ) -> None:
@@ -162,6 +163,7 @@ def _small_mnist(root: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_kill_before_the_first_checkpoint_leaves_one_run_per_job(tmp_path: Path) -> None:
     data = tmp_path / "data"
     _small_mnist(data)
@@ -244,6 +246,7 @@ class _Exploit:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_corrupt_checkpoints_are_moved_aside_and_the_jobs_restart(tmp_path: Path) -> None:
     args = ["experiment=e4_conv1x1_no_noise", *TINY, "train.seed=1,2", *IN_PROCESS]
     good = tmp_path / "good.pt"
@@ -287,6 +290,7 @@ def test_an_experiment_name_with_dots_and_slashes_is_refused(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_a_missing_dataset_fails_before_its_run_is_created(tmp_path: Path) -> None:
     args = ["experiment=none", "model=lenet", "dataset=mnist", "dataset.download=false"]
     args += IN_PROCESS

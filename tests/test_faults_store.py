@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import probe
@@ -76,6 +77,7 @@ def test_two_sweeps_started_together_on_a_fresh_store(tmp_path: Path) -> None:
         assert not list(work.glob(".mlflow.db.creating-*"))
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_sigterm_ends_the_sweep_cleanly_and_the_rerun_resumes(tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -165,6 +167,7 @@ def test_full_and_read_only_stores_are_a_few_lines(tmp_path: Path) -> None:
     short_and_clean(proc, "read-only", str(db))
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_a_deleted_store_is_never_recreated(tmp_path: Path) -> None:
     args = ["experiment=e1_baseline_resnet18", "train.seed=1,2", *TINY, "train.epochs=3"]
     args += ["dataset.train_size=400", "train.max_steps_per_epoch=null", *IN_PROCESS]
@@ -181,7 +184,7 @@ def test_a_deleted_store_is_never_recreated(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists(), "a new, empty store was created"
 
 
-def test_thread_count_does_not_depend_on_cpu_workers(tmp_path: Path) -> None:
+def test_thread_count_does_not_depend_on_cpu_workers(launch_dir: Callable[[str], Path]) -> None:
     """The job process trains on train.threads threads, whatever the number of workers, and so
     computes the same. OMP_NUM_THREADS=1 makes torch's own choice 1 on any machine (the sweep's
     main process, which never sets it, shows it), so 3 in the job can only be train.threads."""
@@ -190,8 +193,7 @@ def test_thread_count_does_not_depend_on_cpu_workers(tmp_path: Path) -> None:
     args += ["tracking.log_checkpoint=false"]
     metrics = []
     for workers in (1, 2):
-        work = tmp_path / f"w{workers}"
-        work.mkdir()
+        work = launch_dir(f"w{workers}")
         env = probe.install(work / "probe", probe.THREADS_AT_EXIT) | {"OMP_NUM_THREADS": "1"}
         proc = run_sweep([*args, f"hydra.launcher.cpu_workers={workers}"], work, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

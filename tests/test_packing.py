@@ -4,6 +4,7 @@ scheduler on its own, real jobs packed in-process, and real sweeps (SQLite, subp
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -174,10 +175,9 @@ def _histories(store: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 
 @pytest.mark.slow
-def test_packed_seeds_compute_what_they_compute_alone(tmp_path: Path) -> None:
+def test_packed_seeds_compute_what_they_compute_alone(launch_dir: Callable[[str], Path]) -> None:
     args = [*E4, "train.epochs=2", "train.seed=1,2,3", "tracking.log_checkpoint=false"]
-    packed, alone = tmp_path / "packed", tmp_path / "alone"
-    packed.mkdir(), alone.mkdir()
+    packed, alone = launch_dir("packed"), launch_dir("alone")
     proc = run_sweep([*args, "hydra.launcher.seeds_per_process=3"], packed)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 finished, 0 skipped, 0 failed" in proc.stdout
@@ -208,6 +208,7 @@ def test_packed_seeds_compute_what_they_compute_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_a_killed_packed_sweep_resumes_every_seed(tmp_path: Path) -> None:
     epochs = 4
     args = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,7 @@ def test_sweep_logs_one_parent_and_a_child_per_job(tmp_path: Path) -> None:
     assert names.count("e1_baseline_resnet18-seed1") == 2
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path: Path) -> None:
     args = [
         "experiment=e1_baseline_resnet18",
@@ -109,6 +111,7 @@ def test_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path: Path) -> None:
             assert epochs_logged(client, run.info.run_id, key) == [1, 2, 3]
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
     args = ["experiment=e1_baseline_resnet18", "optimizer.lr=1e-3,1e30", *TINY, "train.epochs=2"]
     # In the sweep's process; a job process that fails or dies: test_launcher_plugin and
@@ -127,8 +130,11 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
     assert parent.info.status == "FAILED"
 
 
-def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
-    epochs = 6
+@pytest.mark.usefixtures("existing_store")
+def test_killed_sweep_resumes_into_the_same_runs(
+    tmp_path: Path, launch_dir: Callable[[str], Path]
+) -> None:
+    epochs = 3  # five epochs (about 4 s) still to train when the first checkpoint lands
     args = [
         "experiment=e1_baseline_resnet18",
         "train.seed=1,2",
@@ -166,8 +172,7 @@ def test_killed_sweep_resumes_into_the_same_runs(tmp_path: Path) -> None:
         assert {r.info.run_name: r.info.run_id for r in children}[name] == run_id
 
     # And it computed what an uninterrupted run computes (CPU is deterministic).
-    clean = tmp_path / "clean"
-    clean.mkdir()
+    clean = launch_dir("clean")
     assert sweep(args, clean).returncode == 0
     want = {r.info.run_name: r.data.metrics for r in runs_of(store(clean), "job")}
     for run in children:
@@ -194,6 +199,7 @@ def test_sweep_logs_to_an_mlflow_server(tmp_path: Path, mlflow_server) -> None:
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_slurm_launcher_through_submitit_local_executor(tmp_path: Path) -> None:
     args = [
         "hydra/launcher=slurm_local",
@@ -214,6 +220,7 @@ def test_slurm_launcher_through_submitit_local_executor(tmp_path: Path) -> None:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_gpu_pool_pins_each_job_process_to_its_gpu(tmp_path: Path) -> None:
     # No GPU here: the pinning itself is what is checked, through the tag each job records.
     args = [

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -188,9 +189,10 @@ def _sweep_in_store(store: Path) -> tuple[str, str, dict[str, Child]]:
 
 
 @pytest.fixture(scope="module")
-def ui_sweep(tmp_path_factory: pytest.TempPathFactory) -> UISweep:
+def ui_sweep(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> UISweep:
     _require_browser()
     workdir = tmp_path_factory.mktemp("ui")
+    shutil.copyfile(empty_store, workdir / "mlflow.db")  # the sweep's logs are the test here
     output = _run_sweep(workdir)
     store = workdir / "mlflow.db"
     assert store.exists(), f"the sweep wrote no {store}"

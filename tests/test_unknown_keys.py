@@ -82,6 +82,7 @@ def test_sweep_refuses_an_added_unknown_key(tmp_path: Path, override: str, named
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
 def test_force_add_of_a_known_key_runs_with_it(tmp_path: Path) -> None:
     args = ["experiment=e4_conv1x1_no_noise", *TINY, "++train.epochs=2", *IN_PROCESS]
     proc = run_sweep(args, tmp_path)

@@ -101,6 +101,7 @@ def rerun_and_check(launch_dir: Path, client: MlflowClient, env: dict, zombie) -
         assert epochs_logged(client, job.info.run_id, key) == [1, 2, 3], key
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_a_sweep_killed_with_kill_9_is_closed_by_the_next_one(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
     client = MlflowClient(f"sqlite:///{db}")
@@ -129,6 +130,7 @@ def test_a_killed_sweep_on_a_server_is_closed_by_the_next_one(
     rerun_and_check(tmp_path, client, env, zombie)
 
 
+@pytest.mark.usefixtures("existing_store")
 def test_a_live_sweep_on_another_host_is_left_running(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storeguard.prepare(uri)
