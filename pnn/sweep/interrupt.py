@@ -9,6 +9,12 @@ A job process (:func:`install_child`) turns the first signal into :class:`Interr
 ``KeyboardInterrupt``, which the job's ``except KeyboardInterrupt`` turns into a KILLED run;
 later signals are ignored so that this clean-up is not itself interrupted (a Ctrl-C reaches
 the job both from the terminal and forwarded by the sweep).
+
+Inside :func:`shielded` (a job's calls into MLflow) the first signal is held instead of raised:
+an exception raised in the middle of a SQLAlchemy query leaves its connection half-closed (it
+logs a traceback), and one raised while the job's run is being created leaves that run RUNNING
+with no one to end it. The job raises a held signal itself (:func:`raise_held`) once it is
+between such calls, where its ``except KeyboardInterrupt`` marks the run KILLED.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 _lock = threading.Lock()
-_state: dict = {"signum": None, "forward": False, "procs": set()}
+_state: dict = {"signum": None, "forward": False, "procs": set(), "shield": 0, "held": False}
 
 
 def received() -> int | None:
@@ -51,14 +57,40 @@ def _parent_handler(signum: int, frame: object) -> None:
             _state["signum"] = signum
         procs = list(_state["procs"])
     if first and not _state["forward"]:
-        raise Interrupted(signum)
+        _raise_unless_shielded(signum)
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum) if first else proc.kill()
 
 
+def _raise_unless_shielded(signum: int) -> None:
+    if _state["shield"]:
+        _state["held"] = True
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """While inside (in the main thread, where Python runs signal handlers), a signal that
+    would raise :class:`Interrupted` is held instead; :func:`raise_held` raises it later."""
+    _state["shield"] += 1
+    try:
+        yield
+    finally:
+        _state["shield"] -= 1
+
+
+def raise_held() -> None:
+    """Raise :class:`Interrupted` now if a signal was held by :func:`shielded`."""
+    if _state["held"] and not _state["shield"]:
+        _state["held"] = False
+        raise Interrupted(_state["signum"])
+
+
 def install_parent() -> None:
     _state["signum"] = None
+    _state["held"] = False
     for sig in SIGNALS:
         signal.signal(sig, _parent_handler)
 
@@ -111,7 +143,7 @@ def _child_handler(signum: int, frame: object) -> None:
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     _state["signum"] = signum  # launch_child exits with 128 + signum once the job has reported
-    raise Interrupted(signum)
+    _raise_unless_shielded(signum)
 
 
 def install_child() -> None:

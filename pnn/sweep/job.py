@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pnn.config import ConfigError, validate
+from pnn.sweep import interrupt
 from pnn.sweep.job_identity import Job
 
 log = logging.getLogger("pnn")
@@ -101,29 +102,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"status": "finished", "name": name, "reason": "dry run"}
 
     from pnn.sweep import claim
-    from pnn.train.data import DatasetUnavailableError, check_available
 
-    job = locate(cfg, name)
+    interrupt.raise_held()  # a signal that came during the previous job of this process
+    # Calls into MLflow hold a signal (pnn.sweep.interrupt.shielded): the training raises it,
+    # and then marks its run KILLED.
+    with interrupt.shielded():
+        job = locate(cfg, name)
     # The file lock guards this checkpoint folder on this machine; the claim in the store
     # (decide, open_run) guards the job across launch directories and machines.
     with exclusive(job.ckpt_dir) as owned:
         if not owned:
             return job.skip(f"running in another process (lock held on {job.ckpt_dir})")
-        skipped, open_runs = claim.decide(job)
-        if skipped is not None:
-            return skipped
-        try:  # a set-up error, found before any run is created or adopted
-            check_available(cfg, _absolute(cfg.dataset.root))
-        except DatasetUnavailableError as err:
-            log.error(f"[{name}] FAILED: {err}")
-            return job.outcome("failed", str(err))
-        opened = claim.open_run(job, open_runs)
+        with interrupt.shielded():
+            opened = _open(job)
         if isinstance(opened, dict):
-            return opened  # another process claimed the job first
+            return opened  # skipped, failed to set up, or claimed by another process first
         run_id, state = opened
-        claim.report_run_id(run_id, job.owner)
         with claim.Heartbeat(job.client, run_id):
             return train_and_finish(job, run_id, state)
+
+
+def _open(job: Job) -> dict[str, Any] | tuple[str, dict[str, Any] | None]:
+    """Skip the job, or adopt or create its run: (run id, checkpoint state), or the outcome."""
+    from pnn.sweep import claim
+    from pnn.train.data import DatasetUnavailableError, check_available
+
+    skipped, open_runs = claim.decide(job)
+    if skipped is not None:
+        return skipped
+    try:  # a set-up error, found before any run is created or adopted
+        check_available(job.cfg, _absolute(job.cfg.dataset.root))
+    except DatasetUnavailableError as err:
+        log.error(f"[{job.name}] FAILED: {err}")
+        return job.outcome("failed", str(err))
+    opened = claim.open_run(job, open_runs)
+    if isinstance(opened, dict):
+        return opened
+    claim.report_run_id(opened[0], job.owner)
+    return opened
 
 
 def locate(cfg: DictConfig, name: str) -> Job:
@@ -154,6 +170,7 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
 
     monitor = run_context.start_system_metrics(job.cfg, job.client.tracking_uri, run_id)
     try:
+        interrupt.raise_held()  # one that came while the run was being opened
         result = _train(job, run_id, state)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT through pnn.sweep.interrupt
         signal_name = getattr(err, "signal_name", "SIGINT")
@@ -167,10 +184,12 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
         else:  # a store error in one line, not MLflow's pages of SQL
             problem = storeguard.as_store_error(job.client.tracking_uri, err)
             reason = str(problem) if problem else f"{type(err).__name__}: {err}"
-        return _mark_failed(job, run_id, reason)
+        with interrupt.shielded():
+            return _mark_failed(job, run_id, reason)
     finally:
         run_context.stop_system_metrics(monitor)
-    return _finish(job, run_id, result)
+    with interrupt.shielded():  # trained: a signal now leaves the run FINISHED
+        return _finish(job, run_id, result)
 
 
 def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
@@ -186,7 +205,9 @@ def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         per_epoch = {k: metrics[k] for k in tracking.EPOCH_METRICS}
-        tracking.log_metrics(job.client, run_id, per_epoch, step=epoch)
+        with interrupt.shielded():
+            tracking.log_metrics(job.client, run_id, per_epoch, step=epoch)
+        interrupt.raise_held()  # the checkpoint of this epoch is written; MLflow has it too
         left = (time.monotonic() - started) / max(1, epoch - first_epoch + 1) * (epochs - epoch)
         log.info(
             f"[{name}] epoch {epoch}/{epochs}  test_acc {metrics['test_acc']:.2f}%  "
