@@ -62,6 +62,32 @@ _socket.socket.connect = _probe_connect
 """
 
 
+# A SIGTERM that lands inside an MLflow call: once, in the process that runs the job, right after
+# the SQLite store executed the Nth INSERT into the metrics table (N from PNN_TEST_SIGNAL_AT:
+# 1 is the parameter counts logged as the run is created, 2 the first epoch's metrics). The
+# handler then runs in the middle of SQLAlchemy's code, as a signal from outside sometimes does.
+SIGTERM_IN_METRICS_INSERT = """
+import signal as _signal
+
+from sqlalchemy import event as _event
+from sqlalchemy.engine import Engine as _Engine
+
+_inserts = []
+
+
+def _probe_after_execute(conn, cursor, statement, parameters, context, executemany):
+    if not statement.lstrip().upper().startswith("INSERT INTO METRICS"):
+        return
+    _inserts.append(statement)
+    if len(_inserts) == int(_os.environ["PNN_TEST_SIGNAL_AT"]):
+        _probe_write(signalled=len(_inserts))
+        _os.kill(_os.getpid(), _signal.SIGTERM)
+
+
+_event.listen(_Engine, "after_cursor_execute", _probe_after_execute)
+"""
+
+
 def install(directory: Path, code: str) -> dict[str, str]:
     """Write the probe into ``directory``; the environment (for ``conftest.run_sweep``'s
     ``env``) that makes the subprocess tree run it."""

@@ -203,3 +203,22 @@ def test_thread_count_does_not_depend_on_cpu_workers(launch_dir: Callable[[str],
         assert seen == {"sweep.py": 1, "launch_child.py": 3}  # the main and the job process
     for key in ("best_test_acc", "final_test_acc", "best_test_acc_reported"):
         assert metrics[0][key] == metrics[1][key], key
+
+
+@pytest.mark.parametrize("at", [1, 2], ids=["creating-the-run", "logging-an-epoch"])
+@pytest.mark.usefixtures("existing_store")
+def test_a_signal_inside_an_mlflow_call_ends_the_job_cleanly(tmp_path: Path, at: int) -> None:
+    """The signal lands while SQLAlchemy is mid-query (tests/probe.py). It used to print
+    SQLAlchemy's "Error closing cursor" traceback (the first epoch's metrics), or to leave the
+    new run RUNNING (its parameter counts): the job must end as a KILLED run, quietly."""
+    env = probe.install(tmp_path / "probe", probe.SIGTERM_IN_METRICS_INSERT)
+    env["PNN_TEST_SIGNAL_AT"] = str(at)
+    args = ["experiment=e1_baseline_resnet18", *TINY, "train.epochs=3"]  # in a job process
+    proc = run_sweep([*args, "tracking.log_checkpoint=false"], tmp_path, env=env)
+    out = proc.stdout + proc.stderr
+    assert [r["signalled"] for r in probe.records(tmp_path / "probe")] == [at]
+    assert "Traceback" not in out and "Error closing cursor" not in out, out[-3000:]
+    assert "0 finished, 0 skipped, 0 failed, 1 killed" in out, out[-3000:]
+    (run,) = jobs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "KILLED", out[-3000:]
+    assert run.data.tags.get("pnn.killed_by") == "SIGTERM"
