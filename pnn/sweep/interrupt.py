@@ -72,13 +72,16 @@ def _raise_unless_shielded(signum: int) -> None:
 
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
-    """While inside (in the main thread, where Python runs signal handlers), a signal that
-    would raise :class:`Interrupted` is held instead; :func:`raise_held` raises it later."""
-    _state["shield"] += 1
+    """While the main thread is inside, a signal that would raise :class:`Interrupted` is held
+    instead; :func:`raise_held` raises it later. In any other thread this does nothing: Python
+    runs signal handlers, and so raises, in the main thread only (packed seeds train in threads
+    of their own, while the main thread waits for them)."""
+    main = threading.current_thread() is threading.main_thread()
+    _state["shield"] += main
     try:
         yield
     finally:
-        _state["shield"] -= 1
+        _state["shield"] -= main
 
 
 def raise_held() -> None:
