@@ -2,6 +2,7 @@
 
 - :func:`clean_env`: the environment for subprocesses, without anything that points MLflow
   elsewhere (a developer's own ``MLFLOW_TRACKING_URI`` must not leak into a test's store);
+- :func:`run_python`: ``python -c`` code in a fresh interpreter;
 - :func:`run_sweep`, :func:`run_analyze` (both through :func:`run_script`): ``sweep.py`` or
   ``analyze.py`` in a subprocess, in a launch directory of the test's; :func:`start_sweep`: a
   sweep in the background;
@@ -132,6 +133,20 @@ def run_script(
         [sys.executable, str(script), *args],
         cwd=cwd,
         env=clean_env(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -c code`` run from the repository in :func:`clean_env`; output captured as text:
+    for what only a fresh interpreter shows (what it imports, what it does at exit)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=clean_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

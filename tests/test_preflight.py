@@ -3,13 +3,11 @@ the batch size; and a launcher thread that fails never loses its job."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import probe
 import pytest
-from conftest import REPO, TINY, run_sweep
+from conftest import REPO, TINY, run_python, run_sweep
 
 from pnn.config import load_config, warnings_for
 from pnn.train.resources import GIB, estimate
@@ -139,8 +137,6 @@ def test_the_shape_check_initialises_no_meta_weights() -> None:
         "    build_model(cfg)\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True"]

@@ -3,12 +3,8 @@ interpreter exit (pnn.shutdown, after the atexit handlers), and scipy.stats befo
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-
-from tests.conftest import REPO, clean_env
+from conftest import run_python
 
 # Runs the program as ``__main__`` after registering a handler that atexit calls last (it was
 # registered first): by then the heap must be frozen.
@@ -35,14 +31,7 @@ sys.argv = {argv!r}
     ids=["sweep.py", "analyze.py", "pnn.analysis.ui", "job process"],
 )
 def test_programs_freeze_the_heap_after_their_exit_handlers(argv: list[str], run: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE.format(argv=argv, run=run)],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python(PROBE.format(argv=argv, run=run), timeout=120)
     assert "frozen at exit: True" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -53,9 +42,7 @@ def test_handlers_registered_later_run_before_the_freeze() -> None:
         "skip_exit_collection()\n"
         "atexit.register(lambda: print('handler saw a frozen heap:', gc.get_freeze_count() > 0))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True
-    )
+    proc = run_python(code)
     assert proc.stdout.strip() == "handler saw a frozen heap: False", proc.stderr
 
 
@@ -68,9 +55,7 @@ def test_the_analysis_imports_scipy_stats_only_for_an_interval() -> None:
         "intervals.welch_interval([1.0, 2.0], [3.0, 5.0])\n"
         "print('two seeds:', 'scipy.stats' in sys.modules)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True
-    )
+    proc = run_python(code)
     assert proc.stdout.splitlines() == [
         "before: False",
         "one seed: (nan, nan) False",
