@@ -5,7 +5,10 @@
 - :func:`run_python`: ``python -c`` code in a fresh interpreter;
 - :func:`run_sweep`, :func:`run_analyze` (both through :func:`run_script`): ``sweep.py`` or
   ``analyze.py`` in a subprocess, in a launch directory of the test's; :func:`start_sweep`: a
-  sweep in the background;
+  sweep in the background. Each is forked by this worker's forkserver (``tests/forkserver.py``,
+  :class:`ForkedProcess`), which has imported torch, MLflow, Hydra and matplotlib once, so that
+  a program does not spend 4 to 5 s of CPU on them each time; a test whose environment changes
+  what only a new interpreter reads (a probe's ``PYTHONPATH``, ``OMP_NUM_THREADS``) gets one;
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
   stopped (with its workers) when the test ends;
 - :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds;
@@ -25,14 +28,19 @@ of a module that share a module-scoped fixture on one worker, so that the fixtur
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import json
 import os
+import select
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -125,19 +134,162 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# ---------------------------------------------------------------------------------------------
+# The forkserver: sweep.py and analyze.py without paying their imports each time
+# ---------------------------------------------------------------------------------------------
+
+_FORKSERVER: dict[str, Any] = {}
+_FORKSERVER_LOCK = threading.Lock()
+FORKSERVER_START_TIMEOUT_S = 120
+
+
+def needs_fresh_interpreter(env: dict[str, str]) -> bool:
+    """Whether ``env`` differs from the forkserver's in what only a new interpreter reads
+    (``PYTHONPATH`` for a probe's ``sitecustomize``, the OpenMP thread count...)."""
+    base = clean_env()
+    return any(
+        key.startswith(forkserver.STARTUP_ENV) and env.get(key) != base.get(key)
+        for key in set(env) | set(base)
+    )
+
+
+def _forkserver_socket() -> str:
+    """The socket of this process's forkserver (``tests/forkserver.py``), started on first use
+    and stopped when this process exits."""
+    with _FORKSERVER_LOCK:
+        if "socket" in _FORKSERVER:
+            return _FORKSERVER["socket"]
+        folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
+        path = str(folder / "socket")
+        log = (folder / "forkserver.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "forkserver.py"), path],
+            cwd=REPO,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        atexit.register(_stop_forkserver, proc, folder)
+        deadline = time.monotonic() + FORKSERVER_START_TIMEOUT_S
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe_conn:
+                try:
+                    probe_conn.connect(path)
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = (folder / "forkserver.log").read_text()[-3000:]
+                raise RuntimeError(f"the forkserver did not start (exit {proc.poll()}):\n{text}")
+            time.sleep(0.05)
+        _FORKSERVER["socket"] = path
+        return path
+
+
+def _stop_forkserver(proc: subprocess.Popen, folder: Path) -> None:
+    proc.terminate()
+    proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class ForkedProcess:
+    """A program started by the forkserver: the parts of :class:`subprocess.Popen` the tests
+    use (``pid``, ``poll``, ``wait``, ``returncode``, ``send_signal``, ``kill``). ``returncode`` is
+    Popen's: the exit status, or minus the signal that ended the process."""
+
+    def __init__(
+        self,
+        script: Path,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        stdout: int,
+        stderr: int,
+        new_session: bool = False,
+    ) -> None:
+        self.args = [sys.executable, str(script), *args]
+        self.returncode: int | None = None
+        self._buffer = b""
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn.connect(_forkserver_socket())
+        request = {
+            "argv": [str(script), *args],
+            "cwd": str(cwd),
+            "env": env,
+            "new_session": new_session,
+        }
+        with open(os.devnull) as stdin:
+            fds = [stdin.fileno(), stdout, stderr]
+            socket.send_fds(self._conn, [json.dumps(request).encode()], fds)
+        self.pid: int = self._message(None)["pid"]
+
+    def _message(self, timeout: float | None) -> dict:
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self._conn], [], [], timeout)
+            if not ready:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            chunk = self._conn.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"the forkserver went away while {self.args} ran")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            status = self._message(timeout)["status"]
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.wait(0)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 def run_script(
     script: Path, args: list[str], cwd: Path, env: dict[str, str] | None, timeout: int
 ) -> subprocess.CompletedProcess:
-    """``python script *args`` run from ``cwd`` in :func:`clean_env`; output captured as text."""
-    return subprocess.run(
-        [sys.executable, str(script), *args],
-        cwd=cwd,
-        env=clean_env(env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python script *args`` run from ``cwd`` in :func:`clean_env`; output captured as text.
+    Started by this worker's forkserver (:class:`ForkedProcess`) unless the environment asks
+    for a fresh interpreter."""
+    cmd = [sys.executable, str(script), *args]
+    full_env = clean_env(env)
+    if needs_fresh_interpreter(full_env):
+        return subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = ForkedProcess(script, args, cwd, full_env, stdout=out.fileno(), stderr=err.fileno())
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(
+            cmd, proc.returncode, out.read().decode(), err.read().decode()
+        )
 
 
 def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -163,15 +315,18 @@ def run_sweep(
 
 def start_sweep(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, output: Path | None = None
-) -> subprocess.Popen:
+) -> subprocess.Popen | ForkedProcess:
     """``sweep.py *args`` in the background, in a session of its own, so that
     ``os.killpg(proc.pid, sig)`` reaches the launcher and every job process. Output goes to
-    ``output`` (a file) or is discarded."""
+    ``output`` (a file) or is discarded. Started by the forkserver, as :func:`run_script`."""
+    full_env = clean_env(env)
     with open(output or os.devnull, "w") as out:
+        if not needs_fresh_interpreter(full_env):
+            return ForkedProcess(SWEEP, args, cwd, full_env, out.fileno(), out.fileno(), True)
         return subprocess.Popen(
             [sys.executable, str(SWEEP), *args],
             cwd=cwd,
-            env=clean_env(env),
+            env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ import base64
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -137,8 +138,9 @@ class FakeSweep:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> dict:
     root = tmp_path_factory.mktemp("store")
+    shutil.copyfile(empty_store, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with environment_restored():
         first = FakeSweep(uri, root / "multirun" / "first")

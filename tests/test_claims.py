@@ -8,6 +8,7 @@ by hand, so that every expected number can be worked out here.
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def _log(uri: str, experiment_name: str, overrides: list[str], best: float, gap:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> dict:
     root = tmp_path_factory.mktemp("claims")
+    shutil.copyfile(empty_store, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     for experiment, values in BEST.items():
         for seed, best in enumerate(values, start=1):

@@ -7,6 +7,7 @@ number can be worked out with scipy.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from pathlib import Path
 
@@ -29,8 +30,10 @@ analyze = load_analyze()
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('user-claims') / 'mlflow.db'}"
+def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> str:
+    path = tmp_path_factory.mktemp("user-claims") / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    uri = f"sqlite:///{path}"
     for (short, nmasks), values in BEST.items():
         experiment = E7 if short == "e7" else E4
         extra = [f"masks.nmasks={nmasks}"] if nmasks else []

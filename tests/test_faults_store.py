@@ -54,18 +54,11 @@ def test_two_sweeps_started_together_on_a_fresh_store(tmp_path: Path) -> None:
         work = tmp_path / f"try{attempt}"
         work.mkdir()
         args = [*ONE, "hydra/launcher=basic"]  # in-process: the race is in the store creation
-        procs = [
-            subprocess.Popen(
-                [sys.executable, str(SWEEP), *args],
-                cwd=work,
-                env=clean_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        outs = [p.communicate(timeout=600)[0] for p in procs]
+        logs = [work / f"sweep{i}.log" for i in range(2)]
+        procs = [start_sweep(args, work, output=log) for log in logs]
+        for proc in procs:
+            proc.wait(timeout=600)
+        outs = [log.read_text() for log in logs]
         for proc, out in zip(procs, outs, strict=True):
             assert proc.returncode == 0, out[-3000:]
             assert "Traceback" not in out, out[-3000:]

@@ -126,7 +126,9 @@ def _checkpoint_history(tmp: Path, name: str) -> list[dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_a_failing_seed_leaves_the_others_training_to_their_own_end(tmp_path: Path) -> None:
+def test_a_failing_seed_leaves_the_others_training_to_their_own_end(
+    launch_dir: Callable[[str], Path],
+) -> None:
     from pnn.sweep.job import run
 
     seeds = {
@@ -134,7 +136,7 @@ def test_a_failing_seed_leaves_the_others_training_to_their_own_end(tmp_path: Pa
         "e4_conv1x1_no_noise-seed2": ["train.seed=2", "train.epochs=2", "optimizer.lr=1e30"],
         "e4_conv1x1_no_noise-seed3": ["train.seed=3", "train.epochs=3"],
     }
-    packed, alone = tmp_path / "packed", tmp_path / "alone"
+    packed, alone = launch_dir("packed"), launch_dir("alone")
     outcomes = run_packed(run, [_job_config(packed, o) for o in seeds.values()])
     assert [o["status"] for o in outcomes] == ["finished", "failed", "finished"]
     assert outcomes[1]["reason"].startswith("loss became")

@@ -27,8 +27,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,9 +38,9 @@ import pytest
 from conftest import (
     IN_PROCESS,
     TINY,
-    clean_env,
     launch_mlflow_server,
     run_ui_link,
+    start_sweep,
     stop_server,
 )
 
@@ -146,16 +144,8 @@ class UISweep:
 def _run_sweep(workdir: Path) -> str:
     """The sweep, small, with `workdir` as the launch dir; returns the output."""
     log = workdir / "sweep.log"
-    with log.open("w") as out:
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "sweep.py"), *SWEEP_ARGS],
-            cwd=workdir,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=SWEEP_TIMEOUT_S,
-        )
+    proc = start_sweep(SWEEP_ARGS, workdir, output=log)
+    proc.wait(timeout=SWEEP_TIMEOUT_S)
     output = log.read_text()
     if proc.returncode != 0:
         pytest.fail(f"sweep.py {' '.join(SWEEP_ARGS)} exited {proc.returncode}:\n{output[-4000:]}")
