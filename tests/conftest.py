@@ -5,10 +5,11 @@
 - :func:`run_python`: ``python -c`` code in a fresh interpreter;
 - :func:`run_sweep`, :func:`run_analyze` (both through :func:`run_script`): ``sweep.py`` or
   ``analyze.py`` in a subprocess, in a launch directory of the test's; :func:`start_sweep`: a
-  sweep in the background. Each is forked by this worker's forkserver (``tests/forkserver.py``,
-  :class:`ForkedProcess`), which has imported torch, MLflow, Hydra and matplotlib once, so that
-  a program does not spend 4 to 5 s of CPU on them each time; a test whose environment changes
-  what only a new interpreter reads (a probe's ``PYTHONPATH``, ``OMP_NUM_THREADS``) gets one;
+  sweep in the background. Each is forked by this worker's forkserver (:func:`forkserver`, the
+  kind the gpu_pool launcher starts for its jobs), which has imported torch, MLflow, Hydra and
+  matplotlib once, so that a program does not spend 4 to 5 s of CPU on them each time; a test
+  whose environment changes what only a new interpreter reads (a probe's ``PYTHONPATH``,
+  ``OMP_NUM_THREADS``) gets a new one;
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
   stopped (with its workers) when the test ends;
 - :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds;
@@ -30,9 +31,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
-import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -49,9 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import forkserver
 import pytest
 from mlflow.tracking import MlflowClient
+
+from pnn.sweep.forkserver import JOB_PRELOAD, ForkedProcess, ForkServer, startup_differences
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.py"
@@ -138,134 +138,50 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 # The forkserver: sweep.py and analyze.py without paying their imports each time
 # ---------------------------------------------------------------------------------------------
 
-_FORKSERVER: dict[str, Any] = {}
+# The forkserver's imports for the programs of the tests: a job's, and sweep.py's and analyze.py's
+# own (Hydra's entry point, matplotlib for the figures).
+TEST_PRELOAD = (
+    *JOB_PRELOAD,
+    "hydra.main",
+    "matplotlib.figure",
+    "matplotlib.font_manager",
+    "matplotlib.backends.backend_agg",
+)
+_FORKSERVER: list[ForkServer] = []
 _FORKSERVER_LOCK = threading.Lock()
-FORKSERVER_START_TIMEOUT_S = 120
 
 
 def needs_fresh_interpreter(env: dict[str, str]) -> bool:
     """Whether ``env`` differs from the forkserver's in what only a new interpreter reads
-    (``PYTHONPATH`` for a probe's ``sitecustomize``, the OpenMP thread count...)."""
-    base = clean_env()
-    return any(
-        key.startswith(forkserver.STARTUP_ENV) and env.get(key) != base.get(key)
-        for key in set(env) | set(base)
-    )
+    (``PYTHONPATH`` for a probe's ``sitecustomize``, ``OMP_NUM_THREADS``...)."""
+    return bool(startup_differences(env, clean_env()))
 
 
-def _forkserver_socket() -> str:
-    """The socket of this process's forkserver (``tests/forkserver.py``), started on first use
-    and stopped when this process exits."""
+def forkserver() -> ForkServer:
+    """This process's forkserver (:mod:`pnn.sweep.forkserver`), started on first use and ended
+    when this process exits."""
     with _FORKSERVER_LOCK:
-        if "socket" in _FORKSERVER:
-            return _FORKSERVER["socket"]
-        folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
-        path = str(folder / "socket")
-        log = (folder / "forkserver.log").open("w")
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "forkserver.py"), path],
-            cwd=REPO,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        atexit.register(_stop_forkserver, proc, folder)
-        deadline = time.monotonic() + FORKSERVER_START_TIMEOUT_S
-        while True:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe_conn:
-                try:
-                    probe_conn.connect(path)
-                    break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                text = (folder / "forkserver.log").read_text()[-3000:]
-                raise RuntimeError(f"the forkserver did not start (exit {proc.poll()}):\n{text}")
-            time.sleep(0.05)
-        _FORKSERVER["socket"] = path
-        return path
+        if not _FORKSERVER:
+            _FORKSERVER.append(ForkServer(TEST_PRELOAD, clean_env()))
+            atexit.register(_FORKSERVER[0].close)
+        return _FORKSERVER[0]
 
 
-def _stop_forkserver(proc: subprocess.Popen, folder: Path) -> None:
-    proc.terminate()
-    proc.wait()
-    shutil.rmtree(folder, ignore_errors=True)
+def fork_program(
+    argv: list[str], cwd: Path, env: dict[str, str], out: int, err: int, **kw: Any
+) -> ForkedProcess:
+    """``python *argv`` forked by :func:`forkserver`, with /dev/null as stdin."""
+    with open(os.devnull) as stdin:
+        return forkserver().start(argv, env, cwd, (stdin.fileno(), out, err), **kw)
 
 
-class ForkedProcess:
-    """A program started by the forkserver: the parts of :class:`subprocess.Popen` the tests
-    use (``pid``, ``poll``, ``wait``, ``returncode``, ``send_signal``, ``kill``). ``returncode`` is
-    Popen's: the exit status, or minus the signal that ended the process."""
-
-    def __init__(
-        self,
-        script: Path,
-        args: list[str],
-        cwd: Path,
-        env: dict[str, str],
-        stdout: int,
-        stderr: int,
-        new_session: bool = False,
-    ) -> None:
-        self.args = [sys.executable, str(script), *args]
-        self.returncode: int | None = None
-        self._buffer = b""
-        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._conn.connect(_forkserver_socket())
-        request = {
-            "argv": [str(script), *args],
-            "cwd": str(cwd),
-            "env": env,
-            "new_session": new_session,
-        }
-        with open(os.devnull) as stdin:
-            fds = [stdin.fileno(), stdout, stderr]
-            socket.send_fds(self._conn, [json.dumps(request).encode()], fds)
-        self.pid: int = self._message(None)["pid"]
-
-    def _message(self, timeout: float | None) -> dict:
-        while b"\n" not in self._buffer:
-            ready, _, _ = select.select([self._conn], [], [], timeout)
-            if not ready:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            chunk = self._conn.recv(4096)
-            if not chunk:
-                raise RuntimeError(f"the forkserver went away while {self.args} ran")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            status = self._message(timeout)["status"]
-            self.returncode = os.waitstatus_to_exitcode(status)
-            self._conn.close()
-        return self.returncode
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                self.wait(0)
-            except subprocess.TimeoutExpired:
-                pass
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-def run_script(
-    script: Path, args: list[str], cwd: Path, env: dict[str, str] | None, timeout: int
+def run_program(
+    argv: list[str], cwd: Path, env: dict[str, str] | None, timeout: float
 ) -> subprocess.CompletedProcess:
-    """``python script *args`` run from ``cwd`` in :func:`clean_env`; output captured as text.
-    Started by this worker's forkserver (:class:`ForkedProcess`) unless the environment asks
-    for a fresh interpreter."""
-    cmd = [sys.executable, str(script), *args]
+    """``python *argv`` (a script, or ``-m module``) run from ``cwd`` in :func:`clean_env`;
+    output captured as text. Forked by this worker's forkserver unless the environment asks for
+    a new interpreter."""
+    cmd = [sys.executable, *argv]
     full_env = clean_env(env)
     if needs_fresh_interpreter(full_env):
         return subprocess.run(
@@ -278,7 +194,7 @@ def run_script(
             timeout=timeout,
         )
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = ForkedProcess(script, args, cwd, full_env, stdout=out.fileno(), stderr=err.fileno())
+        proc = fork_program(argv, cwd, full_env, out.fileno(), err.fileno())
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -290,6 +206,13 @@ def run_script(
         return subprocess.CompletedProcess(
             cmd, proc.returncode, out.read().decode(), err.read().decode()
         )
+
+
+def run_script(
+    script: Path, args: list[str], cwd: Path, env: dict[str, str] | None, timeout: int
+) -> subprocess.CompletedProcess:
+    """``python script *args``, as :func:`run_program` runs it."""
+    return run_program([str(script), *args], cwd, env, timeout)
 
 
 def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -322,7 +245,8 @@ def start_sweep(
     full_env = clean_env(env)
     with open(output or os.devnull, "w") as out:
         if not needs_fresh_interpreter(full_env):
-            return ForkedProcess(SWEEP, args, cwd, full_env, out.fileno(), out.fileno(), True)
+            fd = out.fileno()
+            return fork_program([str(SWEEP), *args], cwd, full_env, fd, fd, new_session=True)
         return subprocess.Popen(
             [sys.executable, str(SWEEP), *args],
             cwd=cwd,
@@ -344,14 +268,8 @@ def run_analyze(
 def run_ui_link(store: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """What `make ui` prints before it starts the server (``python -m pnn.analysis.ui``) for
     the SQLite file ``store``; output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "pnn.analysis.ui", "--tracking-uri", f"sqlite:///{store}"],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    argv = ["-m", "pnn.analysis.ui", "--tracking-uri", f"sqlite:///{store}"]
+    return run_program(argv, REPO, None, timeout)
 
 
 def store(launch_dir: Path) -> MlflowClient:
@@ -417,7 +335,7 @@ def free_port() -> int:
 @dataclass
 class MlflowServer:
     url: str
-    process: subprocess.Popen
+    process: ForkedProcess
     log: Path
 
 
@@ -438,7 +356,7 @@ def _wait_until_up(server: MlflowServer) -> None:
     pytest.fail(f"mlflow server did not answer in {SERVER_START_TIMEOUT_S}s:\n{tail}")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: ForkedProcess) -> None:
     """Stop the server's whole process group: its uvicorn and huey workers too."""
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
         try:
@@ -466,15 +384,9 @@ def launch_mlflow_server(store: Path, log: Path, artifacts: Path | None = None) 
     ]
     with log.open("w") as out:
         # A session of its own, so that stopping it also stops its worker processes.
-        process = subprocess.Popen(
-            cmd,
-            cwd=store.parent,
-            env=clean_env(SERVER_ENV),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        fd = out.fileno()
+        env = clean_env(SERVER_ENV)
+        process = fork_program(cmd[1:], store.parent, env, fd, fd, new_session=True)
     server = MlflowServer(f"http://127.0.0.1:{port}", process, log)
     try:
         _wait_until_up(server)

@@ -64,17 +64,38 @@ def created_yet(store: Path) -> bool:
         return False
 
 
-def job_processes(pid: int) -> list[int]:
-    """The launcher's job processes among ``pid``'s children (not, say, a git call)."""
-    found = []
-    # The launcher starts them from its worker threads: each thread (task) has its own list.
+def _children(pid: int) -> list[int]:
+    kids = []
+    # A process's threads start processes too (the launcher's worker threads): each has a list.
     for children in Path(f"/proc/{pid}/task").glob("*/children"):
         try:
-            for kid in children.read_text().split():
-                if b"pnn.sweep.launch_child" in Path(f"/proc/{kid}/cmdline").read_bytes():
-                    found.append(int(kid))
+            kids += [int(kid) for kid in children.read_text().split()]
         except OSError:
             continue
+    return kids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def job_processes(pid: int) -> list[int]:
+    """The launcher's job processes (not, say, a git call): its children started as
+    ``python -m pnn.sweep.launch_child``, and the children of its forkserver (forked, they
+    show the server's command line)."""
+    found = []
+    for kid in _children(pid):
+        if b"pnn.sweep.launch_child" in _cmdline(kid):
+            found.append(kid)
+        elif b"pnn.sweep.forkserver" in _cmdline(kid):
+            found += _children(kid)
     return found
 
 
@@ -126,6 +147,9 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
 
     try:
         wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
+        # A job on a CPU slot is forked by the launch's forkserver, a child of the sweep.
+        server = _parent(job_pid[0])
+        assert b"pnn.sweep.forkserver" in _cmdline(server) and _parent(server) == proc.pid
         os.kill(job_pid[0], signal.SIGKILL)
         assert proc.wait(timeout=WAIT_S) == 1
     finally:
@@ -151,6 +175,47 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
     assert analysis.returncode == 0, analysis.stderr[-3000:]
     assert "with 1 run(s) it resumed from an earlier sweep" in analysis.stdout
     assert "1 finished run(s) summarised" in analysis.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
+def test_a_signal_to_the_whole_process_group_stops_forked_jobs_cleanly(tmp_path: Path) -> None:
+    """SIGTERM to the sweep's process group, as a batch system or ``kill -- -PGID`` sends it,
+    reaches the sweep, its forkserver and its forked jobs at once: the server outlives it and
+    reports each job, which marks its run KILLED; nothing of the group is left running."""
+    args = [*SLOW_TINY, "train.seed=1,2"]
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(args, tmp_path, output=log)
+    wait_for(lambda: len(checkpoints(tmp_path)) == 2, proc, "both jobs' first checkpoints")
+    jobs = job_processes(proc.pid)
+    assert len(jobs) == 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=WAIT_S) == 128 + signal.SIGTERM
+    finally:
+        kill_group(proc)
+    out = log.read_text()
+    assert "Traceback" not in out and "went away" not in out, out[-3000:]
+    assert "0 finished, 0 skipped, 0 failed, 2 killed" in out, out[-3000:]
+    killed = runs_of(client_of(tmp_path / "mlflow.db"), "job")
+    assert sorted(r.info.status for r in killed) == ["KILLED", "KILLED"]
+    assert all(r.data.tags.get("pnn.killed_by") == "SIGTERM" for r in killed)
+    deadline = time.monotonic() + 10  # the server exits within its poll interval
+    while time.monotonic() < deadline and _group_members(proc.pid):
+        time.sleep(0.05)
+    assert not _group_members(proc.pid)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _small_mnist(root: Path) -> None:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -108,12 +108,25 @@ def forwarding() -> Iterator[None]:
         _state["forward"] = False
 
 
-def run_process(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd)``, with the process registered to receive forwarded signals."""
+class Process(Protocol):
+    """What :func:`run_process` needs of a started process (:class:`subprocess.Popen` has it)."""
+
+    returncode: int | None
+
+    def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+def run_process(start: Callable[[], Process]) -> Process:
+    """Start a process with ``start()`` and wait for it, registered meanwhile to receive
+    forwarded signals; :class:`Interrupted` instead if the sweep has already been signalled."""
     with _lock:
         if _state["signum"] is not None:
             raise Interrupted(_state["signum"])
-        proc = subprocess.Popen(cmd, env=env)
+        proc = start()
         _state["procs"].add(proc)
     try:
         proc.wait()
@@ -122,7 +135,7 @@ def run_process(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProc
             _state["procs"].discard(proc)
     if proc.returncode in STOPPED_CODES:
         _settle()
-    return subprocess.CompletedProcess(cmd, proc.returncode)
+    return proc
 
 
 # How a job process ends when a signal stopped it: killed by it, or exiting 128 + its number

@@ -1,7 +1,9 @@
 """``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU per job.
 
-Every job runs in a fresh Python process whose ``CUDA_VISIBLE_DEVICES`` is set before the
-process starts, so CUDA can only ever see the job's own GPU. A slot is a (GPU, packing index)
+Every job runs in a Python process of its own whose ``CUDA_VISIBLE_DEVICES`` is set before the
+process starts, so CUDA can only ever see the job's own GPU. pnn-sweep's jobs on CPU slots are
+forked from a forkserver that has imported torch and MLflow once for the launch
+(:mod:`pnn.sweep.forkserver`); every other job process, GPU jobs included, starts afresh. A slot is a (GPU, packing index)
 pair; a job holds its slot until its process exits, so no two jobs share a GPU beyond
 ``jobs_per_gpu``, however many jobs a slot runs one after another. Without GPUs the slots are
 ``cpu_workers`` CPU workers (``auto``: the cores this process may use divided by the jobs'
@@ -39,6 +41,7 @@ import reprlib
 import shutil
 import signal
 import site
+import subprocess
 import sys
 import tempfile
 import threading
@@ -53,6 +56,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn.sweep import interrupt
+from pnn.sweep.forkserver import JOB_PRELOAD, ForkServer, startup_differences
 from pnn.sweep.outcomes import failed_return, is_pnn_sweep, outcome_of, stopped_return
 from pnn.sweep.slots import check_launcher_keys, make_slots
 
@@ -119,6 +123,7 @@ class GpuPoolLauncher(Launcher):
         done = [0]
         lock = threading.Lock()
         workdir = Path(tempfile.mkdtemp(prefix="pnn-launch-"))
+        self._servers = _JobServers()
 
         def run(jobs: list[tuple[list[str], int]], slot: dict) -> list[JobReturn]:
             """The job process of ``jobs``: one JobReturn per job, whatever happens."""
@@ -175,6 +180,7 @@ class GpuPoolLauncher(Launcher):
                 while t.is_alive():
                     t.join(timeout=0.1)
         finally:
+            self._servers.close()
             shutil.rmtree(workdir, ignore_errors=True)
         return [
             r if r is not None else self._stopped(list(job_overrides[i]), "not started")
@@ -245,8 +251,15 @@ class GpuPoolLauncher(Launcher):
             from pnn.io.tracking import ENV_RUN_ID_FILE  # imports MLflow: pnn-sweep's jobs only
 
             env[ENV_RUN_ID_FILE] = str(run_ids)  # the job writes "<run id> <owner>" once it claims
-        cmd = [sys.executable, "-m", "pnn.sweep.launch_child", str(payload), str(result)]
-        proc = interrupt.run_process(cmd, env)
+        argv = ["-m", "pnn.sweep.launch_child", str(payload), str(result)]
+        # pnn-sweep's jobs on CPU slots fork from a server that has imported torch and MLflow.
+        server = (
+            self._servers.get(env) if self.pnn_jobs and slot["CUDA_VISIBLE_DEVICES"] == "" else None
+        )
+        if server is not None:
+            proc = interrupt.run_process(lambda: server.start(argv, env))
+        else:
+            proc = interrupt.run_process(lambda: subprocess.Popen([sys.executable, *argv], env=env))
         payload.unlink(missing_ok=True)
         if result.exists():
             rets = cloudpickle.loads(result.read_bytes())
@@ -261,6 +274,40 @@ class GpuPoolLauncher(Launcher):
             reason += "; rerun the same command to resume it"
             reason += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, reason))
         return [failed_return(o, RuntimeError(reason)) for o, _ in jobs]
+
+
+class _JobServers:
+    """The forkserver of one launch's pnn-sweep jobs on CPU slots (:mod:`pnn.sweep.forkserver`),
+    started with the first of them. Should it fail to start, each job process starts afresh."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server: ForkServer | None = None
+        self._failed = False
+
+    def get(self, env: dict[str, str]) -> ForkServer | None:
+        """The server for a job process with environment ``env``; None if it must start afresh
+        (the server could not start, or ``env`` changes what only a new interpreter reads)."""
+        with self._lock:
+            if self._server is None and not self._failed:
+                server_env = dict(os.environ)  # what the slots add is read after the start
+                for key in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES"):
+                    server_env[key] = env[key]
+                try:
+                    self._server = ForkServer(JOB_PRELOAD, server_env)
+                except OSError as err:
+                    self._failed = True
+                    log.warning(f"[sweep] job processes start afresh: {err}")
+            server = self._server
+        if server is None or startup_differences(env, server.env):
+            return None
+        return server
+
+    def close(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
 
 
 def child_pythonpath() -> str:
