@@ -7,19 +7,19 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import clean_env, fork_program
 from torch import nn
 
 from pnn.config import load_config
 from pnn.model import models
 from pnn.model.layers import PerturbLayer
+from pnn.sweep.forkserver import ForkedProcess
 from pnn.train.accuracy import batch_accuracies, reported_accuracy
 from pnn.train.checkpoint import load_checkpoint
 from pnn.train.data import load_data
@@ -352,8 +352,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))
 
-    def launch(checkpoint: str, output: str, pause: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), checkpoint, output, pause])
+    def launch(checkpoint: str, output: str, pause: str) -> ForkedProcess:
+        # A process of its own, forked with torch already imported (conftest.fork_program).
+        return fork_program([str(script), checkpoint, output, pause], tmp_path, clean_env(), 1, 2)
 
     checkpoint = tmp_path / "killed.pt"
     victim = launch(str(checkpoint), str(tmp_path / "never.json"), "30")

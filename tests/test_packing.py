@@ -212,7 +212,7 @@ def test_packed_seeds_compute_what_they_compute_alone(launch_dir: Callable[[str]
 @pytest.mark.slow
 @pytest.mark.usefixtures("existing_store")
 def test_a_killed_packed_sweep_resumes_every_seed(tmp_path: Path) -> None:
-    epochs = 4
+    epochs = 3
     args = [
         *E4,
         "dataset.train_size=400",
