@@ -87,14 +87,15 @@ def _parent(pid: int) -> int:
 
 
 def job_processes(pid: int) -> list[int]:
-    """The launcher's job processes (not, say, a git call): its children started as
-    ``python -m pnn.sweep.launch_child``, and the children of its forkserver (forked, they
-    show the server's command line)."""
+    """The launcher's job processes: its children started as ``python -m
+    pnn.sweep.launch_child``, and the children of its forkserver, the child that has children
+    (not, say, a git call). Forked, they show the command line of the process they were forked
+    from."""
     found = []
     for kid in _children(pid):
         if b"pnn.sweep.launch_child" in _cmdline(kid):
             found.append(kid)
-        elif b"pnn.sweep.forkserver" in _cmdline(kid):
+        else:
             found += _children(kid)
     return found
 
@@ -147,9 +148,11 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
 
     try:
         wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
-        # A job on a CPU slot is forked by the launch's forkserver, a child of the sweep.
+        # A job on a CPU slot is forked by a forkserver that was forked from the sweep process
+        # (the same command line): no new interpreter imports torch or MLflow for it.
         server = _parent(job_pid[0])
-        assert b"pnn.sweep.forkserver" in _cmdline(server) and _parent(server) == proc.pid
+        assert server != proc.pid and _parent(server) == proc.pid
+        assert _cmdline(server) == _cmdline(proc.pid)
         os.kill(job_pid[0], signal.SIGKILL)
         assert proc.wait(timeout=WAIT_S) == 1
     finally:

@@ -2,13 +2,16 @@
 
 A job process started afresh spends 4 to 5 s of CPU importing torch, torch._dynamo, MLflow's SQL
 store and Hydra before it trains, and a sweep of many short jobs pays that for each. For
-pnn-sweep's jobs on CPU slots the gpu_pool launcher therefore starts one forkserver per launch
-(``python -m pnn.sweep.forkserver SOCKET MODULE...``): a process that imports those packages,
-then forks a child per job. The child takes the job's standard streams, working directory and
-environment, and runs ``python -m pnn.sweep.launch_child ...`` as a new interpreter would
-(:func:`runpy.run_module`); when that returns or raises, the interpreter exits as usual (atexit
-handlers, the exit status, a signal's death), and the server sends the wait status to the
-launcher (:class:`ForkedProcess`, which answers as :class:`subprocess.Popen` does).
+pnn-sweep's jobs on CPU slots the sweep therefore forks a forkserver from its own process
+(:meth:`ForkServer.forked`), once it has imported those packages for its checks and before it
+starts a thread, opens the store or imports what names the process; where it cannot, the
+launcher starts one (``python -m pnn.sweep.forkserver SOCKET MODULE...``), which imports them
+itself. The server forks a child per job. The child takes the job's standard streams, working
+directory and environment, and runs ``python -m pnn.sweep.launch_child ...`` as a new
+interpreter would (:func:`runpy.run_module`); when that returns or raises, the process exits as
+an interpreter does (atexit handlers, the exit status, a signal's death), and the server sends
+the wait status to the launcher (:class:`ForkedProcess`, which answers as
+:class:`subprocess.Popen` does).
 
 - **CUDA.** Importing torch does not initialise CUDA, but a fork after anything has done so
   breaks the child; jobs on GPU slots still start as new processes.
@@ -30,6 +33,7 @@ imported as well (``tests/conftest.py``).
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import json
@@ -45,8 +49,10 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 # What a pnn-sweep job imports before its first line of work.
 JOB_PRELOAD = (
@@ -93,14 +99,18 @@ def _send(conn: socket.socket, message: dict) -> None:
         pass
 
 
-def _serve(path: str) -> dict:
+def _listen(path: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    return listener
+
+
+def _serve(listener: socket.socket) -> dict:
     """Answer requests until stdin closes or the parent changes; returns only in a forked
     child, with its request, once its streams, directory and environment are in place."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(64)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ)
@@ -110,7 +120,7 @@ def _serve(path: str) -> dict:
         for key, _ in sel.select(timeout=POLL_S):
             if key.fileobj != listener:
                 if not os.read(sys.stdin.fileno(), 4096):
-                    os._exit(0)  # the launcher is done: no exit handlers of this process
+                    _leave(listener)  # the launcher is done
                 continue
             conn, _ = listener.accept()
             message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
@@ -144,6 +154,13 @@ def _serve(path: str) -> dict:
             if conn is not None:
                 _send(conn, {"status": status})
                 conn.close()
+    _leave(listener)  # the launcher is gone
+
+
+def _leave(listener: socket.socket) -> NoReturn:
+    """Exit the server, without this process's exit handlers, and remove its folder (also when
+    the launcher was killed and could not)."""
+    shutil.rmtree(Path(listener.getsockname()).parent, ignore_errors=True)
     os._exit(0)
 
 
@@ -172,7 +189,10 @@ def _run(request: dict) -> None:
         if spec is not None and spec.submodule_search_locations is not None:  # a package
             spec = importlib.util.find_spec(f"{argv[1]}.__main__")
         sys.argv = [spec.origin if spec and spec.origin else argv[1], *argv[2:]]  # as -m has it
-        sys.path[0] = os.getcwd()
+        if request.get("inherit_path"):  # the launcher's sys.path, which PYTHONPATH passes on
+            sys.path.insert(0, os.getcwd())
+        else:
+            sys.path[0] = os.getcwd()
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(argv)
@@ -248,6 +268,9 @@ class ForkServer:
 
     def __init__(self, preload: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         self.env = dict(os.environ if env is None else env)
+        self.inherits_path = False
+        self._pid: int | None = None  # of a server forked from this process
+        self._stdin: int | None = None
         self._folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
         self.socket = str(self._folder / "socket")
         log = self._folder / "server.log"
@@ -265,6 +288,49 @@ class ForkServer:
                 self.close()
                 raise OSError(f"the forkserver did not start: {log.read_text()[-2000:]}")
             time.sleep(POLL_S)
+
+    @classmethod
+    def forked(cls, preload: Sequence[str], unsafe: Sequence[str] = ()) -> ForkServer | None:
+        """A server forked from this process, which must have no other thread, no CUDA and
+        none of the modules ``unsafe`` (whose import-time state, such as a process id, a job
+        must not inherit). It imports ``preload`` here first, so that this process and the
+        server share them. None where this process is not fit to fork."""
+        torch = sys.modules.get("torch")
+        if (
+            threading.active_count() != 1
+            or (torch is not None and torch.cuda.is_initialized())
+            or any(name in sys.modules for name in unsafe)
+        ):
+            return None
+        for name in preload:
+            importlib.import_module(name)
+        self = cls.__new__(cls)
+        self.env = dict(os.environ)
+        self.inherits_path = True
+        self._proc = None
+        self._folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
+        self.socket = str(self._folder / "socket")
+        listener = _listen(self.socket)
+        read_end, self._stdin = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the server: it never returns into this process's frames
+            try:
+                os.close(self._stdin)
+                os.dup2(read_end, 0)
+                os.close(read_end)
+                devnull = os.open(os.devnull, os.O_RDWR)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                request = _serve(listener)
+            except BaseException:
+                os._exit(1)
+            _exit_like_python(request)  # in a child of the server: the program it asked for
+        os.close(read_end)
+        listener.close()
+        self._pid = pid
+        return self
 
     def _answers(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -285,7 +351,7 @@ class ForkServer:
         """``python *argv`` (a script, or ``-m module``) forked from the server, with ``fds``
         as its stdin, stdout and stderr. ValueError if ``env`` changes what only a new
         interpreter reads."""
-        differ = startup_differences(env, self.env)
+        differ = self.startup_differences(env)
         if differ:
             raise ValueError(f"a forked process cannot change {', '.join(differ)}")
         request = {
@@ -293,21 +359,68 @@ class ForkServer:
             "cwd": str(cwd or os.getcwd()),
             "env": dict(env),
             "new_session": new_session,
+            "inherit_path": self.inherits_path,
         }
         return ForkedProcess(self.socket, request, fds)
 
+    def startup_differences(self, env: Mapping[str, str]) -> list[str]:
+        """What of :data:`STARTUP_ENV` a program with ``env`` would need changed here. A server
+        forked from the launcher has the launcher's ``sys.path``, which is what a new job
+        process gets through ``PYTHONPATH``."""
+        differ = startup_differences(env, self.env)
+        return [k for k in differ if not (self.inherits_path and k == "PYTHONPATH")]
+
     def close(self) -> None:
         """End the server (its children run on) and remove its folder."""
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        if self._pid is not None:
+            if self._stdin is not None:
+                os.close(self._stdin)
+                self._stdin = None
+            os.waitpid(self._pid, 0)
+            self._pid = None
+        elif self._proc is not None:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
         shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _exit_like_python(request: dict) -> NoReturn:
+    """Run the request's program in a child of a server forked from a running program, and end
+    the process as an interpreter ends when its program does (the traceback of an uncaught
+    exception, ``sys.exit``'s status, non-daemon threads joined, atexit handlers, a death by
+    SIGINT for an uncaught KeyboardInterrupt), without ever returning into that program's frames."""
+    code, die_of_sigint = 0, False
+    try:
+        _run(request)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        die_of_sigint = True
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # as multiprocessing's children do
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    finally:
+        if die_of_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(code & 0xFF)
 
 
 if __name__ == "__main__":
     _preload(sys.argv[2:])
-    _run(_serve(sys.argv[1]))
+    _run(_serve(_listen(sys.argv[1])))

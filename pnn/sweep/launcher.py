@@ -56,7 +56,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn.sweep import interrupt
-from pnn.sweep.forkserver import JOB_PRELOAD, ForkServer, startup_differences
+from pnn.sweep.forkserver import JOB_PRELOAD, ForkServer
 from pnn.sweep.outcomes import failed_return, is_pnn_sweep, outcome_of, stopped_return
 from pnn.sweep.slots import check_launcher_keys, make_slots
 
@@ -93,6 +93,8 @@ class GpuPoolLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.pnn_jobs = False  # pnn-sweep's jobs, launched by its sweeper (set by setup)
+        # Set by pnn-sweep's sweeper: a forkserver forked from the sweep process, for its jobs.
+        self.job_server: ForkServer | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -123,7 +125,7 @@ class GpuPoolLauncher(Launcher):
         done = [0]
         lock = threading.Lock()
         workdir = Path(tempfile.mkdtemp(prefix="pnn-launch-"))
-        self._servers = _JobServers()
+        self._servers = _JobServers(self.job_server)
 
         def run(jobs: list[tuple[list[str], int]], slot: dict) -> list[JobReturn]:
             """The job process of ``jobs``: one JobReturn per job, whatever happens."""
@@ -277,17 +279,21 @@ class GpuPoolLauncher(Launcher):
 
 
 class _JobServers:
-    """The forkserver of one launch's pnn-sweep jobs on CPU slots (:mod:`pnn.sweep.forkserver`),
-    started with the first of them. Should it fail to start, each job process starts afresh."""
+    """The forkserver of one launch's pnn-sweep jobs on CPU slots (:mod:`pnn.sweep.forkserver`):
+    the one the sweeper forked from the sweep process, or else one started with the first of
+    them. Should that fail to start, each job process starts afresh."""
 
-    def __init__(self) -> None:
+    def __init__(self, given: ForkServer | None = None) -> None:
         self._lock = threading.Lock()
+        self._given = given  # the sweeper's, which it ends itself
         self._server: ForkServer | None = None
         self._failed = False
 
     def get(self, env: dict[str, str]) -> ForkServer | None:
         """The server for a job process with environment ``env``; None if it must start afresh
         (the server could not start, or ``env`` changes what only a new interpreter reads)."""
+        if self._given is not None and not self._given.startup_differences(env):
+            return self._given
         with self._lock:
             if self._server is None and not self._failed:
                 server_env = dict(os.environ)  # what the slots add is read after the start
@@ -299,7 +305,7 @@ class _JobServers:
                     self._failed = True
                     log.warning(f"[sweep] job processes start afresh: {err}")
             server = self._server
-        if server is None or startup_differences(env, server.env):
+        if server is None or server.startup_differences(env):
             return None
         return server
 

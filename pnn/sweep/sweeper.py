@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pnn.config import ConfigError, schema, validate, warnings_for
 from pnn.schema_keys import describe_unknown
 from pnn.sweep import interrupt
+from pnn.sweep.forkserver import JOB_PRELOAD, ForkServer
 from pnn.sweep.launcher import GpuPoolLauncher
 from pnn.sweep.outcomes import outcome_of
 from pnn.sweep.slots import check_launcher_keys, visible_gpus
@@ -143,20 +144,32 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        from pnn.io.storeguard import StoreError
-        from pnn.sweep import sweep_run
+        # Before any thread, store connection or per-process id exists in this process.
+        job_server = fork_job_server(launcher_cfg, gpus_visible)
+        try:
+            from pnn.io.storeguard import StoreError
+            from pnn.sweep import sweep_run
 
-        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        try:  # the parent run, claimed by this process; stale sweeps are closed (no zombies)
-            heartbeat = sweep_run.start_sweep(
-                configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
-            )
-        except StoreError as err:
-            raise SystemExit(f"error: {err}") from None
-        with heartbeat:  # renewed until the parent run is ended
-            return self._run_jobs(jobs, configs, sweep_dir)
+            sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+            try:  # the parent run, claimed by this process; stale sweeps are closed (no zombies)
+                heartbeat = sweep_run.start_sweep(
+                    configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
+                )
+            except StoreError as err:
+                raise SystemExit(f"error: {err}") from None
+            with heartbeat:  # renewed until the parent run is ended
+                return self._run_jobs(jobs, configs, sweep_dir, job_server)
+        finally:
+            if job_server is not None:
+                job_server.close()
 
-    def _run_jobs(self, jobs: list[list[str]], configs: list[DictConfig], sweep_dir: Path) -> Any:
+    def _run_jobs(
+        self,
+        jobs: list[list[str]],
+        configs: list[DictConfig],
+        sweep_dir: Path,
+        job_server: ForkServer | None = None,
+    ) -> Any:
         """Launch the jobs, print the summary, publish the dashboard, end the parent run."""
         from pnn.analysis import dashboard, ui
         from pnn.sweep import sweep_run
@@ -166,6 +179,8 @@ class PNNSweeper(Sweeper):
         ui.open_sweep_view(jobs, configs)  # the MLflow UI's saved view of this sweep's runs
 
         launcher = self._launcher()
+        if isinstance(launcher, GpuPoolLauncher):
+            launcher.job_server = job_server
         log.info(f"[sweep] {len(jobs)} job(s); outputs in {sweep_dir}")
         tic = time.monotonic()
         returns: list[JobReturn] = []
@@ -274,6 +289,18 @@ def check_launcher_config(launcher: DictConfig) -> bool:
                 )
         return bool(launcher.get("gpus_per_task") or launcher.get("gpus_per_node"))
     return False
+
+
+def fork_job_server(launcher: DictConfig, gpus_visible: bool) -> ForkServer | None:
+    """For gpu_pool's jobs on CPU slots: a forkserver forked from this process, which has
+    imported torch and the rest of a job's imports by now (:mod:`pnn.sweep.forkserver`), so
+    that no job process imports them again. None for GPU jobs and other launchers, or where
+    this process cannot fork safely (the launcher then starts a server of its own)."""
+    if gpus_visible or not str(launcher.get("_target_", "")).endswith("GpuPoolLauncher"):
+        return None
+    # Modules whose import-time state names this process (pnn.io.tracking's process group, the
+    # claim's token) must be imported afresh in each job.
+    return ForkServer.forked(JOB_PRELOAD, unsafe=("pnn.io.tracking", "pnn.sweep.claim"))
 
 
 def check_model_builds(cfg: DictConfig) -> None:
