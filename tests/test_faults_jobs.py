@@ -82,6 +82,10 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
@@ -388,6 +392,22 @@ def test_claim_status_rules() -> None:
         False,
         f"its process {dead.pid} on this host is gone",
     )
+    # A process that has exited but is not collected yet (a zombie: when its parent died too,
+    # until init gets to it) is gone as well: a rerun right after `kill -9` of a whole sweep
+    # used to skip its jobs as "running elsewhere".
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 30
+        while _state(zombie.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _state(zombie.pid) == "Z"
+        exited = _Run({**beat, liveness.TAG_OWNER: f"{here}/{zombie.pid}/ab"})
+        assert liveness.claim_status(exited, now) == (
+            False,
+            f"its process {zombie.pid} on this host is gone",
+        )
+    finally:
+        zombie.wait()
     # Another host's process cannot be checked: only its heartbeat counts.
     remote = _Run({**beat, liveness.TAG_OWNER: f"elsewhere.example/{dead.pid}/ab"})
     assert liveness.claim_status(remote, now)[0]

@@ -74,7 +74,7 @@ def test_two_sweeps_started_together_on_a_fresh_store(tmp_path: Path) -> None:
 def test_sigterm_ends_the_sweep_cleanly_and_the_rerun_resumes(tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    args = ["experiment=e1_baseline_resnet18", "train.seed=1,2", *TINY, "train.epochs=3"]
+    args = ["experiment=e1_baseline_resnet18", "train.seed=1,2", *TINY, "train.epochs=4"]
     args += ["dataset.train_size=400", "train.max_steps_per_epoch=null"]
     log = tmp_path / "sweep.log"
     proc = start_sweep(args, tmp_path, env={"TMPDIR": str(tmp)}, output=log)

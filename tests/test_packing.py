@@ -212,7 +212,7 @@ def test_packed_seeds_compute_what_they_compute_alone(launch_dir: Callable[[str]
 @pytest.mark.slow
 @pytest.mark.usefixtures("existing_store")
 def test_a_killed_packed_sweep_resumes_every_seed(tmp_path: Path) -> None:
-    epochs = 3
+    epochs = 4
     args = [
         *E4,
         "dataset.train_size=400",
@@ -236,7 +236,7 @@ def test_a_killed_packed_sweep_resumes_every_seed(tmp_path: Path) -> None:
 
     rerun = run_sweep(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "3 finished, 0 skipped, 0 failed" in rerun.stdout
+    assert "3 finished, 0 skipped, 0 failed" in rerun.stdout, rerun.stdout[-3000:]
     assert (rerun.stdout + rerun.stderr).count("resuming MLflow run") == 3
     after = _jobs(tmp_path)
     assert {name: r.info.run_id for name, r in after.items()} == before  # the same runs

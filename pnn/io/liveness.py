@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 # A job claims its run in the store, and a sweep its parent run (pnn.sweep.sweep_run): tag TAG_OWNER
@@ -54,4 +55,15 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited and only waits to be collected by its parent (a zombie, which
+    ``kill(pid, 0)`` still finds: after a whole sweep is killed, its job processes stay so until
+    init collects them). Linux's /proc tells; elsewhere, False."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
