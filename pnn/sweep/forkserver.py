@@ -285,8 +285,9 @@ class ForkServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
             if self._proc.poll() is not None or time.monotonic() > deadline:
+                why = log.read_text()[-2000:]
                 self.close()
-                raise OSError(f"the forkserver did not start: {log.read_text()[-2000:]}")
+                raise OSError(f"the forkserver did not start: {why}")
             time.sleep(POLL_S)
 
     @classmethod
