@@ -82,12 +82,17 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, parent, process group, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    return _stat(pid)[0]
 
 
 def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    return int(_stat(pid)[1])
 
 
 def job_processes(pid: int) -> list[int]:
@@ -212,13 +217,13 @@ def test_a_signal_to_the_whole_process_group_stops_forked_jobs_cleanly(tmp_path:
 
 def _group_members(pgid: int) -> list[int]:
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            fields = stat.read_text().rpartition(")")[2].split()
+            fields = _stat(int(proc.name))
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
+            members.append(int(proc.name))
     return members
 
 

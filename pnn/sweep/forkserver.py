@@ -232,20 +232,21 @@ class ForkedProcess:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)
 
+    def _collect(self, timeout: float | None) -> None:
+        """Read the wait status (TimeoutExpired if it has not come); call with the lock held."""
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(self._message(timeout)["status"])
+            self._conn.close()
+
     def wait(self, timeout: float | None = None) -> int:
         with self._lock:
-            if self.returncode is None:
-                status = self._message(timeout)["status"]
-                self.returncode = os.waitstatus_to_exitcode(status)
-                self._conn.close()
+            self._collect(timeout)
         return self.returncode
 
     def poll(self) -> int | None:
         if self.returncode is None and self._lock.acquire(blocking=False):
             try:  # (while another thread waits, it is still running)
-                if self.returncode is None:
-                    self.returncode = os.waitstatus_to_exitcode(self._message(0)["status"])
-                    self._conn.close()
+                self._collect(0)
             except subprocess.TimeoutExpired:
                 pass
             finally:
@@ -267,12 +268,7 @@ class ForkServer:
     None); :meth:`start` forks a program from it; :meth:`close` ends it."""
 
     def __init__(self, preload: Sequence[str], env: Mapping[str, str] | None = None) -> None:
-        self.env = dict(os.environ if env is None else env)
-        self.inherits_path = False
-        self._pid: int | None = None  # of a server forked from this process
-        self._stdin: int | None = None
-        self._folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
-        self.socket = str(self._folder / "socket")
+        self._setup(os.environ if env is None else env, inherits_path=False)
         log = self._folder / "server.log"
         with log.open("w") as out:
             self._proc = subprocess.Popen(
@@ -306,11 +302,7 @@ class ForkServer:
         for name in preload:
             importlib.import_module(name)
         self = cls.__new__(cls)
-        self.env = dict(os.environ)
-        self.inherits_path = True
-        self._proc = None
-        self._folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
-        self.socket = str(self._folder / "socket")
+        self._setup(os.environ, inherits_path=True)
         listener = _listen(self.socket)
         read_end, self._stdin = os.pipe()
         sys.stdout.flush()
@@ -332,6 +324,16 @@ class ForkServer:
         listener.close()
         self._pid = pid
         return self
+
+    def _setup(self, env: Mapping[str, str], inherits_path: bool) -> None:
+        """What both kinds of server have: the environment, the socket in a folder of its own."""
+        self.env = dict(env)
+        self.inherits_path = inherits_path  # forked from this process: it has our sys.path
+        self._proc: subprocess.Popen | None = None  # a server started as a new process
+        self._pid: int | None = None  # a server forked from this process
+        self._stdin: int | None = None  # the write end of that one's stdin
+        self._folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
+        self.socket = str(self._folder / "socket")
 
     def _answers(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:

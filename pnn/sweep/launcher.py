@@ -2,11 +2,11 @@
 
 Every job runs in a Python process of its own whose ``CUDA_VISIBLE_DEVICES`` is set before the
 process starts, so CUDA can only ever see the job's own GPU. pnn-sweep's jobs on CPU slots are
-forked from a forkserver that has imported torch and MLflow once for the launch
-(:mod:`pnn.sweep.forkserver`); every other job process, GPU jobs included, starts afresh. A slot is
-a (GPU, packing index) pair; a job holds its slot until its process exits, so no two jobs share a
-GPU beyond ``jobs_per_gpu``, however many jobs a slot runs one after another. Without GPUs the
-slots are ``cpu_workers`` CPU workers (``auto``: the cores this process may use divided by the
+forked from a forkserver that has imported torch and MLflow (:mod:`pnn.sweep.forkserver`: forked
+from the sweep, else started here); every other job process, GPU jobs included, starts afresh. A
+slot is a (GPU, packing index) pair; a job holds its slot until its process exits, so no two jobs
+share a GPU beyond ``jobs_per_gpu``, however many jobs a slot runs one after another. Without GPUs
+the slots are ``cpu_workers`` CPU workers (``auto``: the cores this process may use divided by the
 jobs' ``train.threads``); a job's thread count is its own ``train.threads``, never derived from the
 number of workers, so that parallelism never changes a job's numbers.
 
