@@ -164,6 +164,8 @@ class TrackingConfig:
 @dataclass
 class SweepConfig:
     rerun: bool = False
+    # hydra/launcher=slurm only: submit the jobs, print their ids and links, and exit at once.
+    detach: bool = False
 
 
 @dataclass

@@ -3,6 +3,9 @@
 - ``GpuPoolLauncher``, ``hydra/launcher=gpu_pool`` in any Hydra app once this project is
   installed: its structured config is registered in Hydra's ConfigStore here, as Hydra's own
   plugins register theirs, when Hydra imports this package to discover its plugins.
+- ``SlurmLauncher``, ``hydra/launcher=pnn_slurm``: hydra-submitit-launcher's SLURM launcher
+  with each job's own end (``pnn.sweep.slurm``); this app's ``conf/hydra/launcher/slurm.yaml``
+  builds on it.
 - ``PNNSweeper``, pnn-sweep's own sweeper: it checks every job against pnn's schema and keeps
   an MLflow parent run, so it has no use outside ``sweep.py`` and its config stays in this
   app's ``conf/hydra/sweeper/pnn.yaml``.
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 
-from pnn.sweep import launcher, sweeper
+from pnn.sweep import launcher, slurm, sweeper
 
 
 class PNNSweeper(sweeper.PNNSweeper):
@@ -27,6 +31,10 @@ class PNNSweeper(sweeper.PNNSweeper):
 
 class GpuPoolLauncher(launcher.GpuPoolLauncher):
     """See :class:`pnn.sweep.launcher.GpuPoolLauncher`."""
+
+
+class SlurmLauncher(slurm.SlurmLauncher):
+    """See :class:`pnn.sweep.slurm.SlurmLauncher`."""
 
 
 @dataclass
@@ -49,4 +57,21 @@ class GpuPoolLauncherConf:
 
 ConfigStore.instance().store(
     group="hydra/launcher", name="gpu_pool", node=GpuPoolLauncherConf, provider="pnn-sweep"
+)
+
+
+@dataclass
+class SlurmLauncherConf(SlurmQueueConf):
+    """``hydra/launcher=pnn_slurm``: submitit's SLURM keys, and how the sweep watches its jobs."""
+
+    _target_: str = "hydra_plugins.pnn_plugins.SlurmLauncher"
+    # Seconds between two looks at the jobs (one squeue for all, and the leases of running ones).
+    poll_s: float = 10.0
+    # Seconds to wait for the result file of a job SLURM says has ended (a shared file system
+    # may show it late), before the job counts as lost.
+    result_wait_s: float = 15.0
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="pnn_slurm", node=SlurmLauncherConf, provider="pnn-sweep"
 )

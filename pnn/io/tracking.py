@@ -340,11 +340,16 @@ def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = 
                 time.sleep(0.05 * (1 + random.random()))
 
 
+# Tags that say why an earlier attempt of a job run ended; a run that finishes drops them.
+END_TAGS = ("pnn.failure", "pnn.killed_by")
+
+
 def finish_job_run(client: MlflowClient, run_id: str) -> None:
-    """FINISHED, without the failure tag of an earlier attempt."""
+    """FINISHED, without the failure or kill tags of an earlier attempt."""
     run = retry(lambda: client.get_run(run_id))
-    if "pnn.failure" in run.data.tags:
-        retry(lambda: client.delete_tag(run_id, "pnn.failure"))
+    for key in END_TAGS:
+        if key in run.data.tags:
+            retry(lambda key=key: client.delete_tag(run_id, key))
     retry(lambda: client.set_terminated(run_id, "FINISHED"))
 
 

@@ -265,3 +265,15 @@ def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]
 
 def _log_text(client: Any, run_id: str, text: str, filename: str) -> None:
     tracking.retry(lambda: client.log_text(run_id, text, filename))
+
+
+def release(client: Any, run_id: str, owner: str) -> bool:
+    """Give up ``owner``'s lease on a RUNNING run without ending it (its job is requeued): the
+    heartbeat tag goes, so that the next job to ask, on any host, adopts the run at once.
+    False if the run is no longer RUNNING under that lease."""
+    run = tracking.retry(lambda: client.get_run(run_id))
+    if run.info.status != "RUNNING" or run.data.tags.get(TAG_OWNER) != owner:
+        return False
+    if TAG_HEARTBEAT in run.data.tags:
+        tracking.retry(lambda: client.delete_tag(run_id, TAG_HEARTBEAT))
+    return True

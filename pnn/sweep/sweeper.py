@@ -112,6 +112,10 @@ class PNNSweeper(Sweeper):
             raise SystemExit(f"error: {err}") from None
         jobs = self._job_overrides(arguments)
         configs = [self._compose(overrides, idx) for idx, overrides in enumerate(jobs)]
+        try:
+            check_detach(configs, launcher_cfg)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
         if not all(cfg.dry_run for cfg in configs):
             check_server_first(configs[0])
 
@@ -209,11 +213,18 @@ class PNNSweeper(Sweeper):
                 status = "killed" if signame else "failed"
                 reason = f"not started: the sweep got {signame}" if signame else crash
                 outcomes.append({"status": status, "name": " ".join(overrides), "reason": reason})
+        if not signame and outcomes and all(o["status"] == "submitted" for o in outcomes):
+            from pnn.sweep.detach import end_detached
+
+            return end_detached(outcomes, configs[0])
         failed = print_summary(outcomes, time.monotonic() - tic)
         ui.close_sweep_view()  # kept, or removed if no job ever ran
         if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
             dashboard.publish(configs[0].tracking.experiment_name, sweep_dir)  # never raises
-        status = "KILLED" if signame else "FAILED" if failed else "FINISHED"
+        # A job killed or lost on its own (scancel, a dead node) is resumed by a rerun; only a
+        # job's own error fails the parent run. Each still makes the exit status 1.
+        errors = sum(o["status"] not in ("finished", "skipped", "killed", "lost") for o in outcomes)
+        status = "KILLED" if signame else "FAILED" if errors else "FINISHED"
         problem = sweep_run.end_sweep(status, signame)
         if problem:
             print(f"[sweep] {problem}", file=sys.stderr, flush=True)
@@ -280,7 +291,7 @@ def check_launcher_config(launcher: DictConfig) -> bool:
             launcher.get("seeds_per_process", 1),
         )
         return bool(gpus) if gpus is not None else bool(visible_gpus())
-    if "submitit" in target:
+    if "submitit" in target or target.endswith("SlurmLauncher"):
         for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
             value = launcher.get(key)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -289,6 +300,18 @@ def check_launcher_config(launcher: DictConfig) -> bool:
                 )
         return bool(launcher.get("gpus_per_task") or launcher.get("gpus_per_node"))
     return False
+
+
+def check_detach(configs: list[DictConfig], launcher: DictConfig) -> None:
+    """``sweep.detach=true`` needs a launcher that can leave its jobs running: SLURM's."""
+    if any(cfg.sweep.detach for cfg in configs if not cfg.dry_run):
+        target = str(launcher.get("_target_", ""))
+        if not target.endswith("pnn_plugins.SlurmLauncher"):
+            name = target.rsplit(".", 1)[-1]
+            raise ConfigError(
+                f"sweep.detach=true needs hydra/launcher=slurm (got {name}): other launchers' "
+                "jobs end with the sweep"
+            )
 
 
 def fork_job_server(launcher: DictConfig, gpus_visible: bool) -> ForkServer | None:
@@ -315,22 +338,22 @@ def check_model_builds(cfg: DictConfig) -> None:
 
 
 def print_summary(outcomes: list[dict[str, Any]], seconds: float) -> int:
-    """Print the sweep's summary; returns the number of jobs that failed or were killed."""
-    keys = ("finished", "skipped", "killed")
+    """Print the sweep's summary; returns the number of jobs that failed, were killed or were
+    lost (ended without a result: SLURM)."""
+    keys = ("finished", "skipped", "killed", "lost")
     counts = {key: sum(o["status"] == key for o in outcomes) for key in keys}
-    failures = [o for o in outcomes if o["status"] not in ("finished", "skipped", "killed")]
+    failures = [o for o in outcomes if o["status"] not in keys]
     killed = f", {counts['killed']} killed" if counts["killed"] else ""
+    lost = f", {counts['lost']} lost" if counts["lost"] else ""
     lines = [
         f"[sweep] done in {seconds:.0f}s: {counts['finished']} finished, "
-        f"{counts['skipped']} skipped, {len(failures)} failed{killed}"
+        f"{counts['skipped']} skipped, {len(failures)} failed{killed}{lost}"
     ]
-    for outcome in outcomes:
-        if outcome["status"] == "skipped":
-            lines.append(f"  skipped {outcome['name']}: {outcome.get('reason', '')}")
-    for outcome in outcomes:
-        if outcome["status"] == "killed":
-            lines.append(f"  KILLED  {outcome['name']}: {outcome.get('reason', '')}")
+    for status, label in (("skipped", "skipped"), ("killed", "KILLED "), ("lost", "LOST   ")):
+        for outcome in outcomes:
+            if outcome["status"] == status:
+                lines.append(f"  {label} {outcome['name']}: {outcome.get('reason', '')}")
     for outcome in failures:
         lines.append(f"  FAILED  {outcome['name']}: {outcome.get('reason', 'unknown')}")
     print("\n".join(lines), flush=True)
-    return len(failures) + counts["killed"]
+    return len(failures) + counts["killed"] + counts["lost"]
