@@ -62,6 +62,9 @@ def _node_line(name: str) -> str:
 
 
 def slurm_conf(root: Path, node: str, ports: list[int], kill_wait_s: int) -> str:
+    """The cluster's slurm.conf. ``cred_expire`` is also how long a requeued job waits before it
+    may start again (120 s by default): short, for the requeue test."""
+    cred_expire_s = 10
     return f"""\
 ClusterName=pnntest
 SlurmctldHost={node}(127.0.0.1)
@@ -70,7 +73,7 @@ SlurmdPort={ports[1]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire={cred_expire_s}
 CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
@@ -224,6 +227,7 @@ class SlurmCluster:
 if __name__ == "__main__":
     cluster = SlurmCluster.start(Path(sys.argv[1]).resolve())
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()
     except KeyboardInterrupt:
