@@ -95,7 +95,7 @@ class FakeSweep:
         params: float = 5.5e6,
     ) -> str:
         from pnn.io import tracking
-        from pnn.sweep.claim import claim_tags, owner_id
+        from pnn.sweep.lease import lease_tags, owner_id
 
         overrides = [
             f"experiment={'none' if experiment == 'custom' else experiment}",
@@ -107,7 +107,7 @@ class FakeSweep:
         cfg.description = f"{experiment} as logged"
         os.environ.update(self.env)
         client, chash = self.client, tracking.config_hash(cfg)
-        claim = claim_tags(owner_id())
+        claim = lease_tags(owner_id())
         run_id = tracking.create_job_run(
             client, self.experiment_id, cfg, chash, " ".join(overrides), claim
         )
