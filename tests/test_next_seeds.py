@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import IN_PROCESS, TINY, clean_env, run_analyze, run_sweep, runs_of, store
 
-from pnn.analysis.next_seeds import composed, hydra_value, overrides
+from pnn.analysis.next_seeds import composed, hydra_value, overrides, seed_sweep
 from pnn.analysis.significance import MAX_SEEDS, TOO_MANY, seeds_needed
 from pnn.config import load_config
 from pnn.io.tracking import flatten
@@ -70,6 +70,8 @@ def test_the_logged_config_composes_again_from_its_overrides() -> None:
     again = flatten(load_config([f"experiment={choice}", *args, "train.seed=7"]))
     assert again == logged
     assert hydra_value("None") == "null" and hydra_value("sqlite:////a/b.db") == "sqlite:////a/b.db"
+    assert seed_sweep([3]) == "3" and seed_sweep([3, 5]) == "3,5"
+    assert seed_sweep(list(range(4, 46))) == "range(4,46)"  # 42 seeds, as Hydra sweeps them
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,6 +130,13 @@ def side_lines(
     ]
 
 
+def seed_sweep(seeds: list[int]) -> str:
+    """Hydra's sweep over ``seeds`` (sorted): ``range(4,46)`` for a run of more than three."""
+    if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"range({seeds[0]},{seeds[-1] + 1})"
+    return ",".join(str(s) for s in seeds)
+
+
 def _sweep_path(launch_dir: Path) -> str:
     try:
         return str(SWEEP.relative_to(launch_dir))
@@ -180,8 +187,7 @@ def build(
     ]
     body: list[str] = []
     for line in lines.values():
-        seeds = ",".join(str(s) for s in sorted(line.seeds))
-        args = [*line.args, f"train.seed={seeds}"]
+        args = [*line.args, f"train.seed={seed_sweep(sorted(line.seeds))}"]
         body.append("# " + "; ".join(dict.fromkeys(line.why)))
         quoted = " ".join(shlex.quote(a) for a in args)
         body.append(f'python {shlex.quote(_sweep_path(launch_dir))} {quoted} "$@"')
