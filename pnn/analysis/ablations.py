@@ -183,7 +183,7 @@ def _seeds(row: dict[str, Any], alpha: float) -> int | str | None:
 
 
 def ablation_table(
-    runs: pd.DataFrame, found: dict[str, list[str]], alpha: float = 0.05
+    runs: pd.DataFrame, found: dict[str, list[str]], alpha: float = significance.ALPHA
 ) -> pd.DataFrame:
     """The rows of ablations.csv: per swept key, experiment and held combination, each level;
     Holm's correction over each key's contrasts at ``alpha``."""

@@ -38,9 +38,9 @@ from pnn.analysis.claims_file import Claim, Member, short_label
 from pnn.analysis.comparability import same_value
 from pnn.analysis.intervals import mean_interval, welch_interval
 from pnn.analysis.results import sort_experiments
+from pnn.analysis.significance import ALPHA
 from pnn.io.store import CONFIG_PREFIX
 
-ALPHA = 0.05
 CLAIM_COLUMNS = (
     "claim",
     "statement",
@@ -279,7 +279,9 @@ def evaluate_claims(
     adjusted = significance.holm([r["p_value"] for r in rows], alpha)
     for row, p_holm in zip(rows, adjusted, strict=True):
         row["p_holm"] = p_holm
-        row["verdict_holm"] = "" if math.isnan(p_holm) else holm_verdict(p_holm, alpha)
+        row["verdict_holm"] = (
+            "" if math.isnan(p_holm) else "supported" if p_holm < alpha else "not supported"
+        )
         settled = row["verdict"] in SETTLED or row["verdict_holm"] == "supported"
         if settled or row["open"].seeds is None:
             row["open"] = _Open()
@@ -288,10 +290,6 @@ def evaluate_claims(
     # a count, "> 100" or blank: kept as they are, not turned into floats
     frame["seeds_needed"] = pd.Series([r["seeds_needed"] for r in rows], dtype=object)
     return frame, without_runs
-
-
-def holm_verdict(p_holm: float, alpha: float) -> str:
-    return "supported" if p_holm < alpha else "not supported"
 
 
 def gap_rows(runs: pd.DataFrame, alpha: float = ALPHA) -> list[dict[str, Any]]:

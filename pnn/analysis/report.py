@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pnn.analysis import ablations, next_seeds, plots
-from pnn.analysis.claims import ALPHA, CLAIM_COLUMNS, evaluate_claims
+from pnn.analysis.claims import CLAIM_COLUMNS, evaluate_claims
 from pnn.analysis.claims_file import load_all, short_id, short_label
 from pnn.analysis.comparability import annotate_comparability
 from pnn.analysis.formats import Report, Table, latex, markdown_document, render_html
@@ -25,7 +25,7 @@ from pnn.analysis.results import (
     summarize,
     sweep_notes,
 )
-from pnn.analysis.significance import MAX_SEEDS
+from pnn.analysis.significance import ALPHA, MAX_SEEDS
 from pnn.io.store import AnalysisError, RunSet, load_curves, load_runs
 
 DASH = "—"

@@ -20,6 +20,7 @@ import statistics
 import warnings
 from collections.abc import Sequence
 
+ALPHA = 0.05  # analyze.py --alpha
 POWER = 0.8
 MAX_SEEDS = 100  # beyond this a difference is too small to settle by seeds
 TOO_MANY = f"> {MAX_SEEDS}"
