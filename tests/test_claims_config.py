@@ -7,6 +7,7 @@ number can be worked out with scipy.
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -73,6 +74,12 @@ claims:
     b: e4_conv1x1_no_noise
     kind: at_least
     threshold: 8
+  - id: one_mask_below_e7_as_published
+    a: {experiment: e7_pnn_shared_masks, masks.nmasks: 1}
+    b: e7_pnn_shared_masks
+    kind: below
+    threshold: 0
+    comparable_only: true
 """
 
 
@@ -125,9 +132,51 @@ def test_report_html_gives_each_statement_a_full_width_line(analysed: Path) -> N
     assert claims.index("<img") < claims.index("<table>")
     assert "<td>e7 (masks.nmasks=64)</td><td>e7 (masks.nmasks=1)</td>" in claims
     assert (
-        "<tr class='detail'><td colspan='9'>64 masks are within 2 points of one mask</td></tr>"
+        "<tr class='detail'><td colspan='13'>64 masks are within 2 points of one mask</td></tr>"
         in claims
     )
+
+
+def test_within_is_two_one_sided_tests_and_too_close_to_settle(analysed: Path) -> None:
+    from statsmodels.stats.power import TTestIndPower
+
+    row = _claims(analysed).loc["nmasks_64_matches_1"]
+    a, b = BEST[("e7", "64")], BEST[("e7", "1")]
+    above = stats.ttest_ind([x + 2 for x in a], b, equal_var=False, alternative="greater")
+    below = stats.ttest_ind([x - 2 for x in a], b, equal_var=False, alternative="less")
+    assert row["p_value"] == pytest.approx(max(above.pvalue, below.pvalue), rel=1e-12)
+    # Neither the interval nor Holm settles it: the seeds per side for 80% power at 0.05, for
+    # the distance to the nearer bound over the pooled sample std.
+    assert row["verdict"] == "inconclusive" and row["verdict_holm"] == "not supported"
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    effect = min(abs(diff - 2), abs(diff + 2)) / math.sqrt(
+        (statistics.variance(a) + statistics.variance(b)) / 2
+    )
+    n = TTestIndPower().solve_power(effect, None, 0.05, 0.8, alternative="larger")
+    # 1.83 points against a bound of 2, with a spread of 1.7: too close to settle by seeds.
+    assert n > 100 and row["seeds_needed"] == "> 100"
+    assert (
+        "> 100 when the difference is too small to settle" in (analysed / "results.md").read_text()
+    )
+
+
+def test_a_group_p_value_is_its_largest_members(analysed: Path) -> None:
+    row = _claims(analysed).loc["masks_8pt_above_e4"]
+    e4 = BEST[("e4", "")]
+    members = [
+        stats.ttest_ind([x - 8 for x in BEST[m]], e4, equal_var=False, alternative="greater")
+        for m in (("e7", "64"), ("e7", "1"))
+    ]
+    assert members[0].pvalue < 0.05 < members[1].pvalue
+    assert row["p_value"] == pytest.approx(max(m.pvalue for m in members), rel=1e-12)
+
+
+def test_runs_that_exist_but_are_not_comparable_say_so(analysed: Path) -> None:
+    # e7 with one mask differs from e7's file (64 masks): none of its 3 runs is comparable.
+    row = _claims(analysed).loc["one_mask_below_e7_as_published"]
+    assert (row["n_a"], row["n_b"]) == (3, 3)
+    assert row["verdict"] == "not comparable (0 / 3 comparable runs)"
+    assert math.isnan(row["p_value"]) and math.isnan(row["seeds_needed"])
 
 
 BAD_CLAIM = """
