@@ -10,9 +10,10 @@
 By default the results are grouped by the swept keys: the config keys whose values differ
 between the runs of an experiment (the seed and keys that never change results left out).
 
-Writes results.md/.csv/.tex, claims.csv, ablations.csv (with swept keys),
-reported_vs_actual.csv, reported_vs_actual_summary.csv, curves.csv, the PNG figures and a
-self-contained report.html under --out (default results/).
+Writes results.md/.csv, claims.csv, ablations.csv (with swept keys),
+reported_vs_actual.csv, reported_vs_actual_summary.csv, curves.csv, the PNG figures, a
+self-contained report.html, and the LaTeX tables a paper can input (results.tex, claims.tex,
+ablation_<key>.tex; they need the booktabs package) under --out (default results/).
 The store is --tracking-uri if given, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
 Exit status 1, with a one-line message, when there is nothing to analyse.
 """
