@@ -109,6 +109,7 @@ def _flat(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Path:
+    _require_tex()  # before the sweep, which would be wasted
     root = tmp_path_factory.mktemp("latex")
     shutil.copyfile(empty_store, root / "mlflow.db")
     for args in SWEEPS:
@@ -122,7 +123,6 @@ def analysed(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Pat
 
 @pytest.mark.slow  # runs sweep.py and analyze.py
 def test_every_table_compiles_fits_and_reads_as_typed(analysed: Path) -> None:
-    _require_tex()
     names = sorted(p.name for p in analysed.glob("*.tex"))
     assert names == ["ablation_noise.level.tex", "claims.tex", "results.tex"]
     for name in names:
