@@ -221,8 +221,11 @@ def test_many_or_long_levels_and_long_claims_still_fit(tmp_path: Path) -> None:
     (tmp_path / "named.tex").write_text(named)
     many = _ablation(MANY_LEVELS, [""])
     (tmp_path / "many.tex").write_text(latex.ablation_latex(many[many["experiment"] == E7], "x"))
+    # Texts just short enough for a plain column, in the widest letter.
+    wide = latex.ablation_latex(_ablation(["WWWWW", "MMMMM"], ["WWWW", "MMMM"]), "W")
+    (tmp_path / "wide.tex").write_text(wide)
     (tmp_path / "claims.tex").write_text(latex.claims_latex(_claims(with_holm=True)))
-    log, pdf = _compile(tmp_path, ["named.tex", "many.tex", "claims.tex"])
+    log, pdf = _compile(tmp_path, ["named.tex", "many.tex", "wide.tex", "claims.tex"])
     _fits(log)
     flat = _flat(pdf)
     # As typed, up to ~ and ^, which OT1 prints as accents (˜, ˆ).

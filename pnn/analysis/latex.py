@@ -4,9 +4,9 @@ Each file holds one ``table`` float (per swept key for the ablations) with a ``\
 ``\\label``, written by pandas (``Styler.to_latex``) with booktabs rules. The tables are the compact
 ones a paper shows; the full detail stays in the CSV, Markdown and HTML. Each fits ``\\textwidth``
 of a default 10 pt ``article``: numbers in ``r`` columns of a known width, and any text that may
-be long (names, config values) in a ragged ``p`` column that wraps at ``_``, ``.``, ``=`` and
-``,``. Every text is escaped for LaTeX's default (OT1) font encoding, where ``<``, ``>``, ``|``
-and ``"`` would print as other glyphs: they go through math mode or the right macros.
+be long (names, config values) in a ragged ``p`` column that wraps after ``_ = , /``. Every text
+is escaped for LaTeX's default (OT1) font encoding, where ``<``, ``>``, ``|`` and ``"`` would
+print as other glyphs: they go through math mode or the right macros.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ HEADER = (
     "% \\usepackage{booktabs} (TeX Live's texlive-latex-recommended); nothing else is needed.\n"
 )
 DASH = "---"
-# Text columns of at most this many characters are plain ``l`` columns; longer ones wrap.
-SHORT_TEXT = 14
+# A default 10 pt article's \textwidth, and the widest glyph of the tables' 9 pt type (W), in
+# points: a text column whose cells cannot be wider than its share of the line is a plain ``l``.
+TEXTWIDTH_PT, WIDEST_PT = 345.0, 9.5
 
 _ESCAPES = {
     "\\": r"\textbackslash{}",
@@ -115,11 +116,13 @@ def _p_value(p: float) -> str:
     return "$<0.001$" if p < 0.001 else f"${p:.3f}$"
 
 
-def _text_column(values: list[str], width: str) -> tuple[str, list[str]]:
-    """(column spec, cells): ``l`` for short texts, else a ragged ``p`` column of ``width``."""
-    if all(len(v) <= SHORT_TEXT for v in values):
+def _text_column(values: list[str], share: float) -> tuple[str, list[str]]:
+    """(column spec, cells): a ragged ``p`` column ``share`` of the line wide, or ``l`` for
+    texts too short to need it."""
+    if all(len(v) * WIDEST_PT <= share * TEXTWIDTH_PT for v in values):
         return "l", [escape(v) for v in values]
-    return f"p{{{width}}}", [r"\raggedright " + escape(v, breakable=True) for v in values]
+    spec = f"p{{{share:g}\\linewidth}}"
+    return spec, [r"\raggedright " + escape(v, breakable=True) for v in values]
 
 
 def _once(values: list[str]) -> list[str]:
@@ -185,7 +188,7 @@ def results_latex(summary: pd.DataFrame, by: list[str]) -> str:
                 _number(r["diff_vs_published"], signed=True),
             ]
         )
-    spec, cells = _text_column(names, r"0.3\linewidth")
+    spec, cells = _text_column(names, 0.3)
     headers = ["$n$", "Best", escape('"Reported"'), "Published", "Best $-$ publ."]
     caption = (
         "PNN reproduction: best test accuracy (\\%) over $n$ seeds, mean $\\pm$ sample std; "
@@ -218,7 +221,7 @@ def claims_latex(claims: pd.DataFrame) -> str:
         f"{escape(statement, breakable=True)}"
         for statement, ids in by_statement.items()
     ]
-    spec, cells = _text_column(list(claims["claim"]), r"0.2\linewidth")
+    spec, cells = _text_column(list(claims["claim"]), 0.2)
     headers = ["Claim", "$a - b$", "95\\% CI", "$n_a / n_b$", "Verdict"]
     specs = [spec, "r", "r", "r", "l"]
     if holm:
@@ -241,13 +244,13 @@ def ablation_latex(part: pd.DataFrame, key: str) -> str:
     text: list[tuple[str, str, list[str]]] = []  # (header, spec, cells) of the text columns
     # The experiment and the held levels are written once per group of rows.
     if len(set(experiments)) > 1:
-        text.append(("Exp.", *_text_column(_once(experiments), "3em")))
+        text.append(("Exp.", *_text_column(_once(experiments), 0.08)))
     if with_held:
         groups = _once([f"{e}\0{h}" for e, h in zip(experiments, held, strict=True)])
         shown = [h if g else "" for h, g in zip(held, groups, strict=True)]
-        text.append(("Held at", *_text_column(shown, r"0.12\linewidth")))
+        text.append(("Held at", *_text_column(shown, 0.12)))
     # The text columns share what the four numbers leave of the line.
-    width = r"0.15\linewidth" if with_held else r"0.28\linewidth"
+    share = 0.15 if with_held else 0.28
     levels, rows = [], []
     for _, r in part.iterrows():
         reference = r["level"] == r["reference_level"]
@@ -260,7 +263,7 @@ def ablation_latex(part: pd.DataFrame, key: str) -> str:
                 _interval(r["diff_ci_low"], r["diff_ci_high"]),
             ]
         )
-    text.append((escape(key), *_text_column(levels, width)))
+    text.append((escape(key), *_text_column(levels, share)))
     cells = [list(row) for row in zip(*(c for _, _, c in text), strict=True)]
     headers = [h for h, _, _ in text] + ["$n$", "Best", "$\\Delta$", "95\\% CI of $\\Delta$"]
     specs = [spec for _, spec, _ in text] + ["r"] * 4
