@@ -111,7 +111,7 @@ def html_table(table: Table, figures: dict[str, Path | None] | None = None) -> s
     grid = ""
     if table.headers:
         classes = "details" if table.details else None
-        grid = _frame(table).to_html(index=False, border=0, classes=classes)
+        grid = _frame(table).to_html(index=False, border=0, classes=classes, justify="center")
     note = "".join(
         f"<p class='note'>{html.escape(part)}</p>" for part in table.note.split("\n\n") if part
     )
