@@ -11,10 +11,11 @@
 By default the results are grouped by the swept keys: the config keys whose values differ
 between the runs of an experiment (the seed and keys that never change results left out).
 
-Writes results.md/.csv/.tex, claims.csv, ablations.csv (with swept keys),
+Writes results.md/.csv, claims.csv, ablations.csv (with swept keys),
 reported_vs_actual.csv, reported_vs_actual_summary.csv, curves.csv, the PNG figures, a
-self-contained report.html and next_seeds.sh (the sweep.py commands that would settle the open
-claims; printed when it has any) under --out (default results/).
+self-contained report.html, the LaTeX tables a paper can input (results.tex, claims.tex,
+ablation_<key>.tex; they need the booktabs package) and next_seeds.sh (the sweep.py commands
+that would settle the open claims; printed when it has any) under --out (default results/).
 The store is --tracking-uri if given, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
 Exit status 1, with a one-line message, when there is nothing to analyse.
 """

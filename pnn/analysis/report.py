@@ -1,4 +1,5 @@
-"""Render the analysis: results.md / .csv / .tex, reported_vs_actual*.csv, figures, report.html.
+"""Render the analysis: results.md / .csv, the LaTeX tables, reported_vs_actual*.csv, figures,
+report.html.
 
 :func:`write_report` is everything ``analyze.py`` does after parsing its options.
 """
@@ -14,7 +15,8 @@ from pnn.analysis import ablations, next_seeds, plots
 from pnn.analysis.claims import CLAIM_COLUMNS, evaluate_claims
 from pnn.analysis.claims_file import load_all, short_id, short_label
 from pnn.analysis.comparability import annotate_comparability
-from pnn.analysis.formats import Report, Table, latex, markdown_document, render_html
+from pnn.analysis.formats import Report, Table, markdown_document, render_html
+from pnn.analysis.latex import write_latex
 from pnn.analysis.results import (
     choose_gap_run,
     experiment_defaults,
@@ -430,9 +432,9 @@ def write_report(
 
     text, document = markdown_document(report, TITLE)
     (out / "results.md").write_text(document)
-    (out / "results.tex").write_text("\n".join(latex(t) for t in report.tables))
     (out / "report.html").write_text(render_html(report, TITLE))
-    report.written += [out / "results.md", out / "results.tex", out / "report.html"]
+    report.written += [out / "results.md", out / "report.html"]
+    report.written += write_latex(out, summary, by, claims, ablation)
     script, commands = next_seeds.build(
         runs.finished, claims, tracking_uri, experiment_name, Path.cwd()
     )
