@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import load_analyze
 from scipy import stats
 from test_claims import _log
+
+from pnn.analysis.claims_file import load_claims
+from pnn.io.store import AnalysisError, load_runs
 
 E4, E7 = "e4_conv1x1_no_noise", "e7_pnn_shared_masks"
 # Best test accuracy per seed: e7 with its own 64 masks, e7 with one mask (a wider spread), e4.
@@ -223,3 +227,50 @@ def test_a_bad_claims_file_is_one_line_and_writes_nothing(
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert [p.name for p in out.iterdir()] == ["results.md"]
     assert (out / "results.md").read_text() == "from before"
+
+
+GOOD_CLAIM = {"id": "my_claim", "a": "e7", "b": E4, "kind": "below", "threshold": 1}
+FIELDS = "id, statement, a, b, kind, threshold, comparable_only"
+SIDE = "a side is an experiment, {experiment: NAME, KEY: VALUE, ...} or a non-empty list of these"
+POINTS = "a number of percentage points is needed"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ("a_name", "id", f"each claim is a mapping of {FIELDS} (got 'a_name')"),
+        ({"id": None}, "id", "a non-empty string is needed (got missing)"),
+        ({"id": ""}, "id", "a non-empty string is needed (got '')"),
+        ({"colour": "red"}, "colour", f"unknown field; allowed: {FIELDS}"),
+        ({"statement": [1]}, "statement", "a line of text (got [1])"),
+        ({"a": None}, "a", f"{SIDE} (got missing)"),
+        ({"a": []}, "a", f"{SIDE} (got [])"),
+        ({"a": {"masks.nmasks": 64}}, "a", f"{SIDE} (got {{'masks.nmasks': 64}})"),
+        ({"b": [E4, 3]}, "b", f"{SIDE} (got ['{E4}', 3])"),
+        ({"kind": None}, "kind", "one of below, at_least, within, above (got missing)"),
+        ({"kind": "less"}, "kind", "unknown kind 'less'; allowed: below, at_least, within, above"),
+        ({"threshold": None}, "threshold", f"{POINTS} (got missing)"),
+        ({"threshold": True}, "threshold", f"{POINTS} (got True)"),
+        ({"threshold": "1"}, "threshold", f"{POINTS} (got '1')"),
+        ({"threshold": float("nan")}, "threshold", f"{POINTS} (got nan)"),
+        ({"comparable_only": 1}, "comparable_only", "true or false (got 1)"),
+        ({"comparable_only": "no"}, "comparable_only", "true or false (got 'no')"),
+    ],
+)
+def test_a_claim_the_schema_refuses_is_one_line_naming_its_field(
+    store: str, tmp_path: Path, change: dict | str, field: str, message: str
+) -> None:
+    # A change to None drops the field; a string stands for the whole claim.
+    claim = change if isinstance(change, str) else {**GOOD_CLAIM, **change}
+    if isinstance(claim, dict):
+        claim = {k: v for k, v in claim.items() if v is not None}
+    named = "my_claim" if isinstance(claim, dict) and claim.get("id") else "#1"
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump({"claims": [claim]}))
+    runs = load_runs(store).finished
+    with pytest.raises(AnalysisError) as refused:
+        load_claims(path, runs)
+    assert str(refused.value) == f"claims file {path}, claim {named}, field {field}: {message}"
+    # Without the change, the same file is read.
+    path.write_text(yaml.safe_dump({"claims": [GOOD_CLAIM]}))
+    assert [c.id for c in load_claims(path, runs)] == ["my_claim"]
