@@ -211,7 +211,6 @@ def claims_latex(claims: pd.DataFrame) -> str:
                 _number(r["diff_mean"], signed=True),
                 _interval(r["ci_low"], r["ci_high"]),
                 f"{r['n_a']}/{r['n_b']}",
-                escape(r["verdict"]),
                 *([_p_value(r["p_holm"])] if holm else []),
             ]
         )
@@ -221,9 +220,10 @@ def claims_latex(claims: pd.DataFrame) -> str:
         f"{escape(statement, breakable=True)}"
         for statement, ids in by_statement.items()
     ]
-    spec, cells = _text_column(list(claims["claim"]), 0.2)
-    headers = ["Claim", "$a - b$", "95\\% CI", "$n_a / n_b$", "Verdict"]
-    specs = [spec, "r", "r", "r", "l"]
+    spec, cells = _text_column(list(claims["claim"]), 0.17)
+    verdict_spec, verdicts = _text_column([str(v) for v in claims["verdict"]], 0.15)
+    headers = ["Claim", "Verdict", "$a - b$", "95\\% CI", "$n_a / n_b$"]
+    specs = [spec, verdict_spec, "r", "r", "r"]
     if holm:
         headers.append("$p$ (Holm)")
         specs.append("r")
@@ -232,7 +232,8 @@ def claims_latex(claims: pd.DataFrame) -> str:
         "t-interval over seeds ($n_a$, $n_b$ runs); the verdict says whether the interval lies "
         "on the claimed side. Each claim's statement is under the table."
     )
-    return _float(headers, specs, [[c] for c in cells], rows, caption, "claims", notes)
+    first = [[c, v] for c, v in zip(cells, verdicts, strict=True)]
+    return _float(headers, specs, first, rows, caption, "claims", notes)
 
 
 def ablation_latex(part: pd.DataFrame, key: str) -> str:
