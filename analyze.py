@@ -6,13 +6,16 @@
     python analyze.py --by none                     # one row per experiment
     python analyze.py --claims my_claims.yaml       # the README's claims and yours
     python analyze.py --run <run id>                # that run in the reported-vs-actual figure
+    python analyze.py --alpha 0.01                  # the level of the Holm-corrected verdicts
 
 By default the results are grouped by the swept keys: the config keys whose values differ
 between the runs of an experiment (the seed and keys that never change results left out).
 
-Writes results.md/.csv/.tex, claims.csv, ablations.csv (with swept keys),
-reported_vs_actual.csv, reported_vs_actual_summary.csv, curves.csv, the PNG figures and a
-self-contained report.html under --out (default results/).
+Writes results.md/.csv, claims.csv, ablations.csv (with swept keys),
+reported_vs_actual.csv, reported_vs_actual_summary.csv, curves.csv, the PNG figures, a
+self-contained report.html, the LaTeX tables a paper can input (results.tex, claims.tex,
+ablation_<key>.tex; they need the booktabs package) and next_seeds.sh (the sweep.py commands
+that would settle the open claims; printed when it has any) under --out (default results/).
 The store is --tracking-uri if given, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
 Exit status 1, with a one-line message, when there is nothing to analyse.
 """
@@ -62,7 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run for the reported-vs-actual figure (default: the largest reported-actual gap)",
     )
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="level of the Holm-corrected verdicts and of the seeds needed (default 0.05)",
+    )
+    args = parser.parse_args(argv)
+    if not 0 < args.alpha < 1:
+        parser.error(f"--alpha must lie between 0 and 1, exclusive (got {args.alpha:g})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id=args.run,
             out=args.out,
             claims_files=args.claims,
+            alpha=args.alpha,
         )
     except AnalysisError as err:
         print(f"analyze.py: {err}", file=sys.stderr)

@@ -5,9 +5,8 @@
 - :func:`run_python`: ``python -c`` code in a fresh interpreter;
 - :func:`run_sweep`, :func:`run_analyze` (both through :func:`run_script`): ``sweep.py`` or
   ``analyze.py`` in a subprocess, in a launch directory of the test's; :func:`start_sweep`: a
-  sweep in the background. Each is forked by this worker's forkserver (:func:`forkserver`, the
-  kind the gpu_pool launcher starts for its jobs), which has imported torch, MLflow, Hydra and
-  matplotlib once, so that a program does not spend 4 to 5 s of CPU on them each time; a test
+  sweep in the background. Each is forked by this worker's forkserver (:func:`forkserver`,
+  tests/forkserver.py), which has imported torch, MLflow, Hydra and matplotlib once; a test
   whose environment changes what only a new interpreter reads (a probe's ``PYTHONPATH``,
   ``OMP_NUM_THREADS``) gets a new one;
 - :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
@@ -49,15 +48,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from forkserver import ForkedProcess, ForkServer, startup_differences
 from mlflow.tracking import MlflowClient
 
-from pnn.sweep.forkserver import JOB_PRELOAD, ForkedProcess, ForkServer, startup_differences
+from pnn.sweep.launcher import JOB_PRELOAD
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.py"
 ANALYZE = REPO / "analyze.py"
 # Small and quick on CPU: for tests of the sweep's logic, not of the model's.
 TINY = ["profile=smoke", "model.nfilters=8", "dataset.train_size=64", "dataset.test_size=40"]
+# One job of a small model that takes a few seconds per epoch here, so that a kill triggered by
+# its first checkpoint lands before it ends.
+SLOW_TINY = [
+    "experiment=e4_conv1x1_no_noise",
+    *TINY,
+    "dataset.train_size=400",
+    "train.max_steps_per_epoch=null",
+    "train.epochs=3",
+]
 # The jobs in the sweep's process (Hydra's basic launcher), one after another.
 IN_PROCESS = ["hydra/launcher=basic"]
 SERVER_START_TIMEOUT_S = 120
@@ -158,7 +167,7 @@ def needs_fresh_interpreter(env: dict[str, str]) -> bool:
 
 
 def forkserver() -> ForkServer:
-    """This process's forkserver (:mod:`pnn.sweep.forkserver`), started on first use and ended
+    """This process's forkserver (tests/forkserver.py), started on first use and ended
     when this process exits."""
     with _FORKSERVER_LOCK:
         if not _FORKSERVER:
@@ -274,7 +283,12 @@ def run_ui_link(store: Path, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def store(launch_dir: Path) -> MlflowClient:
     """A client of the SQLite store a sweep launched from ``launch_dir`` writes."""
-    return MlflowClient(f"sqlite:///{launch_dir / 'mlflow.db'}")
+    return client_of(launch_dir / "mlflow.db")
+
+
+def client_of(path: Path) -> MlflowClient:
+    """A client of the SQLite file ``path``."""
+    return MlflowClient(f"sqlite:///{path}")
 
 
 def runs_of(client: MlflowClient, role: str, missing_ok: bool = False) -> list:

@@ -28,18 +28,28 @@ def _probe_write(**record):
         _out.write(_json.dumps(record) + "\\n")
 """
 
-# Each process that imported torch, at its exit: the intra-op thread count it was using.
+# Each process that imported torch, at its exit: the intra-op thread count it was using, and
+# how it exited: "atexit" as an interpreter does, or "os._exit" as a multiprocessing child does.
 THREADS_AT_EXIT = """
 import atexit as _atexit
 
 
-def _probe_threads():
+def _probe_threads(via):
     torch = _sys.modules.get("torch")
     if torch is not None:
-        _probe_write(threads=torch.get_num_threads())
+        _probe_write(threads=torch.get_num_threads(), via=via)
 
 
-_atexit.register(_probe_threads)
+_real_exit = _os._exit
+
+
+def _probe_os_exit(code):
+    _probe_threads("os._exit")
+    _real_exit(code)
+
+
+_os._exit = _probe_os_exit
+_atexit.register(_probe_threads, "atexit")
 """
 
 # Every TCP connection attempt of every process, with its outcome.

@@ -8,6 +8,7 @@ numbers against what MlflowClient reads back.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -94,6 +95,45 @@ def test_each_key_with_the_others_held_at_each_level() -> None:
     a, b = GRID[("64", "0.1")], GRID[("64", "0.5")]
     assert row["diff_vs_reference"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
     assert (row["diff_ci_low"], row["diff_ci_high"]) == pytest.approx(_welch(a, b))
+
+
+def test_p_values_holm_per_key_and_seeds_needed() -> None:
+    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.power import TTestIndPower
+
+    table = ablation_table(RUNS, swept_keys(RUNS))
+    for key, part in table.groupby("key"):
+        contrasts = part[part["level"] != part["reference_level"]]
+        assert part.loc[part["level"] == part["reference_level"], "p_value"].isna().all()
+        for _, row in contrasts.iterrows():
+            (other, value), *_ = (item.split("=") for item in row["held"].split(", "))
+            same = (RUNS["experiment"] == E7) & (RUNS[f"config.{other}"] == value)
+            level, reference = (
+                same & (RUNS[f"config.{key}"] == v) for v in row[["level", "reference_level"]]
+            )
+            a, b = (list(RUNS.loc[m, "best_test_acc"]) for m in (level, reference))
+            expected = stats.ttest_ind(a, b, equal_var=False).pvalue  # two-sided
+            assert row["p_value"] == pytest.approx(expected, rel=1e-12)
+        # Holm over the contrasts of one key's table, every held level together.
+        assert len(contrasts) == 2
+        adjusted = multipletests(contrasts["p_value"], method="holm")[1]
+        assert list(contrasts["p_holm"]) == pytest.approx(list(adjusted), rel=1e-12)
+
+    # A contrast that neither its interval nor its p-value settles: the seeds per level for
+    # 80% power of the two-sided test at 0.05.
+    runs = _runs(
+        [(E7, "1", "0.5", seed, "cpu", best) for seed, best in ((1, 50.0), (2, 52.0))]
+        + [(E7, "64", "0.5", seed, "cpu", best) for seed, best in ((1, 53.0), (2, 55.0))]
+    )
+    row = ablation_table(runs, swept_keys(runs)).set_index("level").loc["1"]
+    assert row["diff_ci_low"] < 0 < row["diff_ci_high"] and row["p_holm"] > 0.05
+    pooled = math.sqrt((statistics.variance([50, 52]) + statistics.variance([53, 55])) / 2)
+    n = TTestIndPower().solve_power(3.0 / pooled, None, 0.05, 0.8)  # two-sided
+    assert row["seeds_needed"] == math.ceil(n) == 5
+    # Settled contrasts have none.
+    settled = ablation_table(RUNS, swept_keys(RUNS))
+    settled = settled[settled["diff_ci_high"] < 0]
+    assert len(settled) and settled["seeds_needed"].isna().all()
 
 
 def test_keys_that_change_together_are_not_held_against_each_other() -> None:

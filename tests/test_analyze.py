@@ -95,7 +95,7 @@ class FakeSweep:
         params: float = 5.5e6,
     ) -> str:
         from pnn.io import tracking
-        from pnn.sweep.claim import claim_tags, owner_id
+        from pnn.sweep.lease import lease_tags, owner_id
 
         overrides = [
             f"experiment={'none' if experiment == 'custom' else experiment}",
@@ -107,7 +107,7 @@ class FakeSweep:
         cfg.description = f"{experiment} as logged"
         os.environ.update(self.env)
         client, chash = self.client, tracking.config_hash(cfg)
-        claim = claim_tags(owner_id())
+        claim = lease_tags(owner_id())
         run_id = tracking.create_job_run(
             client, self.experiment_id, cfg, chash, " ".join(overrides), claim
         )
@@ -257,9 +257,22 @@ def test_reported_vs_actual(analysed: Path) -> None:
     assert "## Reported versus actual, per run" in (analysed / "results.md").read_text()
 
 
-def test_latex_table(analysed: Path) -> None:
+def test_latex_tables(analysed: Path) -> None:
+    # One float per file: results, claims, and each swept key (tests/test_latex.py compiles them).
+    names = sorted(p.name for p in analysed.glob("*.tex"))
+    assert names == ["ablation_masks.nmasks.tex", "claims.tex", "results.tex"]
     tex = (analysed / "results.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"e1\_baseline\_resnet18" in tex and r"$\pm$" in tex
+    assert "\\label{tab:pnn-results}" in tex and "\\usepackage{booktabs}" in tex
+    # A row's cells, without the wrapping of a long name (a ragged column that may break).
+    rows = [
+        re.sub(r"\\raggedright |\\penalty50\{\}", "", line).split(" & ")
+        for line in tex.splitlines()
+        if " & " in line
+    ]
+    by_name = {row[0]: row[1:] for row in rows}
+    assert by_name["e1"][:2] == ["2", f"$71.00 \\pm {pd.Series([70.0, 72.0]).std():.2f}$"]
+    e7 = [name for name in by_name if name.startswith("e7")]
+    assert e7 == ["e7 (masks.nmasks=8)", "e7 (masks.nmasks=64)"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +462,7 @@ def test_end_to_end_with_real_sweep(tmp_path: Path) -> None:
     result = _cli(tmp_path)  # the default store: ./mlflow.db
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "results"
-    assert "| e1_baseline_resnet18 |" in result.stdout
+    assert "| e1_baseline_resnet18 " in result.stdout
 
     runs = _logged_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert {name: len(found) for name, found in runs.items()} == E2E_RUNS

@@ -154,8 +154,8 @@ def test_row_with_an_override_is_not_comparable(
     assert math.isnan(e7["published_test_acc"]) and math.isnan(e7["diff_vs_published"])
     assert e7["not_comparable_because"] == "1 of 3 runs: noise.level=0.1"
     md = (tmp_path / "results.md").read_text()
-    e7_row = next(line for line in md.splitlines() if line.startswith(f"| {E7} |"))
-    assert e7_row.rstrip(" |").endswith("| — | — | no [1]")
+    e7_row = next(line for line in md.splitlines() if line.startswith(f"| {E7} "))
+    assert [cell.strip() for cell in e7_row.strip(" |").split("|")][-3:] == ["—", "—", "no [1]"]
     assert "[1] Not comparable: 1 of 3 runs: noise.level=0.1." in md
 
 
@@ -172,11 +172,13 @@ def test_smoke_runs_are_not_comparable(store: dict, tmp_path: Path) -> None:
     assert list(table.index) == [E4]
     others = ", ".join(e for e in (E1, E2, E3, E5, E6, E7, E8))
     assert f"No runs of: {others}." in (tmp_path / "results.md").read_text()
-    # The claims still show the smoke runs' difference, but no verdict and no published diff.
+    # The claims still show the smoke runs' difference, but no verdict and no published diff:
+    # the label says why, and there is no p-value to test the paper's claim with.
     gap = _claims(tmp_path).loc[f"gap_{E4}"]
     assert gap["diff_mean"] == pytest.approx(2.0) and gap["n_a"] == 2
-    assert gap["verdict"] == "too few runs" and not gap["comparable"]
-    assert math.isnan(gap["published_diff"])
+    assert gap["verdict"] == "not comparable (0 comparable runs)" and not gap["comparable"]
+    assert math.isnan(gap["published_diff"]) and math.isnan(gap["p_value"])
+    assert math.isnan(gap["p_holm"]) and math.isnan(gap["seeds_needed"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,10 +245,64 @@ def test_headline_gap_per_experiment(analysed: Path) -> None:
     assert claims.loc[f"gap_{E8}", "verdict"] == "too few runs"
 
 
+def test_p_values_are_scipys_welch_tests_of_the_claimed_side(analysed: Path) -> None:
+    claims = _claims(analysed)
+
+    def welch_p(a: list[float], b: list[float], t: float, alternative: str) -> float:
+        shifted = [x - t for x in a]
+        return stats.ttest_ind(shifted, b, equal_var=False, alternative=alternative).pvalue
+
+    # below: H1 a − b < t
+    row = claims.loc["noise_worth_under_1pt"]
+    assert row["p_value"] == pytest.approx(welch_p(BEST[E3], BEST[E4], 1.0, "less"), rel=1e-12)
+    # above / at_least: H1 a − b > t
+    row = claims.loc["first_layer_noise_costs_10pt"]
+    expected = welch_p(BEST[E3], BEST[E5], 10.0, "greater")
+    assert row["p_value"] == pytest.approx(expected, rel=1e-12) and expected > 0.5
+    # a group: the largest of its members' p-values (e6 and e7 each below e4)
+    row = claims.loc["e6_e7_below_e4"]
+    members = [welch_p(BEST[m], BEST[E4], 0.0, "less") for m in (E6, E7)]
+    assert row["p_value"] == pytest.approx(max(members), rel=1e-12)
+    # a gap row: one-sample test of gap > 0
+    gaps = [4.5, 5.0, 5.5]
+    one_sample = stats.ttest_1samp(gaps, 0.0, alternative="greater").pvalue
+    assert claims.loc[f"gap_{E1}", "p_value"] == pytest.approx(one_sample, rel=1e-12)
+    # too few runs: no p-value (e8 has one run), and the group with e8 has none either
+    assert math.isnan(claims.loc["trained_masks_match_e4", "p_value"])
+    assert math.isnan(claims.loc["all_5pt_below_baseline", "p_value"])
+
+
+def test_holm_over_every_row_with_a_p_value(analysed: Path) -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    claims = _claims(analysed)
+    tested = claims[claims["p_value"].notna()]
+    assert len(tested) >= 9  # claims and gap rows together
+    reject, adjusted, _, _ = multipletests(tested["p_value"], alpha=0.05, method="holm")
+    assert list(tested["p_holm"]) == pytest.approx(list(adjusted), rel=1e-12)
+    expected = ["supported" if r else "not supported" for r in reject]
+    assert list(tested["verdict_holm"]) == expected
+    assert "supported" in expected and "not supported" in expected
+    assert claims.loc[claims["p_value"].isna(), "p_holm"].isna().all()
+    # The interval verdict stays beside it.
+    assert claims.loc["noise_worth_under_1pt", "verdict"] == "supported"
+
+
+def test_alpha_sets_the_level_of_the_holm_verdicts(store: dict, analysed: Path, tmp_path: Path):
+    claims = _claims(analysed)
+    p_holm = claims.loc["noise_worth_under_1pt", "p_holm"]
+    assert claims.loc["noise_worth_under_1pt", "verdict_holm"] == "supported"
+    _analyze(store, tmp_path, alpha=p_holm / 2)  # any α below it
+    strict = _claims(tmp_path)
+    assert strict.loc["noise_worth_under_1pt", "p_holm"] == pytest.approx(p_holm)
+    assert strict.loc["noise_worth_under_1pt", "verdict_holm"] == "not supported"
+    assert f"α = {p_holm / 2:g}" in (tmp_path / "results.md").read_text()
+
+
 def test_claims_in_markdown_and_html(analysed: Path) -> None:
     md = (analysed / "results.md").read_text()
     assert "## Claims" in md and "Welch" in md
-    row = next(line for line in md.splitlines() if line.startswith("| noise_worth_under_1pt |"))
+    row = next(line for line in md.splitlines() if line.startswith("| noise_worth_under_1pt "))
     assert "supported" in row and "+0.7" in row
     page = (analysed / "report.html").read_text()
     assert "<h2>Claims</h2>" in page and "first_layer_noise_costs_10pt" in page
@@ -306,9 +362,10 @@ def test_demo_sweep_then_claims(tmp_path: Path) -> None:
     assert (row["a"], row["b"], row["n_a"], row["n_b"]) == (E3, E4, 2, 2)
     assert row["diff_mean"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b), abs=1e-9)
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(_welch(a, b), abs=1e-9)
-    # Demo runs are not the paper's: no published difference, no verdict.
+    # Demo runs are not the paper's: no published difference, no verdict, and the label says so.
     assert not row["comparable"] and math.isnan(row["published_diff"])
-    assert row["verdict"] == "too few runs"
+    assert row["verdict"] == "not comparable (0 / 0 comparable runs)"
+    assert math.isnan(row["p_value"]) and math.isnan(row["seeds_needed"])
     table = pd.read_csv(tmp_path / "results" / "results.csv").set_index("experiment")
     assert math.isnan(table.loc[E3, "published_test_acc"])
     assert table.loc[E3, "not_comparable_because"].startswith("synthetic data, model.nfilters=4")

@@ -7,15 +7,21 @@ number can be worked out with scipy.
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 import statistics
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import load_analyze
 from scipy import stats
 from test_claims import _log
+
+from pnn.analysis.claims_file import load_claims
+from pnn.io.store import AnalysisError, load_runs
 
 E4, E7 = "e4_conv1x1_no_noise", "e7_pnn_shared_masks"
 # Best test accuracy per seed: e7 with its own 64 masks, e7 with one mask (a wider spread), e4.
@@ -73,6 +79,12 @@ claims:
     b: e4_conv1x1_no_noise
     kind: at_least
     threshold: 8
+  - id: one_mask_below_e7_as_published
+    a: {experiment: e7_pnn_shared_masks, masks.nmasks: 1}
+    b: e7_pnn_shared_masks
+    kind: below
+    threshold: 0
+    comparable_only: true
 """
 
 
@@ -118,16 +130,57 @@ def test_a_group_holds_only_if_every_member_does(analysed: Path) -> None:
     assert "every member must hold; shown: e7 (masks.nmasks=1) − e4" in row["statement"]
 
 
-def test_report_html_gives_each_statement_a_full_width_line(analysed: Path) -> None:
+def test_report_html_gives_each_statement_its_cell(analysed: Path) -> None:
     page = (analysed / "report.html").read_text()
     claims = page[page.index("<h2>Claims</h2>") :]
-    # The claims figure comes first, then the table; cells name experiments by short ids.
-    assert claims.index("<img") < claims.index("<table>")
-    assert "<td>e7 (masks.nmasks=64)</td><td>e7 (masks.nmasks=1)</td>" in claims
-    assert (
-        "<tr class='detail'><td colspan='9'>64 masks are within 2 points of one mask</td></tr>"
-        in claims
+    # The claims figure comes first, then the table; cells name experiments by short ids, and
+    # the statement is the row's last cell.
+    assert claims.index("<img") < claims.index("<table")
+    cells = re.sub(r">\s+<", "><", claims)
+    assert "<td>e7 (masks.nmasks=64)</td><td>e7 (masks.nmasks=1)</td>" in cells
+    assert "<td>64 masks are within 2 points of one mask</td></tr>" in cells
+
+
+def test_within_is_two_one_sided_tests_and_too_close_to_settle(analysed: Path) -> None:
+    from statsmodels.stats.power import TTestIndPower
+
+    row = _claims(analysed).loc["nmasks_64_matches_1"]
+    a, b = BEST[("e7", "64")], BEST[("e7", "1")]
+    above = stats.ttest_ind([x + 2 for x in a], b, equal_var=False, alternative="greater")
+    below = stats.ttest_ind([x - 2 for x in a], b, equal_var=False, alternative="less")
+    assert row["p_value"] == pytest.approx(max(above.pvalue, below.pvalue), rel=1e-12)
+    # Neither the interval nor Holm settles it: the seeds per side for 80% power at 0.05, for
+    # the distance to the nearer bound over the pooled sample std.
+    assert row["verdict"] == "inconclusive" and row["verdict_holm"] == "not supported"
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    effect = min(abs(diff - 2), abs(diff + 2)) / math.sqrt(
+        (statistics.variance(a) + statistics.variance(b)) / 2
     )
+    n = TTestIndPower().solve_power(effect, None, 0.05, 0.8, alternative="larger")
+    # 1.83 points against a bound of 2, with a spread of 1.7: too close to settle by seeds.
+    assert n > 100 and row["seeds_needed"] == "> 100"
+    assert (
+        "> 100 when the difference is too small to settle" in (analysed / "results.md").read_text()
+    )
+
+
+def test_a_group_p_value_is_its_largest_members(analysed: Path) -> None:
+    row = _claims(analysed).loc["masks_8pt_above_e4"]
+    e4 = BEST[("e4", "")]
+    members = [
+        stats.ttest_ind([x - 8 for x in BEST[m]], e4, equal_var=False, alternative="greater")
+        for m in (("e7", "64"), ("e7", "1"))
+    ]
+    assert members[0].pvalue < 0.05 < members[1].pvalue
+    assert row["p_value"] == pytest.approx(max(m.pvalue for m in members), rel=1e-12)
+
+
+def test_runs_that_exist_but_are_not_comparable_say_so(analysed: Path) -> None:
+    # e7 with one mask differs from e7's file (64 masks): none of its 3 runs is comparable.
+    row = _claims(analysed).loc["one_mask_below_e7_as_published"]
+    assert (row["n_a"], row["n_b"]) == (3, 3)
+    assert row["verdict"] == "not comparable (0 / 3 comparable runs)"
+    assert math.isnan(row["p_value"]) and math.isnan(row["seeds_needed"])
 
 
 BAD_CLAIM = """
@@ -174,3 +227,50 @@ def test_a_bad_claims_file_is_one_line_and_writes_nothing(
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert [p.name for p in out.iterdir()] == ["results.md"]
     assert (out / "results.md").read_text() == "from before"
+
+
+GOOD_CLAIM = {"id": "my_claim", "a": "e7", "b": E4, "kind": "below", "threshold": 1}
+FIELDS = "id, statement, a, b, kind, threshold, comparable_only"
+SIDE = "a side is an experiment, {experiment: NAME, KEY: VALUE, ...} or a non-empty list of these"
+POINTS = "a number of percentage points is needed"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ("a_name", "id", f"each claim is a mapping of {FIELDS} (got 'a_name')"),
+        ({"id": None}, "id", "a non-empty string is needed (got missing)"),
+        ({"id": ""}, "id", "a non-empty string is needed (got '')"),
+        ({"colour": "red"}, "colour", f"unknown field; allowed: {FIELDS}"),
+        ({"statement": [1]}, "statement", "a line of text (got [1])"),
+        ({"a": None}, "a", f"{SIDE} (got missing)"),
+        ({"a": []}, "a", f"{SIDE} (got [])"),
+        ({"a": {"masks.nmasks": 64}}, "a", f"{SIDE} (got {{'masks.nmasks': 64}})"),
+        ({"b": [E4, 3]}, "b", f"{SIDE} (got ['{E4}', 3])"),
+        ({"kind": None}, "kind", "one of below, at_least, within, above (got missing)"),
+        ({"kind": "less"}, "kind", "unknown kind 'less'; allowed: below, at_least, within, above"),
+        ({"threshold": None}, "threshold", f"{POINTS} (got missing)"),
+        ({"threshold": True}, "threshold", f"{POINTS} (got True)"),
+        ({"threshold": "1"}, "threshold", f"{POINTS} (got '1')"),
+        ({"threshold": float("nan")}, "threshold", f"{POINTS} (got nan)"),
+        ({"comparable_only": 1}, "comparable_only", "true or false (got 1)"),
+        ({"comparable_only": "no"}, "comparable_only", "true or false (got 'no')"),
+    ],
+)
+def test_a_claim_the_schema_refuses_is_one_line_naming_its_field(
+    store: str, tmp_path: Path, change: dict | str, field: str, message: str
+) -> None:
+    # A change to None drops the field; a string stands for the whole claim.
+    claim = change if isinstance(change, str) else {**GOOD_CLAIM, **change}
+    if isinstance(claim, dict):
+        claim = {k: v for k, v in claim.items() if v is not None}
+    named = "my_claim" if isinstance(claim, dict) and claim.get("id") else "#1"
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump({"claims": [claim]}))
+    runs = load_runs(store).finished
+    with pytest.raises(AnalysisError) as refused:
+        load_claims(path, runs)
+    assert str(refused.value) == f"claims file {path}, claim {named}, field {field}: {message}"
+    # Without the change, the same file is read.
+    path.write_text(yaml.safe_dump({"claims": [GOOD_CLAIM]}))
+    assert [c.id for c in load_claims(path, runs)] == ["my_claim"]

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pnn.io import storeguard, tracking
-from pnn.sweep import claim, sweep_run
+from pnn.sweep import lease, sweep_run
 
 SWEEP, OLD_SWEEP, OTHER_SWEEP = (
     "20261129-100000-aaaa",
@@ -40,7 +40,7 @@ def job_run(client: MlflowClient, experiment_id: str, parent: str, sweeps: str, 
         "pnn.role": "job",
         "mlflow.parentRunId": parent,
         tracking.TAG_SWEEPS: sweeps,
-        **claim.claim_tags(owner),
+        **lease.lease_tags(owner),
     }
     return client.create_run(experiment_id, tags=tags).info.run_id
 

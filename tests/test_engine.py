@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import clean_env, fork_program
+from forkserver import ForkedProcess
 from torch import nn
 
 from pnn.config import load_config
 from pnn.model import models
 from pnn.model.layers import PerturbLayer
-from pnn.sweep.forkserver import ForkedProcess
 from pnn.train.accuracy import batch_accuracies, reported_accuracy
 from pnn.train.checkpoint import load_checkpoint
 from pnn.train.data import load_data

@@ -14,12 +14,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import (
     IN_PROCESS,
+    SLOW_TINY,
     TINY,
     checkpoints,
+    client_of,
     epochs_logged,
     kill_group,
     run_analyze,
@@ -37,23 +40,10 @@ from pnn.io.tracking import EPOCH_METRICS
 from pnn.train.checkpoint import UnreadableCheckpointError, read_checkpoint
 from pnn.train.data import DatasetUnavailableError, check_available, load_data
 
-# One job of a small model that takes a few seconds per epoch here, so that a kill triggered
-# by its first checkpoint lands before it ends.
-SLOW_TINY = [
-    "experiment=e4_conv1x1_no_noise",
-    *TINY,
-    "dataset.train_size=400",
-    "train.max_steps_per_epoch=null",
-    "train.epochs=3",
-]
 WAIT_S = 600
 # The tests below that are not about job processes run their jobs in the sweep's process
 # (IN_PROCESS): a kill of the sweep's process group ends the job the same way, and each job
 # process would cost seconds of imports.
-
-
-def client_of(path: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{path}")
 
 
 def created_yet(store: Path) -> bool:
@@ -65,47 +55,35 @@ def created_yet(store: Path) -> bool:
 
 
 def _children(pid: int) -> list[int]:
-    kids = []
-    # A process's threads start processes too (the launcher's worker threads): each has a list.
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            kids += [int(kid) for kid in children.read_text().split()]
-        except OSError:
-            continue
-    return kids
-
-
-def _cmdline(pid: int) -> bytes:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+        return [kid.pid for kid in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
-def _stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name: state, parent, process group, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
 
 
 def _state(pid: int) -> str:
-    return _stat(pid)[0]
+    return psutil.Process(pid).status()
 
 
 def _parent(pid: int) -> int:
-    return int(_stat(pid)[1])
+    return psutil.Process(pid).ppid()
 
 
 def job_processes(pid: int) -> list[int]:
-    """The launcher's job processes: its children started as ``python -m
-    pnn.sweep.launch_child``, and the children of its forkserver, the child that has children
-    (not, say, a git call). Forked, they show the command line of the process they were forked
-    from."""
+    """The launcher's job processes: the children forked by its forkserver (they show the
+    server's command line; a program the server's imports ran for a moment does not)."""
     found = []
     for kid in _children(pid):
-        if b"pnn.sweep.launch_child" in _cmdline(kid):
-            found.append(kid)
-        else:
-            found += _children(kid)
+        server = _cmdline(kid)
+        if "multiprocessing.forkserver" in " ".join(server):
+            found += [job for job in _children(kid) if _cmdline(job) == server]
     return found
 
 
@@ -157,11 +135,10 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
 
     try:
         wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
-        # A job on a CPU slot is forked by a forkserver that was forked from the sweep process
-        # (the same command line): no new interpreter imports torch or MLflow for it.
+        # A job is forked by the stdlib forkserver that the sweep started.
         server = _parent(job_pid[0])
         assert server != proc.pid and _parent(server) == proc.pid
-        assert _cmdline(server) == _cmdline(proc.pid)
+        assert "multiprocessing.forkserver" in " ".join(_cmdline(server))
         os.kill(job_pid[0], signal.SIGKILL)
         assert proc.wait(timeout=WAIT_S) == 1
     finally:
@@ -217,13 +194,12 @@ def test_a_signal_to_the_whole_process_group_stops_forked_jobs_cleanly(tmp_path:
 
 def _group_members(pgid: int) -> list[int]:
     members = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for proc in psutil.process_iter(["status"]):
         try:
-            fields = _stat(int(proc.name))
-        except OSError:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(proc.name))
     return members
 
 
@@ -384,16 +360,16 @@ class _Run:
         self.data = type("Data", (), {"tags": tags})()
 
 
-def test_claim_status_rules() -> None:
+def test_lease_status_rules() -> None:
     here, now = socket.gethostname(), time.time()
     beat = {liveness.TAG_HEARTBEAT: f"{now:.0f}"}
     alive = _Run({**beat, liveness.TAG_OWNER: f"{here}/{os.getpid()}/ab"})
-    assert liveness.claim_status(alive, now)[0]
-    assert not liveness.claim_status(alive, now + liveness.STALE_S + 1)[0]
+    assert liveness.lease_status(alive, now)[0]
+    assert not liveness.lease_status(alive, now + liveness.STALE_S + 1)[0]
     dead = subprocess.Popen(["true"])
     dead.wait()
     gone = _Run({**beat, liveness.TAG_OWNER: f"{here}/{dead.pid}/ab"})
-    assert liveness.claim_status(gone, now) == (
+    assert liveness.lease_status(gone, now) == (
         False,
         f"its process {dead.pid} on this host is gone",
     )
@@ -403,11 +379,11 @@ def test_claim_status_rules() -> None:
     zombie = subprocess.Popen(["true"])
     try:
         deadline = time.monotonic() + 30
-        while _state(zombie.pid) != "Z" and time.monotonic() < deadline:
+        while _state(zombie.pid) != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _state(zombie.pid) == "Z"
+        assert _state(zombie.pid) == psutil.STATUS_ZOMBIE
         exited = _Run({**beat, liveness.TAG_OWNER: f"{here}/{zombie.pid}/ab"})
-        assert liveness.claim_status(exited, now) == (
+        assert liveness.lease_status(exited, now) == (
             False,
             f"its process {zombie.pid} on this host is gone",
         )
@@ -415,8 +391,8 @@ def test_claim_status_rules() -> None:
         zombie.wait()
     # Another host's process cannot be checked: only its heartbeat counts.
     remote = _Run({**beat, liveness.TAG_OWNER: f"elsewhere.example/{dead.pid}/ab"})
-    assert liveness.claim_status(remote, now)[0]
-    assert not liveness.claim_status(_Run({}), now)[0]
+    assert liveness.lease_status(remote, now)[0]
+    assert not liveness.lease_status(_Run({}), now)[0]
 
 
 def test_read_checkpoint_never_unpickles_unsafely(tmp_path: Path) -> None:

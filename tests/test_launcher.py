@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pnn.sweep.slots import make_slots
@@ -17,17 +15,3 @@ def test_gpu_pool_slots_pin_one_gpu_per_job() -> None:
     assert [s["CUDA_VISIBLE_DEVICES"] for s in cpu] == ["", "", ""]
     with pytest.raises(ValueError, match="jobs_per_gpu must be >= 1"):
         make_slots(["0"], jobs_per_gpu=0, cpu_workers=1)
-
-
-def test_a_forkserver_that_cannot_start_says_why_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The launcher then starts its job processes afresh (``_JobServers``)."""
-    import tempfile
-
-    from pnn.sweep.forkserver import ForkServer
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with pytest.raises(OSError, match="No module named 'no_such_module'"):
-        ForkServer(["no_such_module"])
-    assert not list(tmp_path.iterdir())

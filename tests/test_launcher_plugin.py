@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, wait_for
 
+from pnn.sweep.slots import visible_gpus, visible_gpus_usable
+
 APP = """
 import os
 import signal
@@ -191,7 +193,15 @@ def test_pnn_parts_apply_to_the_jobs_of_pnn_sweeps_only(overrides: list[str], pn
     "workers, slot_key, slot_values",
     [
         (["hydra.launcher.cpu_workers=2"], "PNN_SLOT", {"cpu0", "cpu1"}),
-        (["hydra.launcher.gpus=[0,1]"], "CUDA_VISIBLE_DEVICES", {"0", "1"}),
+        pytest.param(
+            ["hydra.launcher.gpus=[0,1]"],
+            "CUDA_VISIBLE_DEVICES",
+            {"0", "1"},
+            marks=pytest.mark.skipif(
+                not (visible_gpus() and len(visible_gpus()) >= 2 and visible_gpus_usable()),
+                reason="needs two visible CUDA devices",
+            ),
+        ),
     ],
     ids=["cpu_workers", "gpus"],
 )
@@ -214,6 +224,13 @@ def test_any_hydra_app_runs_its_jobs_two_at_a_time(
     returned = dict(re.findall(r"completed, returned '(\d):(\d+)'", out))
     assert returned == {str(j["x"]): str(j["pid"]) for j in jobs}, out
     assert "[sweep]" not in out and not list(tmp_path.rglob("mlflow.db")), "nothing of pnn-sweep"
+
+
+@pytest.mark.skipif(visible_gpus_usable(), reason="a GPU is visible here")
+def test_a_gpu_slot_with_no_visible_gpu_is_refused_before_any_job(tmp_path: Path) -> None:
+    code, out, jobs = run_app(tmp_path, "hydra.launcher.gpus=[0,1]", "x=1,2")
+    assert code != 0 and not jobs, out
+    assert "hydra.launcher.gpus=[0,1] but the CUDA devices visible here are: none" in out, out
 
 
 @pytest.mark.slow

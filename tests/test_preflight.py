@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, TINY, run_python, run_sweep
 
 from pnn.config import load_config, warnings_for
+from pnn.sweep.slots import visible_gpus_usable
 from pnn.train.resources import GIB, estimate
 
 README = [f"experiment={p.stem}" for p in sorted((REPO / "conf/experiment").glob("e*.yaml"))]
@@ -58,7 +59,7 @@ def test_a_failing_launcher_thread_gives_a_failed_job(tmp_path: Path, monkeypatc
     from pnn.sweep.sweeper import outcome_of, print_summary
 
     class Broken(GpuPoolLauncher):
-        def _run_one(self, jobs, slot, workdir):  # fails before any process starts
+        def _start(self, context, jobs, slot, workdir):  # fails before any process starts
             raise OSError(28, "No space left on device")
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
@@ -80,6 +81,22 @@ def _refused(proc, tmp_path: Path, *needles: str) -> None:
     for needle in needles:
         assert needle in out, out
     assert not (tmp_path / "mlflow.db").exists(), "nothing may be logged"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(visible_gpus_usable(), reason="a GPU is visible here")
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["hydra.launcher.gpus=[0]"], "hydra.launcher.gpus=[0] but the CUDA devices visible here"),
+        (["train.device=cuda"], "train.device=cuda but the jobs run on CPU slots"),
+    ],
+    ids=["gpus", "device"],
+)
+def test_a_gpu_slot_needs_a_gpu(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = run_sweep(["experiment=e4_conv1x1_no_noise", *TINY, *args], tmp_path)
+    _refused(proc, tmp_path, needle)
+    assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.slow

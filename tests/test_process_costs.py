@@ -22,13 +22,8 @@ sys.argv = {argv!r}
         (["sweep.py", "--help"], "runpy.run_path('sweep.py', run_name='__main__')"),
         (["analyze.py", "--help"], "runpy.run_path('analyze.py', run_name='__main__')"),
         (["ui", "--help"], "runpy.run_module('pnn.analysis.ui', run_name='__main__')"),
-        # No such payload: the job process exits with an error, after atexit's handlers.
-        (
-            ["launch_child", "/nonexistent", "/nonexistent"],
-            "runpy.run_module('pnn.sweep.launch_child', run_name='__main__')",
-        ),
     ],
-    ids=["sweep.py", "analyze.py", "pnn.analysis.ui", "job process"],
+    ids=["sweep.py", "analyze.py", "pnn.analysis.ui"],
 )
 def test_programs_freeze_the_heap_after_their_exit_handlers(argv: list[str], run: str) -> None:
     proc = run_python(PROBE.format(argv=argv, run=run), timeout=120)

@@ -67,7 +67,7 @@ def test_the_heartbeat_stops_when_the_store_is_deleted(
     pinned_run: tuple[Path, MlflowClient, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pnn.io.liveness import TAG_HEARTBEAT
-    from pnn.sweep.claim import Heartbeat
+    from pnn.sweep.lease import Heartbeat
 
     db, client, run_id = pinned_run
     checks: list[BaseException | None] = []  # each beat's store check: None, or its error

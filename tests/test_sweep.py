@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
     IN_PROCESS,
+    REPO,
     TINY,
     checkpoints,
     epochs_logged,
@@ -21,6 +23,11 @@ from conftest import (
 from mlflow.tracking import MlflowClient
 
 from pnn.io.tracking import EPOCH_METRICS, SUMMARY_METRICS
+from pnn.sweep.slots import visible_gpus, visible_gpus_usable
+
+HEAD = subprocess.run(
+    ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+).stdout.strip()
 
 FINAL_METRICS = SUMMARY_METRICS
 sweep = run_sweep
@@ -54,7 +61,7 @@ def test_sweep_logs_one_parent_and_a_child_per_job(tmp_path: Path) -> None:
         published = {"e1_baseline_resnet18": "91.8", "e7_pnn_shared_masks": "82.4"}
         assert tags["published_test_acc"] == published[tags["experiment"]]
         assert "train.epochs=2" in tags["pnn.overrides"]
-        assert len(tags.get("git_commit", "")) in (0, 40)
+        assert tags["git_commit"] == HEAD  # the checkout the tests run from is a git clone
         for key in ("model.nfilters", "masks.nmasks", "optimizer.lr", "train.batch_size"):
             assert key in params
         assert params["model.nfilters"] == "8" and params["dataset.name"] == "synthetic"
@@ -220,19 +227,23 @@ def test_slurm_launcher_through_submitit_local_executor(tmp_path: Path) -> None:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
+@pytest.mark.skipif(
+    not set(visible_gpus()) >= {"0", "1"} or not visible_gpus_usable(),
+    reason="needs CUDA devices 0 and 1 (a GPU slot without a GPU is refused: test_preflight)",
+)
 @pytest.mark.usefixtures("existing_store")
 def test_gpu_pool_pins_each_job_process_to_its_gpu(tmp_path: Path) -> None:
-    # No GPU here: the pinning itself is what is checked, through the tag each job records.
+    # The pinning is checked through the tag each job records.
     args = [
         "experiment=e1_baseline_resnet18",
         "train.seed=1,2,3",
         *TINY,
         "train.device=cpu",
-        "hydra.launcher.gpus=[3,5]",
+        "hydra.launcher.gpus=[0,1]",
         "tracking.log_checkpoint=false",
     ]
     proc = sweep(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 GPU slot(s)" in proc.stderr + proc.stdout
     visible = [r.data.tags["pnn.cuda_visible_devices"] for r in runs_of(store(tmp_path), "job")]
-    assert sorted(visible) in (["3", "3", "5"], ["3", "5", "5"])
+    assert sorted(visible) in (["0", "0", "1"], ["0", "1", "1"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     IN_PROCESS,
-    TINY,
+    SLOW_TINY,
     checkpoints,
     epochs_logged,
     kill_group,
@@ -26,21 +26,13 @@ from conftest import (
 from mlflow.tracking import MlflowClient
 
 from pnn.io import liveness, storeguard, tracking
-from pnn.sweep import claim
+from pnn.sweep import lease
 
 pytestmark = pytest.mark.slow
 
-# One job that takes a few seconds per epoch here, so that a kill triggered by its first
-# checkpoint lands before its last epoch. It runs in the sweep's process: the kill -9 of the
-# process group ends it all the same, and what is tested is the sweep's parent run.
-ONE_JOB = [
-    "experiment=e4_conv1x1_no_noise",
-    *TINY,
-    "dataset.train_size=400",
-    "train.max_steps_per_epoch=null",
-    "train.epochs=3",
-    *IN_PROCESS,
-]
+# SLOW_TINY in the sweep's process: the kill -9 of the process group ends it all the same, and
+# what is tested is the sweep's parent run.
+ONE_JOB = [*SLOW_TINY, *IN_PROCESS]
 
 
 def parent_runs(client: MlflowClient) -> dict[str, object]:
@@ -66,7 +58,7 @@ def kill_9_after_first_checkpoint(launch_dir: Path, client: MlflowClient, env: d
     assert zombie.info.status == "RUNNING"
     owner = zombie.data.tags[liveness.TAG_OWNER]
     assert liveness.parse_owner(owner) == (socket.gethostname(), proc.pid)
-    assert liveness.claim_status(zombie) == (
+    assert liveness.lease_status(zombie) == (
         False,
         f"its process {proc.pid} on this host is gone",
     )
@@ -138,7 +130,7 @@ def test_a_live_sweep_on_another_host_is_left_running(tmp_path: Path) -> None:
     experiment_id = tracking.get_experiment_id(client, "pnn", uri)
 
     def parent(name: str, heartbeat_age: float) -> str:
-        tags = {"pnn.role": "sweep", **claim.claim_tags("elsewhere.example/4242/0a0b")}
+        tags = {"pnn.role": "sweep", **lease.lease_tags("elsewhere.example/4242/0a0b")}
         tags[liveness.TAG_HEARTBEAT] = f"{time.time() - heartbeat_age:.0f}"
         return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 

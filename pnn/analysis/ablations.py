@@ -11,7 +11,11 @@ unless ``--by`` says otherwise, and :func:`ablation_table` compares the levels o
   level in sort order;
 - with two or more swept keys, each key's levels are compared with the other keys held at each
   of their levels (column ``held``): nothing is averaged over a swept key. Keys that always
-  change together (one ``model=`` override sets several) are not held against each other.
+  change together (one ``model=`` override sets several) are not held against each other;
+- per level: the two-sided p-value of that Welch test, Holm's correction over the contrasts of
+  one swept key, and, where neither the interval nor the corrected p-value at α settles the
+  difference, the seeds per level that would give the test 80% power
+  (:mod:`pnn.analysis.significance`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from pnn.analysis import significance
 from pnn.analysis.comparability import experiment_config, ignored_key, same_value
 from pnn.analysis.intervals import mean_interval, welch_interval
 from pnn.analysis.results import experiment_key, value_key
@@ -41,6 +46,9 @@ ABLATION_COLUMNS = (
     "diff_vs_reference",
     "diff_ci_low",
     "diff_ci_high",
+    "p_value",
+    "p_holm",
+    "seeds_needed",
 )
 
 
@@ -134,8 +142,10 @@ def _rows(experiment: str, key: str, held: str, runs: pd.DataFrame) -> list[dict
         mine = values[level]
         series = pd.Series(mine, dtype=float)
         low, high = mean_interval(mine)
-        diff_low, diff_high = welch_interval(mine, base) if level != reference else (math.nan,) * 2
+        contrast = level != reference
+        diff_low, diff_high = welch_interval(mine, base) if contrast else (math.nan,) * 2
         diff = series.mean() - pd.Series(base, dtype=float).mean() if mine and base else math.nan
+        p_value = significance.welch_p(mine, base, 0.0, "two-sided") if contrast else math.nan
         rows.append(
             {
                 "experiment": experiment,
@@ -151,23 +161,51 @@ def _rows(experiment: str, key: str, held: str, runs: pd.DataFrame) -> list[dict
                 "diff_vs_reference": float(diff),
                 "diff_ci_low": diff_low,
                 "diff_ci_high": diff_high,
+                "p_value": p_value,
+                "effect": _effect(diff, mine, base) if contrast else math.nan,
             }
         )
     return rows
 
 
-def ablation_table(runs: pd.DataFrame, found: dict[str, list[str]]) -> pd.DataFrame:
-    """The rows of ablations.csv: per swept key, experiment and held combination, each level."""
+def _effect(diff: float, a: list[float], b: list[float]) -> float:
+    spread = significance.pooled_std(a, b)
+    return abs(diff) / spread if spread else math.nan
+
+
+def _seeds(row: dict[str, Any], alpha: float) -> int | str | None:
+    """seeds_needed of a contrast that neither its interval nor its Holm p-value settles."""
+    if math.isnan(row["p_holm"]) or row["p_holm"] < alpha:
+        return None
+    if row["diff_ci_low"] > 0 or row["diff_ci_high"] < 0:
+        return None
+    return significance.seeds_needed(row["effect"], alpha, alternative="two-sided")
+
+
+def ablation_table(
+    runs: pd.DataFrame, found: dict[str, list[str]], alpha: float = significance.ALPHA
+) -> pd.DataFrame:
+    """The rows of ablations.csv: per swept key, experiment and held combination, each level;
+    Holm's correction over each key's contrasts at ``alpha``."""
     rows: list[dict[str, Any]] = []
     for key in all_keys(found):
+        mine_of_key: list[dict[str, Any]] = []
         for experiment, keys in found.items():
             if key not in keys:
                 continue
             mine = runs[runs["experiment"] == experiment]
             others = [k for k in keys if k != key and not _coupled(mine, key, k)]
             for held, group in _held_groups(mine, others):
-                rows += _rows(experiment, key, held, group)
-    return pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
+                mine_of_key += _rows(experiment, key, held, group)
+        adjusted = significance.holm([r["p_value"] for r in mine_of_key], alpha)
+        for row, p_holm in zip(mine_of_key, adjusted, strict=True):
+            row["p_holm"] = p_holm
+            row["seeds_needed"] = _seeds(row, alpha)
+        rows += mine_of_key
+    table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
+    # a count, "> 100" or blank: kept as they are, not turned into floats
+    table["seeds_needed"] = pd.Series([r["seeds_needed"] for r in rows], dtype=object)
+    return table
 
 
 def figure_name(key: str) -> str:

@@ -4,31 +4,41 @@ own (``analyze.py --claims FILE``, read by :mod:`pnn.analysis.claims_file`).
 Each claim is a difference ``a − b`` of best test accuracy (percentage points) with Welch's
 95% t-interval over seeds (``scipy.stats.ttest_ind(equal_var=False)``). Verdict rules:
 
-- ``too few runs``: a side has fewer than 2 runs; for a ``comparable_only`` claim (the README's),
-  fewer than 2 runs comparable with the paper (:mod:`pnn.analysis.comparability`);
+- ``too few runs``: a side has fewer than 2 runs (for a ``comparable_only`` claim, the README's,
+  fewer than 2 runs comparable with the paper, :mod:`pnn.analysis.comparability`);
+- ``not comparable``: a ``comparable_only`` claim whose sides have runs, but on some side none
+  comparable with the paper (the label gives the comparable runs per side);
 - ``supported``: the whole interval lies on the claimed side;
 - ``contradicted``: the whole interval lies on the other side;
 - ``inconclusive``: otherwise.
 
+Beside it, the p-value of the claimed side (:mod:`pnn.analysis.significance`; none where the
+verdict is too few runs or not comparable), Holm's correction over every row of one evaluation,
+the verdict at α on the corrected p-value, and, for a row that neither verdict settles, the
+seeds per side that would give a one-sided t-test 80% power at α.
+
 A side uses its comparable runs if it has any, else all of them; ``comparable`` says which.
 A claim with a group side is an intersection: every member is tested against the other side,
 and the claim is supported only if every member's interval is, contradicted if any member's
-is, too few runs if a member has too few (and none is contradicted), else inconclusive. Its row
-shows the member that decides this verdict whose interval lies nearest the threshold.
+is, not comparable or too few runs if a member is (and none is contradicted), else
+inconclusive; its p-value is the largest of its members'. Its row shows the member that decides
+this verdict whose interval lies nearest the threshold.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from pnn.analysis import significance
 from pnn.analysis.claims_file import Claim, Member, short_label
 from pnn.analysis.comparability import same_value
 from pnn.analysis.intervals import mean_interval, welch_interval
 from pnn.analysis.results import sort_experiments
+from pnn.analysis.significance import ALPHA
 from pnn.io.store import CONFIG_PREFIX
 
 CLAIM_COLUMNS = (
@@ -44,7 +54,13 @@ CLAIM_COLUMNS = (
     "published_diff",
     "verdict",
     "comparable",
+    "p_value",
+    "p_holm",
+    "verdict_holm",
+    "seeds_needed",
 )
+NOT_COMPARABLE = "not comparable"
+SETTLED = ("supported", "contradicted")
 
 
 def verdict(kind: str, threshold: float, low: float, high: float, enough: bool) -> str:
@@ -75,6 +91,13 @@ def margin(kind: str, threshold: float, low: float, high: float) -> float:
     }[kind]
 
 
+def distance(kind: str, threshold: float, diff: float) -> float:
+    """|(a − b) − t|, for ``within`` from the nearer of ±t: the effect a test must detect."""
+    if kind == "within":
+        return min(abs(diff - threshold), abs(diff + threshold))
+    return abs(diff - threshold)
+
+
 def member_runs(runs: pd.DataFrame, member: Member) -> pd.DataFrame:
     """The runs a member stands for: its experiment's, filtered by its config values; the
     comparable ones if there are any, else all."""
@@ -94,15 +117,22 @@ class _Pair:
     b: Member
     a_values: list[float]
     b_values: list[float]
-    comparable: bool  # both have comparable runs (and use only those)
+    counts: tuple[int, int]  # comparable runs of a and of b
     low: float
     high: float
     verdict: str
     margin: float
+    p_value: float
+    seeds_needed: int | str | None  # for an inconclusive pair, else None
 
     @property
     def has_runs(self) -> bool:
         return bool(self.a_values) and bool(self.b_values)
+
+    @property
+    def comparable(self) -> bool:
+        """Both have comparable runs (and use only those)."""
+        return self.counts[0] > 0 and self.counts[1] > 0
 
     @property
     def diff(self) -> float:
@@ -111,27 +141,37 @@ class _Pair:
         return float(pd.Series(self.a_values).mean() - pd.Series(self.b_values).mean())
 
 
-def _pair(claim: Claim, runs: pd.DataFrame, a: Member, b: Member) -> _Pair:
+def _pair(claim: Claim, runs: pd.DataFrame, a: Member, b: Member, alpha: float) -> _Pair:
     used = {side: member_runs(runs, side) for side in (a, b)}
     values = {side: [float(v) for v in used[side]["best_test_acc"].dropna()] for side in (a, b)}
-    counts = {side: int(used[side]["comparable"].sum()) for side in (a, b)}
-    comparable = counts[a] > 0 and counts[b] > 0
-    if claim.comparable_only:
-        enough = counts[a] >= 2 and counts[b] >= 2
-    else:
-        enough = len(values[a]) >= 2 and len(values[b]) >= 2
+    counts = (int(used[a]["comparable"].sum()), int(used[b]["comparable"].sum()))
+    has_two = len(values[a]) >= 2 and len(values[b]) >= 2
+    enough = has_two and (not claim.comparable_only or min(counts) >= 2)
     low, high = welch_interval(values[a], values[b])
-    return _Pair(
+    said = verdict(claim.kind, claim.threshold, low, high, enough)
+    if claim.comparable_only and has_two and min(counts) == 0:
+        said = NOT_COMPARABLE
+    p_value = math.nan
+    if enough:
+        p_value = significance.claim_p(claim.kind, claim.threshold, values[a], values[b])
+    pair = _Pair(
         a,
         b,
         values[a],
         values[b],
-        comparable,
+        counts,
         low,
         high,
-        verdict(claim.kind, claim.threshold, low, high, enough),
+        said,
         margin(claim.kind, claim.threshold, low, high),
+        p_value,
+        None,
     )
+    if said == "inconclusive":
+        spread = significance.pooled_std(values[a], values[b])
+        effect = distance(claim.kind, claim.threshold, pair.diff) / spread if spread else math.nan
+        pair.seeds_needed = significance.seeds_needed(effect, alpha)
+    return pair
 
 
 def _overall(verdicts: list[str]) -> str:
@@ -139,12 +179,33 @@ def _overall(verdicts: list[str]) -> str:
         return "contradicted"
     if all(v == "supported" for v in verdicts):
         return "supported"
-    return "too few runs" if "too few runs" in verdicts else "inconclusive"
+    for label in (NOT_COMPARABLE, "too few runs"):
+        if label in verdicts:
+            return label
+    return "inconclusive"
 
 
-def _claim_row(claim: Claim, runs: pd.DataFrame, published: dict[str, float]) -> dict | None:
+def most_seeds(candidates: list[int | str | None]) -> int | str | None:
+    """The largest of several seeds_needed (:data:`significance.TOO_MANY` above all)."""
+    if significance.TOO_MANY in candidates:
+        return significance.TOO_MANY
+    numbers = [c for c in candidates if isinstance(c, int)]
+    return max(numbers) if numbers else None
+
+
+@dataclass
+class _Open:
+    """What a row that more seeds might settle needs: seeds per side, and the sides."""
+
+    seeds: int | str | None = None
+    members: list[Member] = field(default_factory=list)
+
+
+def _claim_row(
+    claim: Claim, runs: pd.DataFrame, published: dict[str, float], alpha: float
+) -> dict | None:
     """The claim's row, or None when no pair of members has runs on both sides."""
-    pairs = [_pair(claim, runs, a, b) for a in claim.a for b in claim.b]
+    pairs = [_pair(claim, runs, a, b, alpha) for a in claim.a for b in claim.b]
     if not any(p.has_runs for p in pairs):
         return None
     overall = _overall([p.verdict for p in pairs])
@@ -166,6 +227,11 @@ def _claim_row(claim: Claim, runs: pd.DataFrame, published: dict[str, float]) ->
         published_diff = published.get(shown.a.experiment, math.nan) - published.get(
             shown.b.experiment, math.nan
         )
+    label = overall
+    if overall == NOT_COMPARABLE:
+        label += f" ({shown.counts[0]} / {shown.counts[1]} comparable runs)"
+    open_pairs = [p for p in pairs if p.verdict == "inconclusive"]
+    members = [m for p in open_pairs for m in (p.a, p.b)]
     return {
         "claim": claim.id,
         "statement": statement,
@@ -177,37 +243,58 @@ def _claim_row(claim: Claim, runs: pd.DataFrame, published: dict[str, float]) ->
         "n_a": len(shown.a_values),
         "n_b": len(shown.b_values),
         "published_diff": published_diff,
-        "verdict": overall,
+        "verdict": label,
         "comparable": comparable,
+        "p_value": significance.intersection_p([p.p_value for p in pairs]),
         "kind": claim.kind,
         "threshold": claim.threshold,
+        "open": _Open(
+            most_seeds([p.seeds_needed for p in open_pairs]), list(dict.fromkeys(members))
+        ),
     }
 
 
 def evaluate_claims(
-    runs: pd.DataFrame, published: dict[str, float], claims: list[Claim]
+    runs: pd.DataFrame, published: dict[str, float], claims: list[Claim], alpha: float = ALPHA
 ) -> tuple[pd.DataFrame, list[str]]:
     """One row per claim with runs on both sides, then one ``gap_<experiment>`` row per
     experiment with runs (the headline: best reported − best actual, one-sample t-interval over
-    its runs); and the ids of the claims left out for want of runs.
+    its runs); and the ids of the claims left out for want of runs. Holm's correction runs over
+    every row's p-value, at ``alpha``.
 
     ``runs`` must carry :func:`pnn.analysis.comparability.annotate_comparability`'s columns. Besides
-    the columns of claims.csv the frame has ``kind`` and ``threshold``, for the figure.
+    the columns of claims.csv the frame has ``kind`` and ``threshold``, for the figure, and
+    ``open`` (:class:`_Open`: the seeds per side and the sides that need them; for
+    :mod:`pnn.analysis.next_seeds`).
     """
     rows: list[dict[str, Any]] = []
     without_runs: list[str] = []
     for claim in claims:
-        row = _claim_row(claim, runs, published)
+        row = _claim_row(claim, runs, published, alpha)
         if row is None:
             without_runs.append(claim.id)
         else:
             rows.append(row)
-    rows += gap_rows(runs)
-    return pd.DataFrame(rows, columns=[*CLAIM_COLUMNS, "kind", "threshold"]), without_runs
+    rows += gap_rows(runs, alpha)
+    adjusted = significance.holm([r["p_value"] for r in rows], alpha)
+    for row, p_holm in zip(rows, adjusted, strict=True):
+        row["p_holm"] = p_holm
+        row["verdict_holm"] = (
+            "" if math.isnan(p_holm) else "supported" if p_holm < alpha else "not supported"
+        )
+        settled = row["verdict"] in SETTLED or row["verdict_holm"] == "supported"
+        if settled or row["open"].seeds is None:
+            row["open"] = _Open()
+        row["seeds_needed"] = row["open"].seeds
+    frame = pd.DataFrame(rows, columns=[*CLAIM_COLUMNS, "kind", "threshold", "open"])
+    # a count, "> 100" or blank: kept as they are, not turned into floats
+    frame["seeds_needed"] = pd.Series([r["seeds_needed"] for r in rows], dtype=object)
+    return frame, without_runs
 
 
-def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
-    """The headline per experiment: the original code's reported accuracy exceeds the actual."""
+def gap_rows(runs: pd.DataFrame, alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """The headline per experiment: the original code's reported accuracy exceeds the actual
+    (a one-sample test of the paired gaps, H1 gap > 0)."""
     rows = []
     experiments = sort_experiments(pd.DataFrame({"experiment": runs["experiment"].unique()}), [])
     for experiment in experiments["experiment"]:
@@ -218,6 +305,16 @@ def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
         low, high = mean_interval(gaps)  # NaN with one run
         comparable = bool(used["comparable"].all())
         enough = comparable and len(gaps) >= 2
+        said = verdict("above", 0.0, low, high, enough)
+        if len(gaps) >= 2 and not comparable:
+            said = f"{NOT_COMPARABLE} ({int(used['comparable'].sum())} comparable runs)"
+        values = [float(g) for g in gaps]
+        found = _Open()
+        if said == "inconclusive":
+            std = pd.Series(values).std(ddof=1)
+            effect = float(gaps.mean()) / std if std else math.nan
+            seeds = significance.seeds_needed(effect, alpha, one_sample=True)
+            found = _Open(seeds, [Member(experiment)])
         rows.append(
             {
                 "claim": f"gap_{experiment}",
@@ -231,10 +328,12 @@ def gap_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
                 "n_a": len(gaps),
                 "n_b": len(gaps),
                 "published_diff": math.nan,  # the paper reports no per-experiment gap
-                "verdict": verdict("above", 0.0, low, high, enough),
+                "verdict": said,
                 "comparable": comparable,
+                "p_value": significance.one_sample_p(values) if enough else math.nan,
                 "kind": "above",
                 "threshold": 0.0,
+                "open": found,
             }
         )
     return rows

@@ -23,22 +23,49 @@ raises :class:`pnn.io.store.AnalysisError` with one line naming the file, the cl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import pandas as pd
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from pnn.config import CONF_DIR
-from pnn.io.store import CONFIG_PREFIX, AnalysisError, to_float
+from pnn.io.store import CONFIG_PREFIX, AnalysisError
 
 README_CLAIMS = CONF_DIR / "claims" / "readme.yaml"
 # diff < t, diff >= t, |diff| < t, diff > t
-KINDS = ("below", "at_least", "within", "above")
-FIELDS = ("id", "statement", "a", "b", "kind", "threshold", "comparable_only")
+Kind = Literal["below", "at_least", "within", "above"]
+KINDS: tuple[str, ...] = get_args(Kind)
 KIND_TEXT = {"below": "<", "at_least": ">=", "within": "within ±", "above": ">"}
+
+
+class _Side(BaseModel):
+    """``{experiment: NAME, KEY: VALUE, ...}``: the experiment's runs with those config values."""
+
+    model_config = ConfigDict(extra="allow")
+    experiment: str
+
+
+SIDE = "a side is an experiment, {experiment: NAME, KEY: VALUE, ...} or a non-empty list of these"
+# A side, read as a list of members (one member alone is a list of one).
+_listed = BeforeValidator(lambda v: v if isinstance(v, list) else [v])
+_Sides = Annotated[list[str | _Side], _listed, Field(min_length=1, description=SIDE)]
+_Points = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class _ClaimNode(BaseModel):
+    """A claim as written; a refused field is told its ``description`` and the value it got."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, description="a non-empty string is needed")
+    statement: str | None = Field(None, description="a line of text")
+    a: _Sides
+    b: _Sides
+    kind: Kind = Field(description=f"one of {', '.join(KINDS)}")
+    threshold: _Points = Field(description="a number of percentage points is needed")
+    comparable_only: bool = Field(False, strict=True, description="true or false")
 
 
 @dataclass(frozen=True)
@@ -87,11 +114,6 @@ def known_experiments(runs: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys([*files, *runs["experiment"].astype(str)]))
 
 
-def _text(value: Any) -> str:
-    """A YAML scalar as MLflow logged it (the str() of the resolved config value)."""
-    return str(value)
-
-
 class _Reader:
     """Reads one file's claims; ``fail`` names the file, the claim and the field."""
 
@@ -101,11 +123,10 @@ class _Reader:
         self.claim = ""
 
     def fail(self, field: str, message: str) -> AnalysisError:
-        where = f"claims file {self.path}" + (f", claim {self.claim}" if self.claim else "")
+        where = f"claims file {self.path}, claim {self.claim}"
         return AnalysisError(f"{where}, field {field}: {message}")
 
-    def experiment(self, field: str, name: Any) -> str:
-        name = str(name)
+    def experiment(self, field: str, name: str) -> str:
         if name in self.known:
             return name
         matches = [e for e in self.known if short_id(e) == name]
@@ -114,61 +135,41 @@ class _Reader:
         shown = ", ".join(self.known[:12]) + (", ..." if len(self.known) > 12 else "")
         raise self.fail(field, f"unknown experiment {name!r}; known: {shown}")
 
-    def member(self, field: str, node: Any) -> Member:
+    def member(self, field: str, node: str | _Side) -> Member:
         if isinstance(node, str):
             return Member(self.experiment(field, node))
-        if not isinstance(node, dict) or "experiment" not in node:
-            raise self.fail(
-                field,
-                "a side is an experiment, {experiment: NAME, KEY: VALUE, ...} or a list of these",
-            )
         where = []
-        for key, value in node.items():
-            if key == "experiment":
-                continue
+        for key, value in (node.model_extra or {}).items():
             key = str(key).removeprefix(CONFIG_PREFIX)
             if CONFIG_PREFIX + key not in self.runs.columns:
                 raise self.fail(field, f"no run has the config key {key!r}")
-            where.append((key, _text(value)))
-        return Member(self.experiment(field, node["experiment"]), tuple(where))
+            where.append((key, str(value)))  # as MLflow logged it: the str() of the value
+        return Member(self.experiment(field, node.experiment), tuple(where))
 
-    def side(self, node: dict[str, Any], field: str) -> tuple[Member, ...]:
-        if node.get(field) is None:
-            raise self.fail(field, "missing (an experiment, or a list of them)")
-        value = node[field]
-        members = value if isinstance(value, list) else [value]
-        if not members:
-            raise self.fail(field, "an empty list; name at least one experiment")
-        return tuple(self.member(field, m) for m in members)
+    def refused(self, node: Any, error: ValidationError) -> AnalysisError:
+        loc, fields = error.errors()[0]["loc"], _ClaimNode.model_fields
+        if not loc:
+            return self.fail("id", f"each claim is a mapping of {', '.join(fields)} (got {node!r})")
+        if (field := str(loc[0])) not in fields:
+            return self.fail(field, f"unknown field; allowed: {', '.join(fields)}")
+        got = repr(node[field]) if field in node else "missing"
+        if field == "kind" and field in node:
+            return self.fail(field, f"unknown kind {got}; allowed: {', '.join(KINDS)}")
+        return self.fail(field, f"{fields[field].description} (got {got})")
 
     def read(self, index: int, node: Any) -> Claim:
-        self.claim = f"#{index}"
-        if not isinstance(node, dict):
-            raise self.fail("id", "each claim is a mapping with id, a, b, kind and threshold")
-        if not node.get("id"):
-            raise self.fail("id", "missing")
-        self.claim = str(node["id"])
-        unknown = [str(k) for k in node if k not in FIELDS]
-        if unknown:
-            raise self.fail(unknown[0], f"unknown field; allowed: {', '.join(FIELDS)}")
-        kind = node.get("kind")
-        if kind not in KINDS:
-            raise self.fail("kind", f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
-        threshold = to_float(node.get("threshold"))
-        if isinstance(node.get("threshold"), bool) or math.isnan(threshold):
-            got = "missing" if node.get("threshold") is None else repr(node["threshold"])
-            raise self.fail("threshold", f"a number of percentage points is needed (got {got})")
-        a, b = self.side(node, "a"), self.side(node, "b")
-        comparable_only = node.get("comparable_only", False)
-        if not isinstance(comparable_only, bool):
-            raise self.fail("comparable_only", f"true or false (got {comparable_only!r})")
-        statement = node.get("statement") or (
+        self.claim = str(node["id"]) if isinstance(node, dict) and node.get("id") else f"#{index}"
+        try:
+            valid = _ClaimNode.model_validate(node)
+        except ValidationError as error:
+            raise self.refused(node, error) from None
+        a, b = (tuple(self.member(f, m) for m in getattr(valid, f)) for f in "ab")
+        statement = valid.statement or (
             f"{' | '.join(m.label for m in a)} − {' | '.join(m.label for m in b)} "
-            f"{KIND_TEXT[kind]} {threshold:g}"
+            f"{KIND_TEXT[valid.kind]} {valid.threshold:g}"
         )
-        return Claim(
-            self.claim, a, b, kind, threshold, str(statement), comparable_only, str(self.path)
-        )
+        fields = valid.kind, valid.threshold, statement, valid.comparable_only
+        return Claim(self.claim, a, b, *fields, str(self.path))
 
 
 def load_claims(path: Path, runs: pd.DataFrame) -> list[Claim]:
@@ -183,8 +184,7 @@ def load_claims(path: Path, runs: pd.DataFrame) -> list[Claim]:
         raise AnalysisError(f"claims file {path}: not valid YAML ({first})") from None
     if not isinstance(document, dict) or not isinstance(document.get("claims"), list):
         raise AnalysisError(f"claims file {path}: expected a top-level 'claims:' list")
-    claims = [reader.read(i, node) for i, node in enumerate(document["claims"], start=1)]
-    return claims
+    return [reader.read(i, node) for i, node in enumerate(document["claims"], start=1)]
 
 
 def load_all(paths: list[Path], runs: pd.DataFrame) -> list[Claim]:

@@ -1,5 +1,7 @@
-"""The analysis's formats: one :class:`Report` (tables, figures, notes) as Markdown, LaTeX and a
-self-contained HTML page. What goes into the report is :mod:`pnn.analysis.report`'s business."""
+"""The analysis's formats: one :class:`Report` (tables, figures, notes) as Markdown and a
+self-contained HTML page, the grids written by pandas. What goes into the report is
+:mod:`pnn.analysis.report`'s business; the LaTeX tables for a paper, :mod:`pnn.analysis.latex`'s.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pandas as pd
 
 
 @dataclass
@@ -16,8 +20,7 @@ class Table:
     rows: list[list[str]]
     note: str = ""
     level: int = 2  # of its heading: 2 for a section, 3 within one
-    # Per row, a text too long for a cell (a claim's statement): a full-width line under the row
-    # in HTML, a last column headed ``details_header`` in Markdown and LaTeX.
+    # Per row, a longer text (a claim's statement): a last column headed ``details_header``.
     details: list[str] = field(default_factory=list)
     details_header: str = ""
     # Captions of report.figures shown with this table (before it if figures_first), not at the end.
@@ -49,12 +52,13 @@ def _with_details(table: Table) -> tuple[list[str], list[list[str]]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Markdown
+# Markdown and HTML grids: pandas' writers (tabulate for Markdown)
 # --------------------------------------------------------------------------------------------
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def _frame(table: Table) -> pd.DataFrame:
+    headers, rows = _with_details(table)
+    return pd.DataFrame(rows, columns=headers, dtype=object)
 
 
 def markdown(table: Table, figures: dict[str, Path | None] | None = None) -> str:
@@ -67,13 +71,13 @@ def markdown(table: Table, figures: dict[str, Path | None] | None = None) -> str
     ]
     if images and table.figures_first:
         lines += [*images, ""]
-    headers, rows = _with_details(table)
-    if headers:
-        lines.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
-        lines.append("|" + "|".join("---" for _ in headers) + "|")
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    if table.headers:
+        # A cell's | would end it; numbers stay as written (tabulate would reformat them).
+        grid = _frame(table).map(lambda text: str(text).replace("|", "\\|").replace("\n", " "))
+        grid.columns = [h.replace("|", "\\|") for h in grid.columns]
+        lines.append(grid.to_markdown(index=False, tablefmt="pipe", disable_numparse=True))
     if table.note:
-        lines += ["", table.note] if headers else [table.note]
+        lines += ["", table.note] if table.headers else [table.note]
     if images and not table.figures_first:
         lines += ["", *images]
     return "\n".join(lines) + "\n"
@@ -87,40 +91,6 @@ def markdown_document(report: Report, title: str) -> tuple[str, str]:
     images = [f"![{c}]({p.name})" for c, p in report.loose_figures().items()]
     figures_md = "\n## Figures\n\n" + "\n\n".join(images) + "\n" if images else ""
     return text, f"# {title}\n\n{text}\n{figures_md}"
-
-
-# --------------------------------------------------------------------------------------------
-# LaTeX
-# --------------------------------------------------------------------------------------------
-
-_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#"}
-_TEX_ESCAPES |= {"_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
-_TEX_ESCAPES |= {"±": r"$\pm$", "—": "---", "−": "$-$", "·": r"$\cdot$", "Δ": r"$\Delta$"}
-
-
-def _tex(text: str) -> str:
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
-
-
-def latex(table: Table) -> str:
-    """A booktabs tabular; needs ``\\usepackage{booktabs}``. A section heading alone (no
-    headers) is a comment."""
-    headers, rows = _with_details(table)
-    if not headers:
-        return f"% {table.title}\n" + "".join(f"% {p}\n" for p in table.note.split("\n\n") if p)
-    spec = "l" * 2 + "r" * (len(headers) - 2)
-    lines = [f"% {table.title}", f"\\begin{{tabular}}{{{spec}}}", r"\toprule"]
-    lines.append(" & ".join(_tex(h) for h in headers) + r" \\")
-    lines.append(r"\midrule")
-    lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [f"% {part}" for part in table.note.split("\n\n") if part]
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# HTML
-# --------------------------------------------------------------------------------------------
 
 
 def _figure_html(caption: str, path: Path) -> str:
@@ -138,16 +108,10 @@ def html_table(table: Table, figures: dict[str, Path | None] | None = None) -> s
         for caption, path in (figures or {}).items()
         if caption in table.figures and path is not None
     )
-    body = ""
-    for i, row in enumerate(table.rows):
-        body += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-        if table.details:
-            body += (
-                f"<tr class='detail'><td colspan='{len(row)}'>"
-                f"{html.escape(table.details[i])}</td></tr>"
-            )
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-    grid = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" if head else ""
+    grid = ""
+    if table.headers:
+        classes = "details" if table.details else None
+        grid = _frame(table).to_html(index=False, border=0, classes=classes, justify="center")
     note = "".join(
         f"<p class='note'>{html.escape(part)}</p>" for part in table.note.split("\n\n") if part
     )
@@ -162,8 +126,7 @@ _CSS = (
     "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
     "th,td{border:1px solid #ccc;padding:4px 8px}td{text-align:right}"
     "td:nth-child(-n+2){text-align:left}th{background:#f0f0f0}"
-    "tr.detail td{text-align:left;color:#333;background:#fafafa;border-top:none;"
-    "font-size:0.95em;padding:2px 8px 8px 24px}"
+    "table.details td:last-child{text-align:left;min-width:24em;color:#333}"
     ".note{color:#555;font-size:0.9em}img{max-width:100%;border:1px solid #eee}"
 )
 

@@ -1,4 +1,5 @@
-"""Render the analysis: results.md / .csv / .tex, reported_vs_actual*.csv, figures, report.html.
+"""Render the analysis: results.md / .csv, the LaTeX tables, reported_vs_actual*.csv, figures,
+report.html.
 
 :func:`write_report` is everything ``analyze.py`` does after parsing its options.
 """
@@ -10,11 +11,12 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pnn.analysis import ablations, plots
+from pnn.analysis import ablations, next_seeds, plots
 from pnn.analysis.claims import CLAIM_COLUMNS, evaluate_claims
 from pnn.analysis.claims_file import load_all, short_id, short_label
 from pnn.analysis.comparability import annotate_comparability
-from pnn.analysis.formats import Report, Table, latex, markdown_document, render_html
+from pnn.analysis.formats import Report, Table, markdown_document, render_html
+from pnn.analysis.latex import write_latex
 from pnn.analysis.results import (
     choose_gap_run,
     experiment_defaults,
@@ -25,6 +27,7 @@ from pnn.analysis.results import (
     summarize,
     sweep_notes,
 )
+from pnn.analysis.significance import ALPHA, MAX_SEEDS
 from pnn.io.store import AnalysisError, RunSet, load_curves, load_runs
 
 DASH = "—"
@@ -45,10 +48,22 @@ CLAIMS_NOTE = (
     "one-sample 95% t-interval. Each experiment contributes its comparable runs if it has any, "
     "else all its runs. Verdict: supported if the whole interval lies on the claimed side, "
     "contradicted if it lies wholly on the other side, inconclusive otherwise; too few runs "
-    "when a side has fewer than 2 runs (2 comparable runs for the README's claims). A claim "
+    "when a side has fewer than 2 runs (2 comparable runs for the README's claims); not "
+    "comparable when a README claim's side has runs, none comparable with the paper. A claim "
     "with a group side holds only if every member does, and fails if any member's interval "
     "does; its row shows the member that decides the verdict, nearest the threshold. "
     "Published a − b from the published accuracies, shown for comparable rows only."
+)
+SIGNIFICANCE_NOTE = (
+    "p: Welch's one-sided test of the claimed side against the threshold (scipy.stats.ttest_ind, "
+    "equal_var=False); within: two one-sided tests, the larger p; a group: its largest member "
+    "p; gap rows: one-sample test of gap > 0. p (Holm): Holm's correction over every p of this "
+    "table (statsmodels multipletests); verdict (Holm): supported when p (Holm) < α = {alpha:g}. "
+    "Seeds needed: for a row neither verdict settles, the seeds per side that give a one-sided "
+    "t-test 80% power at α for the observed |(a − b) − t| over the pooled sample std "
+    "(statsmodels TTestIndPower; one sample for gaps); > {most} when the difference is too "
+    "small to settle. next_seeds.sh runs them. Fix n from it once: seeds added after looking "
+    "at a p-value make it optimistic."
 )
 ABLATIONS_NOTE = (
     "For each swept key: best test accuracy per level, mean ± sample std over seeds with the "
@@ -56,7 +71,11 @@ ABLATIONS_NOTE = (
     "reference level with Welch's 95% t-interval (scipy.stats.ttest_ind, equal_var=False). The "
     "reference is the experiment file's own value when it is among the levels, else the first "
     "level. With several swept keys, each key's levels are compared with the others held at "
-    "each of their levels. All the runs count, comparable with the paper or not."
+    "each of their levels. All the runs count, comparable with the paper or not. p: that Welch "
+    "test, two-sided; p (Holm): Holm's correction over the contrasts of the key's table; seeds "
+    "needed: per level, for a contrast that neither its interval nor p (Holm) < α = {alpha:g} "
+    "settles, the seeds that give the two-sided test 80% power for the observed difference "
+    "(statsmodels TTestIndPower); > {most} when it is too small to settle."
 )
 CLAIMS_CAPTION = (
     "Claims: a − b with its 95% interval, the claimed side shaded, the published difference marked"
@@ -72,6 +91,16 @@ def _num(value: float, digits: int = 2, signed: bool = False) -> str:
     if value is None or pd.isna(value):
         return DASH
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _p(value: float) -> str:
+    if pd.isna(value):
+        return DASH
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _seeds(value: object) -> str:
+    return DASH if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
 
 
 def _mean_std(mean: float, std: float) -> str:
@@ -129,7 +158,7 @@ def results_table(summary: pd.DataFrame, by: list[str]) -> Table:
     return Table("Results", headers, rows, "\n\n".join(notes))
 
 
-def claims_table(claims: pd.DataFrame, without_runs: list[str]) -> Table:
+def claims_table(claims: pd.DataFrame, without_runs: list[str], alpha: float = ALPHA) -> Table:
     rows = []
     for _, r in claims.iterrows():
         ci = DASH
@@ -146,11 +175,16 @@ def claims_table(claims: pd.DataFrame, without_runs: list[str]) -> Table:
                 _num(r["published_diff"], 1, signed=True),
                 r["verdict"],
                 "yes" if r["comparable"] else "no",
+                _p(r["p_value"]),
+                _p(r["p_holm"]),
+                r["verdict_holm"] or DASH,
+                _seeds(r["seeds_needed"]),
             ]
         )
     headers = ["Claim", "a", "b", "a − b (pp)", "95% CI (pp)", "Runs a / b"]
-    headers += ["Published a − b (pp)", "Verdict", "Comparable"]
-    note = CLAIMS_NOTE
+    headers += ["Published a − b (pp)", "Verdict", "Comparable", "p", "p (Holm)"]
+    headers += ["Verdict (Holm)", "Seeds needed"]
+    note = CLAIMS_NOTE + "\n\n" + SIGNIFICANCE_NOTE.format(alpha=alpha, most=MAX_SEEDS)
     if without_runs:
         note += f"\n\nNot evaluated, no runs on a side: {', '.join(without_runs)}."
     return Table(
@@ -165,13 +199,14 @@ def claims_table(claims: pd.DataFrame, without_runs: list[str]) -> Table:
     )
 
 
-def ablation_tables(table: pd.DataFrame, found: dict[str, list[str]]) -> list[Table]:
+def ablation_tables(
+    table: pd.DataFrame, found: dict[str, list[str]], alpha: float = ALPHA
+) -> list[Table]:
     """A section heading with the note, then one table per swept key (its figure after it)."""
     if table.empty:
         return []
-    tables = [
-        Table("Ablations", [], [], f"Swept keys: {ablations.listed(found)}.\n\n{ABLATIONS_NOTE}")
-    ]
+    note = ABLATIONS_NOTE.format(alpha=alpha, most=MAX_SEEDS)
+    tables = [Table("Ablations", [], [], f"Swept keys: {ablations.listed(found)}.\n\n{note}")]
     for key, part in table.groupby("key", sort=False):
         held = bool(part["held"].astype(bool).any())
         rows = []
@@ -191,10 +226,14 @@ def ablation_tables(table: pd.DataFrame, found: dict[str, list[str]]) -> list[Ta
                     ci,
                     DASH if reference else _num(r["diff_vs_reference"], signed=True),
                     diff_ci,
+                    _p(r["p_value"]),
+                    _p(r["p_holm"]),
+                    _seeds(r["seeds_needed"]),
                 ]
             )
         headers = ["Experiment", *(["Held at"] if held else []), str(key), "Runs"]
         headers += ["Best test acc. (%)", "95% CI (%)", "Δ vs reference (pp)", "Welch 95% CI (pp)"]
+        headers += ["p", "p (Holm)", "Seeds needed"]
         caption = ablation_caption(str(key))
         tables.append(Table(str(key), headers, rows, level=3, figures=[caption]))
     return tables
@@ -324,10 +363,12 @@ def write_report(
     run_id: str | None = None,
     out: Path = Path("results"),
     claims_files: list[Path] | None = None,
+    alpha: float = ALPHA,
 ) -> tuple[Report, str]:
     """Load the runs, write every output under ``out``; returns the report and the text that
     analyze.py prints. ``by`` None groups by the swept keys found in the runs; ``[]`` not at
-    all. ``claims_files`` are added to the README's claims (conf/claims/readme.yaml)."""
+    all. ``claims_files`` are added to the README's claims (conf/claims/readme.yaml). ``alpha``:
+    the level of the Holm-corrected verdicts and of the seeds needed (next_seeds.sh)."""
     runs = load_runs(tracking_uri, experiment_name, sweep)
     if runs.finished.empty:
         first = runs.excluded.iloc[0]
@@ -344,8 +385,8 @@ def write_report(
     runs.finished = annotate_comparability(runs.finished)
     summary = summarize(runs.finished, by)  # checks --by
     published = {k: v["published_test_acc"] for k, v in experiment_defaults().items()}
-    claims, without_runs = evaluate_claims(runs.finished, published, claim_list)
-    ablation = ablations.ablation_table(runs.finished, found)
+    claims, without_runs = evaluate_claims(runs.finished, published, claim_list, alpha)
+    ablation = ablations.ablation_table(runs.finished, found, alpha)
     per_experiment, per_run = reported_vs_actual(runs.finished)
     gap_run = choose_gap_run(per_run, run_id)  # checks --run
     curves = load_curves(tracking_uri, runs.finished)
@@ -359,12 +400,12 @@ def write_report(
         results.note += "\n\n" + ablations.describe(found)
     for mixed in mixed_config_notes(runs.finished, by):
         results.note += f"\n\nNote: {mixed}"
-    ablation_part = ablation_tables(ablation, found)
+    ablation_part = ablation_tables(ablation, found, alpha)
     report = Report(
         tables=[
             results,
             *ablation_part,
-            claims_table(claims, without_runs),
+            claims_table(claims, without_runs, alpha),
             *gap_tables(per_experiment, per_run),
         ],
         summary_tables=[results, *ablation_part],
@@ -391,7 +432,16 @@ def write_report(
 
     text, document = markdown_document(report, TITLE)
     (out / "results.md").write_text(document)
-    (out / "results.tex").write_text("\n".join(latex(t) for t in report.tables))
     (out / "report.html").write_text(render_html(report, TITLE))
-    report.written += [out / "results.md", out / "results.tex", out / "report.html"]
+    report.written += [out / "results.md", out / "report.html"]
+    report.written += write_latex(out, summary, by, claims, ablation)
+    script, commands = next_seeds.build(
+        runs.finished, claims, tracking_uri, experiment_name, Path.cwd()
+    )
+    (out / "next_seeds.sh").write_text(script)
+    (out / "next_seeds.sh").chmod(0o755)
+    report.written.append(out / "next_seeds.sh")
+    if commands:
+        text += f"\n\nThe seeds that would settle the open claims ({out / 'next_seeds.sh'}):\n"
+        text += "\n" + script
     return report, text

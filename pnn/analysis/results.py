@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from pnn.analysis.comparability import ignored_key, row_reason
 from pnn.config import CONF_DIR
-from pnn.io.liveness import claim_status
+from pnn.io.liveness import lease_status
 from pnn.io.store import CONFIG_PREFIX, AnalysisError, to_float
 
 # The reproduction's eight experiments, in its README's order.
@@ -286,11 +286,11 @@ def mixed_config_notes(runs: pd.DataFrame, by: list[str]) -> list[str]:
 
 def sweep_notes(running_sweeps: list[Any]) -> list[str]:
     """One note per dead sweep among the RUNNING parent runs in scope: its claim is stale
-    (pnn.sweep.claim), so its sweep.py is gone, but no sweep has closed it yet. The analysis only
+    (pnn.sweep.lease), so its sweep.py is gone, but no sweep has closed it yet. The analysis only
     reads: the next sweep.py on the experiment marks it KILLED (pnn.sweep.sweep_run)."""
     notes = []
     for run in running_sweeps:
-        live, why = claim_status(run)
+        live, why = lease_status(run)
         if not live:
             notes.append(
                 f"Sweep {run.info.run_name} ({run.info.run_id}) is dead, not running: its "

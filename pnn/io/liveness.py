@@ -1,20 +1,20 @@
-"""Whether a claimed MLflow run is live: the claim's tags and its staleness rule.
+"""Whether a leased MLflow run is live: the lease's tags and its staleness rule.
 
-A job claims its run (:mod:`pnn.sweep.claim`), and a sweep its parent run
-(:mod:`pnn.sweep.sweep_run`), with two tags; whoever reads runs (the claim, the sweep's end, the
-analysis's note on dead sweeps) decides with :func:`claim_status` whether a RUNNING run still has a
+A job leases its run (:mod:`pnn.sweep.lease`), and a sweep its parent run
+(:mod:`pnn.sweep.sweep_run`), with two tags; whoever reads runs (the lease, the sweep's end, the
+analysis's note on dead sweeps) decides with :func:`lease_status` whether a RUNNING run still has a
 process behind it. Only the tags and the clock are read here: nothing is written.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
-# A job claims its run in the store, and a sweep its parent run (pnn.sweep.sweep_run): tag TAG_OWNER
+import psutil
+
+# A job leases its run in the store, and a sweep its parent run (pnn.sweep.sweep_run): tag TAG_OWNER
 # names the process ("<host>/<pid>/<token>") and TAG_HEARTBEAT holds the Unix time of its last
 # beat, renewed every HEARTBEAT_S by a background thread. A RUNNING run is *live* (running
 # elsewhere) while its heartbeat is younger than STALE_S, unless its owner is on this host and
@@ -32,7 +32,7 @@ def parse_owner(owner: str) -> tuple[str, int | None]:
     return host, int(pid) if pid.isdigit() else None
 
 
-def claim_status(run: Any, now: float | None = None) -> tuple[bool, str]:
+def lease_status(run: Any, now: float | None = None) -> tuple[bool, str]:
     """Whether a RUNNING run is live, i.e. some process is training it, and why."""
     tags = run.data.tags
     owner = tags.get(TAG_OWNER, "")
@@ -49,21 +49,12 @@ def claim_status(run: Any, now: float | None = None) -> tuple[bool, str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: not gone, and not a zombie (an exited process not yet collected by
+    its parent, which the kernel still lists: after a whole sweep is killed, its job processes
+    stay so until init collects them)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # someone else's process
+    except psutil.AccessDenied:  # someone else's process
         return True
-    return not _exited(pid)
-
-
-def _exited(pid: int) -> bool:
-    """Whether ``pid`` has exited and only waits to be collected by its parent (a zombie, which
-    ``kill(pid, 0)`` still finds: after a whole sweep is killed, its job processes stay so until
-    init collects them). Linux's /proc tells; elsewhere, False."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]

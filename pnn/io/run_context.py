@@ -28,7 +28,7 @@ from pnn.config import DATASETS
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Every run, the parent and the jobs (whose process is pnn.sweep.launch_child), comes from sweep.py.
+# Every run, the parent and the jobs (forked by the launcher), comes from sweep.py.
 SOURCE_NAME = str(REPO_ROOT / "sweep.py")
 
 

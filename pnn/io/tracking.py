@@ -5,11 +5,11 @@ job). The analysis reads the runs back with :mod:`pnn.io.store`.
 Layout (``analyze.py`` and the MLflow UI rely on it):
 
 - one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep``, ``pnn.sweep_id`` and
-  the sweep process's claim ``pnn.owner`` and ``pnn.heartbeat`` (``pnn.sweep.claim``);
+  the sweep process's lease ``pnn.owner`` and ``pnn.heartbeat`` (``pnn.sweep.lease``);
 - one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
   ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
-  ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the claim ``pnn.owner`` and
-  ``pnn.heartbeat`` (``pnn.sweep.claim``) and, on failure, ``pnn.failure``; run name
+  ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the lease ``pnn.owner`` and
+  ``pnn.heartbeat`` (``pnn.sweep.lease``) and, on failure, ``pnn.failure``; run name
   ``<experiment>-seed<seed>``;
 - on every run, MLflow's own ``mlflow.source.*`` and ``mlflow.user`` tags, and on a job its
   training and test datasets as run inputs (``pnn.io.run_context``);
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import socket
 import subprocess
 import time
@@ -35,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tenacity
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -89,26 +89,27 @@ VOLATILE_KEYS = (
 )
 
 
-def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.0) -> T:
-    """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``).
+def _transient(err: BaseException) -> bool:
+    """'database is locked' and the like: worth another try, once the file is known to be the
+    sweep's own (a deleted file makes SQLite answer 'readonly database')."""
+    storeguard.check_same()
+    text = str(err).lower()
+    return "locked" in text or "busy" in text or "connection refused" in text
 
-    Before each call: the sweep's SQLite file must still be the one it started in
-    (:func:`pnn.io.storeguard.check_same`), so that no write lands in a new, empty store. After a
-    failed call, the same check again: a file deleted during the write makes SQLite answer
-    'attempt to write a readonly database', and the true reason is the deletion."""
-    delay, end = 0.05, time.monotonic() + timeout
-    while True:
-        storeguard.check_same()
-        try:
-            return fn()
-        except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
-            storeguard.check_same()
-            text = str(err).lower()
-            transient = "locked" in text or "busy" in text or "connection refused" in text
-            if not transient or time.monotonic() > end:
-                raise
-            time.sleep(delay * (1 + random.random()))
-            delay = min(delay * 2, 2.0)
+
+def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.0) -> T:
+    """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``), with
+    tenacity's jittered exponential back-off. Before each call the sweep's SQLite file must still
+    be the one it started in (:func:`pnn.io.storeguard.check_same`), so that no write lands in a
+    new, empty store."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_transient),
+        wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+        stop=tenacity.stop_after_delay(timeout),
+        before=lambda _: storeguard.check_same(),
+        reraise=True,
+    )
+    return retrying(fn)
 
 
 def resolve_uri(cfg: DictConfig, launch_dir: Path) -> str:
@@ -191,15 +192,15 @@ RUNNING_SWEEPS = "attributes.status = 'RUNNING' and tags.`pnn.role` = 'sweep'"
 
 
 def start_sweep(
-    cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+    cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int, lease: dict[str, str]
 ) -> str:
-    """Check (and if new, create) the store, then create the parent run with the ``claim``
-    tags of the sweep's process (``pnn.sweep.claim``). Raises StoreError."""
+    """Check (and if new, create) the store, then create the parent run with the ``lease``
+    tags of the sweep's process (``pnn.sweep.lease``). Raises StoreError."""
     uri = resolve_uri(cfg, Path.cwd())
     storeguard.prepare(uri)
     storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
     try:
-        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs, claim)
+        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs, lease)
     except Exception as err:
         problem = storeguard.as_store_error(uri, err)
         if problem is None:
@@ -208,13 +209,13 @@ def start_sweep(
 
 
 def _start_sweep(
-    cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int, claim: dict[str, str]
+    cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int, lease: dict[str, str]
 ) -> str:
     client = storeguard.client(uri)
     experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
     sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
     tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
-    tags.update(claim)
+    tags.update(lease)
     tags["pnn.command"] = command or "(no arguments)"
     tags["mlflow.note.content"] = f"sweep.py {command}".strip()
     commit = git_commit()
@@ -258,7 +259,7 @@ def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str
 # Every sweep that worked on a job run (comma-separated pnn.sweep_id values): the one that
 # created it, then those that resumed it (``analyze.py --sweep``).
 TAG_SWEEPS = "pnn.sweep_ids"
-# The launcher's job processes write "<run id> <owner>" here once they claim a run, so that
+# The launcher's job processes write "<run id> <owner>" here once they lease a run, so that
 # the launcher can mark the run KILLED if the process dies (see ``pnn.sweep.launcher``).
 ENV_RUN_ID_FILE = "PNN_RUN_ID_FILE"
 
@@ -279,9 +280,9 @@ def create_job_run(
     cfg: DictConfig,
     chash: str,
     overrides: str,
-    claim: dict[str, str] | None = None,
+    lease: dict[str, str] | None = None,
 ) -> str:
-    """A new child run; ``claim`` holds the tags of the job's claim on it (``pnn.sweep.claim``)."""
+    """A new child run; ``lease`` holds the tags of the job's lease on it (``pnn.sweep.lease``)."""
     tags = {
         "pnn.role": "job",
         "pnn.config_hash": chash,
@@ -290,7 +291,7 @@ def create_job_run(
         "description": str(cfg.description),
         "published_test_acc": "" if cfg.published_test_acc is None else str(cfg.published_test_acc),
         "mlflow.note.content": str(cfg.description),
-        **(claim or {}),
+        **(lease or {}),
     }
     if os.environ.get(ENV_PARENT):
         tags["mlflow.parentRunId"] = os.environ[ENV_PARENT]
@@ -325,19 +326,17 @@ def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = 
     set_tags(client, run_id, run_context.standard_tags())
     if cfg is not None:
         inputs = run_context.dataset_inputs(cfg)
-        for attempt in range(DATASET_ATTEMPTS):
-            try:
-                retry(lambda: client.log_inputs(run_id, datasets=inputs))
-                return
-            except Exception as err:
-                # MLflow's get-or-create of a dataset is not atomic: when parallel jobs log the
-                # same (name, digest) at once, one insert loses. Asked again, it finds the
-                # winner's row and links it.
-                text = str(err)
-                lost = "UNIQUE constraint" in text or "IntegrityError" in text
-                if not lost or attempt == DATASET_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.05 * (1 + random.random()))
+        # MLflow's get-or-create of a dataset is not atomic: when parallel jobs log the same
+        # (name, digest) at once, one insert loses. Asked again, it finds the winner's row.
+        lost = tenacity.retry_if_exception(
+            lambda err: "UNIQUE constraint" in str(err) or "IntegrityError" in str(err)
+        )
+        tenacity.Retrying(
+            retry=lost,
+            stop=tenacity.stop_after_attempt(DATASET_ATTEMPTS),
+            wait=tenacity.wait_random(0.05, 0.1),
+            reraise=True,
+        )(lambda: retry(lambda: client.log_inputs(run_id, datasets=inputs)))
 
 
 # Tags that say why an earlier attempt of a job run ended; a run that finishes drops them.

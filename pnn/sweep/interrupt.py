@@ -1,47 +1,30 @@
-"""SIGTERM and SIGINT: end a sweep cleanly instead of with tracebacks and RUNNING runs.
+"""SIGTERM and SIGINT as a flag: a sweep ends cleanly, its runs KILLED, never RUNNING.
 
-The sweep's main process (:func:`install_parent`) does not die on the first signal while its
-job processes run: it forwards the signal to them, lets each mark its run KILLED, then prints
-the summary, ends the parent run and exits with 128 + the signal number. A second signal kills
-the job processes outright. Before any job process runs, the signal raises :class:`Interrupted`.
+The handler only records the first signal (:func:`received`); nothing is raised into the code it
+lands in, which may be inside an MLflow or SQLAlchemy call. The engine checks the flag at each
+training step (``should_stop``), the job between its store calls, and the launcher before it
+starts a job; each then ends its part: the run is marked KILLED, the job process exits with
+128 + the signal, the sweep prints its summary and exits so too.
 
-A job process (:func:`install_child`) turns the first signal into :class:`Interrupted`, a
-``KeyboardInterrupt``, which the job's ``except KeyboardInterrupt`` turns into a KILLED run;
-later signals are ignored so that this clean-up is not itself interrupted (a Ctrl-C reaches
-the job both from the terminal and forwarded by the sweep).
-
-Inside :func:`shielded` (a job's calls into MLflow) the first signal is held instead of raised:
-an exception raised in the middle of a SQLAlchemy query leaves its connection half-closed (it
-logs a traceback), and one raised while the job's run is being created leaves that run RUNNING
-with no one to end it. The job raises a held signal itself (:func:`raise_held`) once it is
-between such calls, where its ``except KeyboardInterrupt`` marks the run KILLED.
+In the sweep (``role="sweep"``) the first signal is also forwarded to the job processes
+registered with :func:`register`; a second kills them outright, or, with none running, ends the
+sweep at once. A job process (``role="job"``) ignores later signals: a Ctrl-C reaches it both from
+the terminal and forwarded by the sweep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import threading
-import time
-from collections.abc import Callable, Iterator
-from typing import Protocol
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-
-class Interrupted(KeyboardInterrupt):
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {self.signal_name}")
-
-
-_lock = threading.Lock()
-_state: dict = {"signum": None, "forward": False, "procs": set(), "shield": 0, "held": False}
+_state: dict = {"signum": None, "role": "sweep", "pids": set()}
 
 
 def received() -> int | None:
-    """The first signal the sweep received, or None."""
+    """The first SIGTERM or SIGINT this process received, or None."""
     return _state["signum"]
 
 
@@ -50,118 +33,32 @@ def signal_name() -> str | None:
     return None if signum is None else signal.Signals(signum).name
 
 
-def _parent_handler(signum: int, frame: object) -> None:
-    with _lock:
-        first = _state["signum"] is None
-        if first:
-            _state["signum"] = signum
-        procs = list(_state["procs"])
-    if first and not _state["forward"]:
-        _raise_unless_shielded(signum)
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum) if first else proc.kill()
+def register(pid: int) -> None:
+    """Forward signals to job process ``pid`` until :func:`unregister`."""
+    _state["pids"].add(pid)
 
 
-def _raise_unless_shielded(signum: int) -> None:
-    if _state["shield"]:
-        _state["held"] = True
+def unregister(pid: int) -> None:
+    _state["pids"].discard(pid)
+
+
+def _handler(signum: int, frame: object) -> None:
+    first = _state["signum"] is None
+    if first:
+        _state["signum"] = signum
+    elif _state["role"] == "job":
         return
-    raise Interrupted(signum)
+    pids = list(_state["pids"])
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum if first else signal.SIGKILL)
+    if not first and not pids:  # a second signal with no job process to stop: end now
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
-@contextlib.contextmanager
-def shielded() -> Iterator[None]:
-    """While the main thread is inside, a signal that would raise :class:`Interrupted` is held
-    instead; :func:`raise_held` raises it later. In any other thread this does nothing: Python
-    runs signal handlers, and so raises, in the main thread only (packed seeds train in threads
-    of their own, while the main thread waits for them)."""
-    main = threading.current_thread() is threading.main_thread()
-    _state["shield"] += main
-    try:
-        yield
-    finally:
-        _state["shield"] -= main
-
-
-def raise_held() -> None:
-    """Raise :class:`Interrupted` now if a signal was held by :func:`shielded`."""
-    if _state["held"] and not _state["shield"]:
-        _state["held"] = False
-        raise Interrupted(_state["signum"])
-
-
-def install_parent() -> None:
-    _state["signum"] = None
-    _state["held"] = False
+def install(role: str = "sweep") -> None:
+    """Record SIGTERM and SIGINT in this process from now on (see the module docstring)."""
+    _state.update(signum=None, role=role, pids=set())
     for sig in SIGNALS:
-        signal.signal(sig, _parent_handler)
-
-
-@contextlib.contextmanager
-def forwarding() -> Iterator[None]:
-    """While inside: a signal is forwarded to the registered job processes, not raised."""
-    _state["forward"] = True
-    try:
-        yield
-    finally:
-        _state["forward"] = False
-
-
-class Process(Protocol):
-    """What :func:`run_process` needs of a started process (:class:`subprocess.Popen` has it)."""
-
-    returncode: int | None
-
-    def wait(self) -> int: ...
-
-    def send_signal(self, sig: int) -> None: ...
-
-    def kill(self) -> None: ...
-
-
-def run_process(start: Callable[[], Process]) -> Process:
-    """Start a process with ``start()`` and wait for it, registered meanwhile to receive
-    forwarded signals; :class:`Interrupted` instead if the sweep has already been signalled."""
-    with _lock:
-        if _state["signum"] is not None:
-            raise Interrupted(_state["signum"])
-        proc = start()
-        _state["procs"].add(proc)
-    try:
-        proc.wait()
-    finally:
-        with _lock:
-            _state["procs"].discard(proc)
-    if proc.returncode in STOPPED_CODES:
-        _settle()
-    return proc
-
-
-# How a job process ends when a signal stopped it: killed by it, or exiting 128 + its number
-# once it has reported (``pnn.sweep.launch_child``).
-STOPPED_CODES = frozenset(code for sig in SIGNALS for code in (-sig, 128 + sig))
-SETTLE_S = 2.0
-
-
-def _settle(timeout: float = SETTLE_S) -> None:
-    """A job process was stopped by a signal. Ctrl-C reaches the whole process group, and the
-    job may see it before this process's handler runs: Python runs handlers in the main thread
-    only, which may not get the GIL before the calling worker thread starts the next job. Sleep
-    (releasing the GIL) until the handler has run, or ``timeout`` if the signal was the job's
-    alone (someone stopped that one job)."""
-    deadline = time.monotonic() + timeout
-    while _state["signum"] is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def _child_handler(signum: int, frame: object) -> None:
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    _state["signum"] = signum  # launch_child exits with 128 + signum once the job has reported
-    _raise_unless_shielded(signum)
-
-
-def install_child() -> None:
-    for sig in SIGNALS:
-        signal.signal(sig, _child_handler)
+        signal.signal(sig, _handler)

@@ -3,9 +3,9 @@
 The job never raises for a failed run: it marks the MLflow run FAILED with the reason and
 returns ``{"status": "failed", ...}``, so the sweep goes on and reports it at the end.
 
-A job's claim on its work lives in the tracking store, so that it holds across launch
+A job's lease on its work lives in the tracking store, so that it holds across launch
 directories and machines: its run is RUNNING with an owner and a heartbeat tag (see
-``pnn.io.liveness.claim_status``). A live run of the same job means "running elsewhere"; a stale,
+``pnn.io.liveness.lease_status``). A live run of the same job means "running elsewhere"; a stale,
 KILLED or FAILED one is adopted, never duplicated. A checkpoint with finished epochs is never
 deleted: it is resumed (into a new run if its own is not in this store), or moved aside with a
 message when it is unreadable or ``sweep.rerun=true``.
@@ -13,7 +13,6 @@ message when it is unreadable or ``sweep.rerun=true``.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -55,17 +54,19 @@ def launch_dir() -> Path:
 @contextmanager
 def exclusive(directory: Path) -> Iterator[bool]:
     """A lock per job identity: the same job started twice at once runs only once."""
+    from filelock import FileLock, Timeout
+
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = FileLock(directory / "lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def resolve_device(name: str) -> Any:
@@ -90,8 +91,8 @@ def job_name(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One job, in phases: check -> decide (skip or go; pnn.sweep.claim) -> open its run (adopt or
-    create; pnn.sweep.claim) -> train -> finish."""
+    """One job, in phases: check -> decide (skip or go; pnn.sweep.lease) -> open its run (adopt or
+    create; pnn.sweep.lease) -> train -> finish."""
     name = job_name(cfg)
     try:
         validate(cfg)
@@ -101,33 +102,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dry_run(cfg)
         return {"status": "finished", "name": name, "reason": "dry run"}
 
-    from pnn.sweep import claim
+    from pnn.sweep import lease
 
-    interrupt.raise_held()  # a signal that came during the previous job of this process
-    # Calls into MLflow hold a signal (pnn.sweep.interrupt.shielded): the training raises it,
-    # and then marks its run KILLED.
-    with interrupt.shielded():
-        job = locate(cfg, name)
-    # The file lock guards this checkpoint folder on this machine; the claim in the store
+    if interrupt.received():  # a signal came during the previous job of this process
+        return {"status": "killed", "name": name, "reason": _not_started()}
+    job = locate(cfg, name)
+    # The file lock guards this checkpoint folder on this machine; the lease in the store
     # (decide, open_run) guards the job across launch directories and machines.
     with exclusive(job.ckpt_dir) as owned:
         if not owned:
             return job.skip(f"running in another process (lock held on {job.ckpt_dir})")
-        with interrupt.shielded():
-            opened = _open(job)
+        if interrupt.received():
+            return job.outcome("killed", _not_started())
+        opened = _open(job)
         if isinstance(opened, dict):
-            return opened  # skipped, failed to set up, or claimed by another process first
+            return opened  # skipped, failed to set up, or leased by another process first
         run_id, state = opened
-        with claim.Heartbeat(job.client, run_id):
+        with lease.Heartbeat(job.client, run_id):
             return train_and_finish(job, run_id, state)
+
+
+def _not_started() -> str:
+    return f"not started: got {interrupt.signal_name()}"
 
 
 def _open(job: Job) -> dict[str, Any] | tuple[str, dict[str, Any] | None]:
     """Skip the job, or adopt or create its run: (run id, checkpoint state), or the outcome."""
-    from pnn.sweep import claim
+    from pnn.sweep import lease
     from pnn.train.data import DatasetUnavailableError, check_available
 
-    skipped, open_runs = claim.decide(job)
+    skipped, open_runs = lease.decide(job)
     if skipped is not None:
         return skipped
     try:  # a set-up error, found before any run is created or adopted
@@ -135,17 +139,17 @@ def _open(job: Job) -> dict[str, Any] | tuple[str, dict[str, Any] | None]:
     except DatasetUnavailableError as err:
         log.error(f"[{job.name}] FAILED: {err}")
         return job.outcome("failed", str(err))
-    opened = claim.open_run(job, open_runs)
+    opened = lease.open_run(job, open_runs)
     if isinstance(opened, dict):
         return opened
-    claim.report_run_id(opened[0], job.owner)
+    lease.report_run_id(opened[0], job.owner)
     return opened
 
 
 def locate(cfg: DictConfig, name: str) -> Job:
     """The job's store, experiment, identity and checkpoint folder."""
     from pnn.io import storeguard, tracking
-    from pnn.sweep import claim
+    from pnn.sweep import lease
 
     root = launch_dir()
     uri = tracking.resolve_uri(cfg, root)
@@ -154,7 +158,7 @@ def locate(cfg: DictConfig, name: str) -> Job:
     chash = tracking.config_hash(cfg)
     ckpt_root = Path(cfg.train.checkpoint_dir)
     ckpt_root = ckpt_root if ckpt_root.is_absolute() else root / ckpt_root
-    owner = claim.owner_id(os.urandom(4).hex())
+    owner = lease.owner_id(os.urandom(4).hex())
     return Job(
         cfg, name, client, experiment_id, chash, ckpt_root, ckpt_root / f"{name}-{chash}", owner
     )
@@ -165,31 +169,24 @@ def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dic
 
     The marks go through ``tracking.mark_run``, which never raises a store error: the store
     may be what just failed."""
-    from pnn.io import run_context, storeguard, tracking
-    from pnn.train.engine import NonFiniteLossError
+    from pnn.io import run_context, storeguard
+    from pnn.train.engine import NonFiniteLossError, TrainingStopped
 
     monitor = run_context.start_system_metrics(job.cfg, job.client.tracking_uri, run_id)
     try:
-        interrupt.raise_held()  # one that came while the run was being opened
         result = _train(job, run_id, state)
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT through pnn.sweep.interrupt
-        signal_name = getattr(err, "signal_name", "SIGINT")
-        problem = tracking.mark_run(job.client, run_id, "KILLED", {"pnn.killed_by": signal_name})
-        if problem:
-            log.warning(f"[{job.name}] {problem}")
-        raise
+    except TrainingStopped:  # SIGTERM or SIGINT (pnn.sweep.interrupt); the run opened meanwhile
+        return _mark_killed(job, run_id)
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
         if isinstance(err, NonFiniteLossError):
             reason = str(err)
         else:  # a store error in one line, not MLflow's pages of SQL
             problem = storeguard.as_store_error(job.client.tracking_uri, err)
             reason = str(problem) if problem else f"{type(err).__name__}: {err}"
-        with interrupt.shielded():
-            return _mark_failed(job, run_id, reason)
+        return _mark_failed(job, run_id, reason)
     finally:
         run_context.stop_system_metrics(monitor)
-    with interrupt.shielded():  # trained: a signal now leaves the run FINISHED
-        return _finish(job, run_id, result)
+    return _finish(job, run_id, result)  # trained: a signal now leaves the run FINISHED
 
 
 def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
@@ -205,9 +202,7 @@ def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         per_epoch = {k: metrics[k] for k in tracking.EPOCH_METRICS}
-        with interrupt.shielded():
-            tracking.log_metrics(job.client, run_id, per_epoch, step=epoch)
-        interrupt.raise_held()  # the checkpoint of this epoch is written; MLflow has it too
+        tracking.log_metrics(job.client, run_id, per_epoch, step=epoch)
         left = (time.monotonic() - started) / max(1, epoch - first_epoch + 1) * (epochs - epoch)
         log.info(
             f"[{name}] epoch {epoch}/{epochs}  test_acc {metrics['test_acc']:.2f}%  "
@@ -229,7 +224,19 @@ def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
         on_epoch=on_epoch,
         extra_state={"mlflow_run_id": run_id},
         progress=show_progress(cfg),
+        should_stop=lambda: interrupt.received() is not None,
     )
+
+
+def _mark_killed(job: Job, run_id: str) -> dict[str, Any]:
+    from pnn.io import tracking
+
+    signal_name = interrupt.signal_name() or "SIGINT"
+    problem = tracking.mark_run(job.client, run_id, "KILLED", {"pnn.killed_by": signal_name})
+    if problem:
+        log.warning(f"[{job.name}] {problem}")
+    log.info(f"[{job.name}] stopped by {signal_name}: run {run_id} marked KILLED")
+    return job.outcome("killed", f"by {signal_name}", run_id=run_id)
 
 
 def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
@@ -245,7 +252,7 @@ def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
 def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
     """Final metrics, the checkpoint as an artifact, and the run FINISHED."""
     from pnn.io import tracking
-    from pnn.sweep import claim
+    from pnn.sweep import lease
 
     cfg, client = job.cfg, job.client
     final = {
@@ -260,7 +267,7 @@ def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
     tracking.finish_job_run(client, run_id)
     if cfg.tracking.log_checkpoint:  # the artifact store holds it now
         job.ckpt_path.unlink(missing_ok=True)
-        claim.remove_folder_if_only_lock(job)
+        lease.remove_folder_if_only_lock(job)
     log.info(
         f"[{job.name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
         f"{result.best_epoch}, reported {result.best_test_acc_reported:.2f}%"

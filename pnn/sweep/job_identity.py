@@ -1,6 +1,6 @@
 """A job's identity and where its things live: its store, its config hash, its checkpoint.
 
-Below both :mod:`pnn.sweep.job` (which runs a job) and :mod:`pnn.sweep.claim` (which decides whether
+Below both :mod:`pnn.sweep.job` (which runs a job) and :mod:`pnn.sweep.lease` (which decides whether
 it skips, adopts or creates its run): both need it, and neither may import the other.
 """
 
@@ -27,7 +27,7 @@ class Job:
     chash: str
     ckpt_root: Path  # train.checkpoint_dir: nothing outside it is ever removed
     ckpt_dir: Path
-    owner: str  # this job's claim on its run (pnn.sweep.claim.owner_id)
+    owner: str  # this job's lease on its run (pnn.sweep.lease.owner_id)
 
     @property
     def ckpt_path(self) -> Path:

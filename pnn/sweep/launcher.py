@@ -1,52 +1,34 @@
-"""``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU per job.
+"""``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU (or CPU worker) per job.
 
-Every job runs in a Python process of its own whose ``CUDA_VISIBLE_DEVICES`` is set before the
-process starts, so CUDA can only ever see the job's own GPU. pnn-sweep's jobs on CPU slots are
-forked from a forkserver that has imported torch and MLflow (:mod:`pnn.sweep.forkserver`: forked
-from the sweep, else started here); every other job process, GPU jobs included, starts afresh. A
-slot is a (GPU, packing index) pair; a job holds its slot until its process exits, so no two jobs
-share a GPU beyond ``jobs_per_gpu``, however many jobs a slot runs one after another. Without GPUs
-the slots are ``cpu_workers`` CPU workers (``auto``: the cores this process may use divided by the
-jobs' ``train.threads``); a job's thread count is its own ``train.threads``, never derived from the
-number of workers, so that parallelism never changes a job's numbers.
+Each job runs in a process of its own from the standard library's forkserver
+(:mod:`multiprocessing`), which has imported torch and MLflow once for pnn-sweep's jobs; the job
+sets its slot's ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA. A slot is a (GPU, packing
+index) pair, or one of ``cpu_workers`` CPU workers (``auto``: usable cores / ``train.threads``).
+With ``seeds_per_process`` K > 1, jobs that differ only in ``train.seed`` train K at a time in one
+process (:mod:`pnn.train.packing`), each with its own run and result.
 
-With ``seeds_per_process`` K > 1, jobs that differ only in ``train.seed`` are grouped K at a
-time into one job process that trains them together (:mod:`pnn.train.packing`); each stays its own
-job with its own MLflow run and result.
-
-A job process that dies (killed, out of memory) is reported as a failure with its exit code;
-the other jobs go on; so does an exception in a launcher thread (a FAILED job with its reason).
-The job processes ask the kernel to end them if this process dies, so a killed sweep leaves
-nothing running; SIGTERM and SIGINT are forwarded to them (``pnn.sweep.interrupt``). The temporary
-folder of job payloads is removed when the jobs are done.
-
-It is a Hydra launcher plugin like any other (``hydra_plugins.pnn_plugins`` registers its config
-in Hydra's ConfigStore), so any Hydra app can use it. What is pnn-sweep's own applies only to
-pnn-sweep's jobs, those its sweeper launches (:func:`pnn.sweep.outcomes.is_pnn_sweep`): seed
-packing, the run claim file, a stopped job reported as a KILLED outcome and a dead job's MLflow run
-marked KILLED. Any other task's jobs report the Hydra way: COMPLETED with the return value, or
-FAILED with the error (a signal's or a dead process's too), which Hydra's sweepers raise.
-
-Hydra imports every plugin to discover them, in every app; so this module, and the job
-processes of other apps, import neither torch nor MLflow: pnn-sweep's parts import them when
-they run.
+The launching thread starts and waits for every job itself, so a signal is handled before it
+starts another (:mod:`pnn.sweep.interrupt` forwards it to the jobs). A job process that dies is a
+FAILED job; the others go on. Jobs ask the kernel to end them when their parent dies.
+Any Hydra app can use it; pnn-sweep's own behaviour (packing, KILLED outcomes, marking a dead
+job's run) applies to the jobs of its sweeper only (:func:`pnn.sweep.outcomes.is_pnn_sweep`).
+This module imports neither torch nor MLflow: Hydra imports every plugin in every app.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
-import queue
 import reprlib
-import shutil
 import signal
-import site
-import subprocess
 import sys
 import tempfile
-import threading
+from collections import deque
 from collections.abc import Sequence
+from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 from hydra.core.singleton import Singleton
@@ -56,9 +38,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn.sweep import interrupt
-from pnn.sweep.forkserver import JOB_PRELOAD, ForkServer
 from pnn.sweep.outcomes import failed_return, is_pnn_sweep, outcome_of, stopped_return
-from pnn.sweep.slots import check_launcher_keys, make_slots
+from pnn.sweep.slots import check_gpus_visible, check_launcher_keys, make_slots
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +74,6 @@ class GpuPoolLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.pnn_jobs = False  # pnn-sweep's jobs, launched by its sweeper (set by setup)
-        # Set by pnn-sweep's sweeper: a forkserver forked from the sweep process, for its jobs.
-        self.job_server: ForkServer | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -110,6 +89,8 @@ class GpuPoolLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         auto = self.cpu_workers == "auto"
         threads = job_threads(self.config, job_overrides) if auto else 1
+        if self.gpus:
+            check_gpus_visible(self.gpus)
         slots = make_slots(self.gpus, self.jobs_per_gpu, self.cpu_workers, threads)
         total = len(job_overrides)
         where = "GPU" if slots[0]["CUDA_VISIBLE_DEVICES"] else "CPU"
@@ -118,76 +99,60 @@ class GpuPoolLauncher(Launcher):
         tag = self._tag()
         how = f" (cpu_workers=auto, {threads} thread(s) a job)" if auto and where == "CPU" else ""
         log.info(f"{tag} launching {total} job(s){packed} on {len(slots)} {where} slot(s){how}")
-        pending: queue.Queue[list[int]] = queue.Queue()
-        for group in groups:
-            pending.put(group)
+        context = job_context(self.pnn_jobs)
+        pending = deque(groups)
+        free = list(slots)
+        running: dict[Any, tuple[Any, list[int], dict]] = {}
         results: list[JobReturn | None] = [None] * total
-        done = [0]
-        lock = threading.Lock()
-        workdir = Path(tempfile.mkdtemp(prefix="pnn-launch-"))
-        self._servers = _JobServers(self.job_server)
-
-        def run(jobs: list[tuple[list[str], int]], slot: dict) -> list[JobReturn]:
-            """The job process of ``jobs``: one JobReturn per job, whatever happens."""
-            try:
-                if interrupt.received():
-                    raise interrupt.Interrupted(interrupt.received())
-                rets = self._run_one(jobs, slot, workdir)
-                if interrupt.received():
-                    # Stopped by the forwarded signal before it could report.
-                    why = f"by {interrupt.signal_name()}"
-                    return [
-                        self._stopped(ret.overrides, why) if ret.status == JobStatus.FAILED else ret
-                        for ret in rets
-                    ]
-                return rets
-            except interrupt.Interrupted as sig:
-                why = f"not started: the sweep got {sig.signal_name}"
-                return [self._stopped(overrides, why) for overrides, _ in jobs]
-            except Exception as err:  # a job is never lost: it becomes a FAILED one
-                first = jobs[0][1]
-                log.error(f"{tag} job #{first} could not be run: {type(err).__name__}: {err}")
-                why = f"the launcher could not run it ({type(err).__name__}: {err})"
-                return [failed_return(overrides, RuntimeError(why)) for overrides, _ in jobs]
-
-        def worker(slot: dict) -> None:
-            while True:
-                try:
-                    group = pending.get_nowait()
-                except queue.Empty:
-                    return
-                jobs = [(list(job_overrides[i]), initial_job_idx + i) for i in group]
-                if not interrupt.received():
+        with tempfile.TemporaryDirectory(prefix="pnn-launch-") as tmp:
+            workdir = Path(tmp)
+            while pending or running:
+                while pending and free and not interrupt.received():
+                    group, slot = pending.popleft(), free.pop(0)
+                    jobs = [(list(job_overrides[i]), initial_job_idx + i) for i in group]
                     for overrides, idx in jobs:
                         name = " ".join(filter_overrides(overrides))
                         log.info(f"{tag} job #{idx} starting on {slot['PNN_SLOT']}: {name}")
-                rets = run(jobs, slot)
-                for i, ret, (overrides, idx) in zip(group, rets, jobs, strict=True):
-                    results[i] = ret
-                    name = " ".join(filter_overrides(overrides))
-                    with lock:
-                        done[0] += 1
-                        progress = f"{done[0]}/{total} jobs done"
-                        status = self._status(ret, overrides)
-                        log.info(f"{tag} {progress}; job #{idx} {status}: {name}")
-
-        threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in slots]
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                # Never one unbounded join: a signal that the kernel handed to a worker thread
-                # leaves the main thread asleep in it, and only the main thread runs handlers
-                # (Ctrl-C then waited for every running job to end).
-                while t.is_alive():
-                    t.join(timeout=0.1)
-        finally:
-            self._servers.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+                    try:
+                        proc = self._start(context, jobs, slot, workdir)
+                    except Exception as err:  # a job is never lost: it becomes a FAILED one
+                        why = f"the launcher could not run it ({type(err).__name__}: {err})"
+                        log.error(f"{tag} job #{jobs[0][1]} could not be run: {why}")
+                        rets = [failed_return(o, RuntimeError(why)) for o, _ in jobs]
+                        self._report(group, rets, jobs, results)
+                        free.append(slot)
+                        continue
+                    running[proc.sentinel] = (proc, group, slot)
+                if not running:
+                    break
+                for sentinel in wait(list(running)):
+                    proc, group, slot = running.pop(sentinel)
+                    proc.join()
+                    interrupt.unregister(proc.pid)
+                    jobs = [(list(job_overrides[i]), initial_job_idx + i) for i in group]
+                    self._report(group, self._collect(proc, jobs, workdir), jobs, results)
+                    free.append(slot)
+        signame = interrupt.signal_name()
         return [
-            r if r is not None else self._stopped(list(job_overrides[i]), "not started")
+            r
+            if r is not None
+            else self._stopped(list(job_overrides[i]), f"not started: the sweep got {signame}")
             for i, r in enumerate(results)
         ]
+
+    def _report(
+        self,
+        group: list[int],
+        rets: list[JobReturn],
+        jobs: list[tuple[list[str], int]],
+        results: list[JobReturn | None],
+    ) -> None:
+        for i, ret, (overrides, idx) in zip(group, rets, jobs, strict=True):
+            results[i] = ret
+            done = sum(r is not None for r in results)
+            name = " ".join(filter_overrides(overrides))
+            status = self._status(ret, overrides)
+            log.info(f"{self._tag()} {done}/{len(results)} jobs done; job #{idx} {status}: {name}")
 
     def _groups(self, job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
         """The jobs each job process runs, as indices: pnn-sweep's seeds packed, else one."""
@@ -217,10 +182,10 @@ class GpuPoolLauncher(Launcher):
     def _stopped(self, overrides: list[str], reason: str) -> JobReturn:
         return stopped_return(overrides, reason, pnn_jobs=self.pnn_jobs)
 
-    def _run_one(
-        self, jobs: list[tuple[list[str], int]], slot: dict, workdir: Path
-    ) -> list[JobReturn]:
-        """One job process for ``jobs`` ((overrides, index) pairs; several when packed)."""
+    def _start(
+        self, context: Any, jobs: list[tuple[list[str], int]], slot: dict, workdir: Path
+    ) -> Any:
+        """Start the job process of ``jobs`` ((overrides, index) pairs; several when packed)."""
         assert self.config is not None and self.hydra_context is not None
         configs = []
         for overrides, idx in jobs:
@@ -233,44 +198,58 @@ class GpuPoolLauncher(Launcher):
             configs.append(sweep_config)
         idx = jobs[0][1]
         payload = workdir / f"job{idx}.pkl"
-        result = workdir / f"job{idx}.result.pkl"
-        payload.write_bytes(
-            cloudpickle.dumps(
-                {
-                    "hydra_context": self.hydra_context,
-                    "task_function": self.task_function,
-                    "configs": configs,
-                    "singleton_state": Singleton.get_state(),
-                    "pnn_jobs": self.pnn_jobs,
-                }
-            )
-        )
-        env = dict(os.environ)
-        env.update(slot)
-        env["PYTHONPATH"] = child_pythonpath()
-        run_ids = workdir / f"job{idx}.run"
+        state = {
+            "hydra_context": self.hydra_context,
+            "task_function": self.task_function,
+            "configs": configs,
+            "singleton_state": Singleton.get_state(),
+            "pnn_jobs": self.pnn_jobs,
+        }
+        payload.write_bytes(cloudpickle.dumps(state))
+        env = {**os.environ, **slot}
         if self.pnn_jobs:
             from pnn.io.tracking import ENV_RUN_ID_FILE  # imports MLflow: pnn-sweep's jobs only
 
-            env[ENV_RUN_ID_FILE] = str(run_ids)  # the job writes "<run id> <owner>" once it claims
-        argv = ["-m", "pnn.sweep.launch_child", str(payload), str(result)]
-        # pnn-sweep's jobs on CPU slots fork from a server that has imported torch and MLflow.
-        server = (
-            self._servers.get(env) if self.pnn_jobs and slot["CUDA_VISIBLE_DEVICES"] == "" else None
+            env[ENV_RUN_ID_FILE] = str(workdir / f"job{idx}.run")  # "<run id> <owner>" lines
+        args = (
+            str(payload),
+            str(workdir / f"job{idx}.result.pkl"),
+            env,
+            os.getcwd(),
+            self.pnn_jobs,
         )
-        if server is not None:
-            proc = interrupt.run_process(lambda: server.start(argv, env))
-        else:
-            proc = interrupt.run_process(lambda: subprocess.Popen([sys.executable, *argv], env=env))
-        payload.unlink(missing_ok=True)
+        proc = context.Process(target=job_process, args=args, name=f"job{idx}", daemon=False)
+        proc.start()
+        interrupt.register(proc.pid)
+        return proc
+
+    def _collect(
+        self, proc: Any, jobs: list[tuple[list[str], int]], workdir: Path
+    ) -> list[JobReturn]:
+        """What the ended job process reported, or why it reported nothing."""
+        idx = jobs[0][1]
+        result = workdir / f"job{idx}.result.pkl"
         if result.exists():
             rets = cloudpickle.loads(result.read_bytes())
-            result.unlink()
-            run_ids.unlink(missing_ok=True)
+            if interrupt.received():  # a job stopped by the forwarded signal before it reported
+                why = f"by {interrupt.signal_name()}"
+                rets = [
+                    self._stopped(r.overrides, why) if r.status == JobStatus.FAILED else r
+                    for r in rets
+                ]
             return rets
-        code: int | str = proc.returncode
-        if proc.returncode < 0 and -proc.returncode in signal.valid_signals():
-            code = f"{proc.returncode} ({signal.Signals(-proc.returncode).name})"
+        code: int | str = proc.exitcode
+        if proc.exitcode < 0 and -proc.exitcode in signal.valid_signals():
+            code = f"{proc.exitcode} ({signal.Signals(-proc.exitcode).name})"
+        stopped_by = {-sig: sig for sig in interrupt.SIGNALS} | {
+            128 + sig: sig for sig in interrupt.SIGNALS
+        }
+        run_ids = workdir / f"job{idx}.run"
+        if proc.exitcode in stopped_by:  # SIGTERM or SIGINT ended it before it reported
+            why = f"by {signal.Signals(stopped_by[proc.exitcode]).name}"
+            if self.pnn_jobs:
+                why += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, why))
+            return [self._stopped(o, why) for o, _ in jobs]
         reason = f"job process exited with code {code} before reporting (killed, or out of memory?)"
         if self.pnn_jobs:
             reason += "; rerun the same command to resume it"
@@ -278,63 +257,49 @@ class GpuPoolLauncher(Launcher):
         return [failed_return(o, RuntimeError(reason)) for o, _ in jobs]
 
 
-class _JobServers:
-    """The forkserver of one launch's pnn-sweep jobs on CPU slots (:mod:`pnn.sweep.forkserver`):
-    the one the sweeper forked from the sweep process, or else one started with the first of
-    them. Should that fail to start, each job process starts afresh."""
-
-    def __init__(self, given: ForkServer | None = None) -> None:
-        self._lock = threading.Lock()
-        self._given = given  # the sweeper's, which it ends itself
-        self._server: ForkServer | None = None
-        self._failed = False
-
-    def get(self, env: dict[str, str]) -> ForkServer | None:
-        """The server for a job process with environment ``env``; None if it must start afresh
-        (the server could not start, or ``env`` changes what only a new interpreter reads)."""
-        if self._given is not None and not self._given.startup_differences(env):
-            return self._given
-        with self._lock:
-            if self._server is None and not self._failed:
-                server_env = dict(os.environ)  # what the slots add is read after the start
-                for key in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES"):
-                    server_env[key] = env[key]
-                try:
-                    self._server = ForkServer(JOB_PRELOAD, server_env)
-                except OSError as err:
-                    self._failed = True
-                    log.warning(f"[sweep] job processes start afresh: {err}")
-            server = self._server
-        if server is None or server.startup_differences(env):
-            return None
-        return server
-
-    def close(self) -> None:
-        with self._lock:
-            if self._server is not None:
-                self._server.close()
-                self._server = None
+# What a pnn-sweep job imports before its first line of work: its forkserver imports them once.
+JOB_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "torch.optim",
+    "mlflow",
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "hydra.core.utils",
+    "omegaconf",
+    "cloudpickle",
+]
 
 
-def child_pythonpath() -> str:
-    """This process's import path, for a job process, so that what the task refers to (the
-    app's modules beside its script, this package) imports there as it does here. The
-    interpreter's own folders are left out: the job process has them anyway, after these."""
-    own = [Path(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
-    user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
-    paths = [
-        p
-        for p in sys.path
-        if p
-        and p != user_site
-        and Path(p).is_dir()
-        and not any(Path(p).is_relative_to(prefix) for prefix in own)
-    ]
-    return os.pathsep.join(dict.fromkeys(paths))
+def job_context(pnn_jobs: bool) -> Any:
+    """The stdlib forkserver context the job processes start from. Its server ignores SIGTERM
+    (:mod:`pnn.sweep.forkserver_preload`) so that a signal to the sweep's process group stops the
+    jobs, not the server that reports their exits; for pnn-sweep's jobs it has imported
+    :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
+    context = multiprocessing.get_context("forkserver")
+    preload = ["pnn.sweep.forkserver_preload", *(JOB_PRELOAD if pnn_jobs else [])]
+    context.set_forkserver_preload(preload)
+    return context
+
+
+def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jobs: bool) -> None:
+    """Body of a job process, forked by the forkserver: the slot's environment and the sweep's
+    working directory, its own signal handling, then the job(s) of ``payload``."""
+    if pnn_jobs:
+        interrupt.install(role="job")
+    else:  # the task's own way: Python's defaults (the server ignores SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    die_with_parent()
+    run_child(payload, result)
+    if interrupt.received():  # the job reported being stopped by a signal: say so
+        sys.exit(128 + interrupt.received())
 
 
 def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
-    """Mark KILLED the runs a dead job process had claimed (listed in ``run_ids``), unless
+    """Mark KILLED the runs a dead job process had leased (listed in ``run_ids``), unless
     another process has adopted them since. The ids of the runs marked."""
     from pnn.io.tracking import ENV_URI
 
@@ -342,7 +307,7 @@ def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
         return []
 
     from pnn.io import storeguard
-    from pnn.sweep.claim import mark_killed
+    from pnn.sweep.lease import mark_killed
 
     try:
         client = storeguard.client(os.environ[ENV_URI])
@@ -362,14 +327,13 @@ def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
 
 
 def run_child(payload_path: str, result_path: str) -> None:
-    """Body of a job process (see ``pnn.sweep.launch_child``)."""
+    """Run the job(s) of ``payload_path`` and write their JobReturns to ``result_path``."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import run_job, setup_globals
 
     payload = cloudpickle.loads(Path(payload_path).read_bytes())
     setup_globals()
     Singleton.set_state(payload["singleton_state"])
-    pnn_jobs = payload["pnn_jobs"]
 
     def one_job(config: DictConfig) -> JobReturn:
         HydraConfig.instance().set_config(config)
@@ -382,8 +346,6 @@ def run_child(payload_path: str, result_path: str) -> None:
                 job_dir_key="hydra.sweep.dir",
                 job_subdir_key="hydra.sweep.subdir",
             )
-        except interrupt.Interrupted as sig:  # a pnn-sweep job marked its run KILLED
-            ret = stopped_return(overrides, f"by {sig.signal_name}", pnn_jobs=pnn_jobs)
         except Exception as err:  # Hydra's own setup failed: report it, as a task error is
             ret = failed_return(overrides, err)
         if ret.status == JobStatus.FAILED and not _picklable(ret._return_value):

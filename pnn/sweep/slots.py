@@ -31,6 +31,36 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def check_gpus_visible(gpus: Sequence[int | str]) -> None:
+    """``hydra.launcher.gpus``: each id must name a CUDA device this process can see, or the
+    job would train on the CPU without a word."""
+    wanted = [str(g) for g in gpus]
+    if not wanted:
+        return
+    visible = visible_gpus()
+    if visible and visible_gpus_usable():
+        missing = [g for g in wanted if g not in visible]
+        if not missing:
+            return
+    listed = ",".join(visible) if visible else "none"
+    raise ConfigError(
+        f"hydra.launcher.gpus=[{','.join(wanted)}] but the CUDA devices visible here are: "
+        f"{listed}; name visible ones, or use hydra.launcher.gpus=[] for CPU workers"
+    )
+
+
+def visible_gpus_usable() -> bool:
+    """Whether torch can use CUDA here (a driver, a device, a CUDA build of torch)."""
+    if not any(Path(p).exists() for p in GPU_DRIVER_FILES):
+        return False
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA
+        return False
+
+
 def auto_cpu_workers(threads: int) -> int:
     """``cpu_workers=auto``: the cores this process may run on (its affinity, which ``taskset``
     and container limits narrow) divided by each job's ``train.threads``, at least 1."""

@@ -6,7 +6,7 @@ subclass changes what happens around it:
 - **in the job**, a SIGTERM (``scancel``, a node's job killed by SLURM) reaches the job's own
   handler, installed after submitit's (which only logs it), so the run ends KILLED within
   KillWait. On submitit's preemption signal (USR2) the job checkpoints and requeues as before;
-  it then releases its lease on the run (:func:`pnn.sweep.claim.release`), so that the requeued
+  it then releases its lease on the run (:func:`pnn.sweep.lease.release`), so that the requeued
   job, on whichever host, adopts the run at once. The job writes ``<run id> <owner>`` into its
   submitit folder, for the sweep;
 - **in the sweep**, every job of the array is waited for and reported with its own outcome: its
@@ -43,7 +43,7 @@ from pnn.sweep.outcomes import failed_return, is_pnn_sweep, stopped_return
 
 log = logging.getLogger(__name__)
 
-# The file in a job's submitit folder where the job writes "<run id> <owner>" once it claims.
+# Where a job writes "<run id> <owner>" (its submitit folder) once it leases its run.
 RUN_FILE = "pnn_run"
 # SLURM states in which a job may still run or run again (``squeue --states=all``); any other
 # state, or a job SLURM no longer knows, is over.
@@ -81,13 +81,11 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
         from pnn.io.tracking import ENV_RUN_ID_FILE
 
-        interrupt.install_child()  # after submitit's handlers, which bypass SIGTERM
+        interrupt.install(role="job")  # after submitit's handlers, which bypass SIGTERM
         run_file = submitit.JobEnvironment().paths.folder / RUN_FILE
         os.environ[ENV_RUN_ID_FILE] = str(run_file)
-        try:
+        try:  # a pnn-sweep job stopped by the signal has marked its run KILLED and says so
             return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
-        except interrupt.Interrupted as sig:  # a pnn-sweep job has marked its run KILLED
-            return stopped_return(sweep_overrides, f"by {sig.signal_name}", pnn_jobs=True)
         except SystemExit:  # submitit's requeue (preemption, time limit) ends this process
             release_leases(run_file)
             raise
@@ -123,8 +121,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         try:
             with _replaced(submitit, "AutoExecutor", Executor):
                 return super().launch(job_overrides, initial_job_idx)
-        except interrupt.Interrupted as sig:
-            return self._cancel(jobs, job_overrides, sig.signal_name)
+        except _Signalled:
+            return self._cancel(jobs, job_overrides, interrupt.signal_name() or "SIGINT")
 
     def _cancel(
         self, jobs: list[Any], job_overrides: Sequence[Sequence[str]], signal_name: str
@@ -154,6 +152,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def _wait(self, job: Any) -> JobReturn:
         overrides = list(job.submission().args[0])
         while not self._ended(job):
+            if interrupt.received():  # Ctrl-C or SIGTERM to the sweep: cancel the jobs
+                raise _Signalled
             time.sleep(min(self.poll_s, 1.0))
         ret = self._result(job, overrides)
         if ret is not None:
@@ -233,6 +233,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         return ret
 
 
+class _Signalled(Exception):
+    """The sweep got SIGTERM or SIGINT while it waited for its jobs (pnn.sweep.interrupt)."""
+
+
 class _Watched:
     """A submitit job whose ``results()`` waits as :class:`SlurmLauncher` does and never raises."""
 
@@ -286,10 +290,10 @@ def _run_lines(run_file: Path) -> list[tuple[str, str]]:
 
 def lease_lost(run_file: Path, started: float) -> bool:
     """Whether the run this incarnation of the job claimed (``run_file``, written after the
-    job's SLURM start time ``started``) is RUNNING under its claim with a stale lease: its
+    job's SLURM start time ``started``) is RUNNING under its lease, and that lease is stale: its
     process is gone though SLURM shows it running. A released lease is not lost."""
     from pnn.io import storeguard
-    from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, claim_status
+    from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, lease_status
     from pnn.io.tracking import ENV_URI
 
     lines = _run_lines(run_file)
@@ -304,14 +308,14 @@ def lease_lost(run_file: Path, started: float) -> bool:
     tags = run.data.tags
     if run.info.status != "RUNNING" or tags.get(TAG_OWNER) != owner:
         return False
-    return TAG_HEARTBEAT in tags and not claim_status(run)[0]
+    return TAG_HEARTBEAT in tags and not lease_status(run)[0]
 
 
 def release_leases(run_file: Path) -> None:
     """Release the lease on the run this job claimed (the last line of ``run_file``)."""
     from pnn.io import storeguard
     from pnn.io.tracking import ENV_URI
-    from pnn.sweep.claim import release
+    from pnn.sweep.lease import release
 
     lines = _run_lines(run_file)
     uri = os.environ.get(ENV_URI)

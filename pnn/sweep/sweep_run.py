@@ -1,8 +1,8 @@
-"""The sweep's parent run, claimed like a job's run, so that no sweep stays RUNNING for ever.
+"""The sweep's parent run, leased like a job's run, so that no sweep stays RUNNING for ever.
 
-``sweep.py`` claims its parent run with the owner and heartbeat tags of :mod:`pnn.sweep.claim` (the
-same code as a job's claim) and renews the heartbeat while its jobs run. A sweep killed with
-``kill -9``, or one whose machine died, cannot end its parent run; its claim goes stale, and
+``sweep.py`` leases its parent run with the owner and heartbeat tags of :mod:`pnn.sweep.lease` (the
+same code as a job's lease) and renews the heartbeat while its jobs run. A sweep killed with
+``kill -9``, or one whose machine died, cannot end its parent run; its lease goes stale, and
 the next sweep on the same experiment marks it KILLED, with tag ``pnn.failure`` saying why and
 when (:func:`close_stale_sweeps`). A live sweep (fresh heartbeat, say on another host) is never
 touched. ``analyze.py`` reads such a run as a dead sweep, and writes nothing
@@ -22,17 +22,17 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pnn.io import storeguard, tracking
-from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, claim_status, parse_owner
-from pnn.sweep.claim import Heartbeat, claim_tags, mark_killed, owner_id
+from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, lease_status, parse_owner
+from pnn.sweep.lease import Heartbeat, lease_tags, mark_killed, owner_id
 
 log = logging.getLogger("pnn")
 
 
 def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> Heartbeat:
-    """Create the parent run, claimed by this process, then close the experiment's stale
+    """Create the parent run, leased by this process, then close the experiment's stale
     sweeps. Returns the parent run's heartbeat, for the sweeper to run while its jobs do.
     Raises StoreError if the parent run cannot be created."""
-    run_id = tracking.start_sweep(cfg, sweep_dir, command, n_jobs, claim_tags(owner_id()))
+    run_id = tracking.start_sweep(cfg, sweep_dir, command, n_jobs, lease_tags(owner_id()))
     uri = os.environ[tracking.ENV_URI]
     client = storeguard.client(uri)
     try:
@@ -48,22 +48,22 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
 
 
 def close_stale_sweeps(client: Any, experiment_id: str, closer: str) -> list[str]:
-    """Mark KILLED the RUNNING parent runs of ``experiment_id`` whose claim is stale
-    (:func:`pnn.io.liveness.claim_status`): their sweep.py died before it could end them. Returns
+    """Mark KILLED the RUNNING parent runs of ``experiment_id`` whose lease is stale
+    (:func:`pnn.io.liveness.lease_status`): their sweep.py died before it could end them. Returns
     the ids of the runs marked."""
     running = tracking.retry(
         lambda: client.search_runs([experiment_id], filter_string=tracking.RUNNING_SWEEPS)
     )
     closed = []
     for run in running:
-        live, why = claim_status(run)
+        live, why = lease_status(run)
         if live:
             continue
         reason = (
             f"stale sweep: {why}{_last_beat(run)}; marked KILLED at {_stamp(time.time())} "
             f"by sweep {closer}"
         )
-        # Only while it is still RUNNING under the same claim: never a sweep that came back.
+        # Only while it is still RUNNING under the same lease: never a sweep that came back.
         if mark_killed(client, run.info.run_id, reason, owner=run.data.tags.get(TAG_OWNER)):
             closed.append(run.info.run_id)
             log.warning(
@@ -110,8 +110,8 @@ def end_sweep(status: str, signal_name: str | None = None) -> str | None:
 
 def _left_running(client: Any, parent_id: str) -> list:
     """The RUNNING job runs this sweep worked on (created or adopted: TAG_SWEEPS), except those
-    another process has claimed since and still trains: those are not ours to end. One trained
-    in this very process is ours, though its claim looks live."""
+    another process has leased since and still trains: those are not ours to end. One trained
+    in this very process is ours, though its lease looks live."""
     sweep = os.environ.get(tracking.ENV_SWEEP)
     if sweep:
         mine = f"tags.`{tracking.TAG_SWEEPS}` LIKE '%{sweep}%'"
@@ -127,5 +127,5 @@ def _left_running(client: Any, parent_id: str) -> list:
     return [
         r
         for r in runs
-        if parse_owner(r.data.tags.get(TAG_OWNER, "")) == here or not claim_status(r)[0]
+        if parse_owner(r.data.tags.get(TAG_OWNER, "")) == here or not lease_status(r)[0]
     ]

@@ -7,7 +7,7 @@ running many jobs needs:
   value, or a key the schema lacks (``+train.epoch=5``), fails the whole command before data is
   loaded or anything is logged;
 - dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
-- one MLflow parent run per invocation, whose id the jobs read from the environment, claimed
+- one MLflow parent run per invocation, whose id the jobs read from the environment, leased
   like a job's run so that a sweep killed outright is closed by the next (``pnn.sweep.sweep_run``);
 - jobs report instead of raising, so one failure does not stop the others; at the end a
   summary lists finished, skipped and failed jobs, and the command exits non-zero on failures;
@@ -22,7 +22,7 @@ subclasses this class to give it such a name.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import logging
 import sys
 import time
@@ -39,19 +39,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pnn.config import ConfigError, schema, validate, warnings_for
 from pnn.schema_keys import describe_unknown
 from pnn.sweep import interrupt
-from pnn.sweep.forkserver import JOB_PRELOAD, ForkServer
-from pnn.sweep.launcher import GpuPoolLauncher
 from pnn.sweep.outcomes import outcome_of
-from pnn.sweep.slots import check_launcher_keys, visible_gpus
+from pnn.sweep.slots import check_gpus_visible, check_launcher_keys, visible_gpus
 
 log = logging.getLogger(__name__)
 
 
 class PNNSweeper(Sweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None):
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-        self._split = BasicSweeper.split_arguments
         self.max_batch_size = max_batch_size
         self.params = dict(params or {})
         self.config: DictConfig | None = None
@@ -71,9 +66,18 @@ class PNNSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(params + list(arguments))
         # Later overrides of the same key replace earlier ones, so `experiment=e6_...` on the
-        # command line replaces the default sweep over all eight.
-        batches = self._split(overrides, None)
-        return [list(job) for job in batches[0]]
+        # command line replaces the default sweep over all eight; then the grid, as Hydra's
+        # basic sweeper orders it.
+        choices: dict[str, list[str]] = {}
+        for override in overrides:
+            key = override.get_key_element()
+            if not override.is_sweep_override():
+                choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+            elif override.is_discrete_sweep():
+                choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            else:
+                raise SystemExit(f"error: {key}: interval sweeps need a sweeper that samples")
+        return [list(job) for job in itertools.product(*choices.values())]
 
     def _compose(self, overrides: list[str], idx: int) -> DictConfig:
         assert self.hydra_context is not None and self.config is not None
@@ -88,19 +92,23 @@ class PNNSweeper(Sweeper):
         return cfg
 
     def sweep(self, arguments: list[str]) -> Any:
-        interrupt.install_parent()
-        try:
-            return self._sweep(arguments)
-        except interrupt.Interrupted as sig:  # before any job process ran
-            from pnn.analysis import ui
-            from pnn.sweep import sweep_run
+        interrupt.install()
+        return self._sweep(arguments)
 
-            ui.close_sweep_view()  # removes it: no job ran
-            problem = sweep_run.end_sweep("KILLED", sig.signal_name)
-            print(f"[sweep] interrupted by {sig.signal_name} before any job started", flush=True)
-            if problem:
-                print(f"[sweep] {problem}", file=sys.stderr, flush=True)
-            raise SystemExit(128 + sig.signum) from None
+    def _stop_if_signalled(self) -> None:
+        """Before any job ran: a signal ends the sweep here, its parent run (if any) KILLED."""
+        signame = interrupt.signal_name()
+        if signame is None:
+            return
+        from pnn.analysis import ui
+        from pnn.sweep import sweep_run
+
+        ui.close_sweep_view()  # removes it: no job ran
+        problem = sweep_run.end_sweep("KILLED", signame)
+        print(f"[sweep] interrupted by {signame} before any job started", flush=True)
+        if problem:
+            print(f"[sweep] {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + interrupt.received())
 
     def _sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.hydra_context is not None
@@ -125,6 +133,11 @@ class PNNSweeper(Sweeper):
         for idx, cfg in enumerate(configs):
             try:
                 validate(cfg)
+                if cfg.train.device == "cuda" and not gpus_visible and not cfg.dry_run:
+                    raise ConfigError(
+                        "train.device=cuda but the jobs run on CPU slots (no GPU visible, or "
+                        "hydra.launcher.gpus=[]); use train.device=auto or cpu"
+                    )
                 check_model_builds(cfg)
                 if not cfg.dry_run:
                     check_fits(cfg, gpus_visible)
@@ -148,31 +161,26 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        # Before any thread, store connection or per-process id exists in this process.
-        job_server = fork_job_server(launcher_cfg, gpus_visible)
-        try:
-            from pnn.io.storeguard import StoreError
-            from pnn.sweep import sweep_run
+        self._stop_if_signalled()
+        from pnn.io.storeguard import StoreError
+        from pnn.sweep import sweep_run
 
-            sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-            try:  # the parent run, claimed by this process; stale sweeps are closed (no zombies)
-                heartbeat = sweep_run.start_sweep(
-                    configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
-                )
-            except StoreError as err:
-                raise SystemExit(f"error: {err}") from None
-            with heartbeat:  # renewed until the parent run is ended
-                return self._run_jobs(jobs, configs, sweep_dir, job_server)
-        finally:
-            if job_server is not None:
-                job_server.close()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        try:  # the parent run, leased by this process; stale sweeps are closed (no zombies)
+            heartbeat = sweep_run.start_sweep(
+                configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
+            )
+        except StoreError as err:
+            raise SystemExit(f"error: {err}") from None
+        with heartbeat:  # renewed until the parent run is ended
+            self._stop_if_signalled()
+            return self._run_jobs(jobs, configs, sweep_dir)
 
     def _run_jobs(
         self,
         jobs: list[list[str]],
         configs: list[DictConfig],
         sweep_dir: Path,
-        job_server: ForkServer | None = None,
     ) -> Any:
         """Launch the jobs, print the summary, publish the dashboard, end the parent run."""
         from pnn.analysis import dashboard, ui
@@ -183,24 +191,16 @@ class PNNSweeper(Sweeper):
         ui.open_sweep_view(jobs, configs)  # the MLflow UI's saved view of this sweep's runs
 
         launcher = self._launcher()
-        if isinstance(launcher, GpuPoolLauncher):
-            launcher.job_server = job_server
         log.info(f"[sweep] {len(jobs)} job(s); outputs in {sweep_dir}")
         tic = time.monotonic()
         returns: list[JobReturn] = []
         crash = None
-        # gpu_pool forwards a signal to its job processes and lets them end their runs; other
-        # launchers get it as an Interrupted exception here.
-        forward = interrupt.forwarding() if isinstance(launcher, GpuPoolLauncher) else None
         try:
-            with forward or contextlib.nullcontext():
-                batch = self.max_batch_size or len(jobs)
-                for start in range(0, len(jobs), batch):
-                    if interrupt.received():
-                        break
-                    returns.extend(launcher.launch(jobs[start : start + batch], start))
-        except interrupt.Interrupted:
-            pass
+            batch = self.max_batch_size or len(jobs)
+            for start in range(0, len(jobs), batch):
+                if interrupt.received():
+                    break
+                returns.extend(launcher.launch(jobs[start : start + batch], start))
         except Exception as err:  # the launcher itself broke: still sum up and end the parent
             crash = f"the launcher failed: {type(err).__name__}: {err}"
             log.error(f"[sweep] {crash}")
@@ -290,7 +290,11 @@ def check_launcher_config(launcher: DictConfig) -> bool:
             launcher.get("cpu_workers"),
             launcher.get("seeds_per_process", 1),
         )
-        return bool(gpus) if gpus is not None else bool(visible_gpus())
+        if gpus is not None:
+            ids = [gpus] if isinstance(gpus, int | str) else gpus
+            check_gpus_visible(ids)
+            return bool(ids)
+        return bool(visible_gpus())
     if "submitit" in target or target.endswith("SlurmLauncher"):
         for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
             value = launcher.get(key)
@@ -299,7 +303,7 @@ def check_launcher_config(launcher: DictConfig) -> bool:
                     f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})"
                 )
         return bool(launcher.get("gpus_per_task") or launcher.get("gpus_per_node"))
-    return False
+    return bool(visible_gpus())  # the jobs run here
 
 
 def check_detach(configs: list[DictConfig], launcher: DictConfig) -> None:
@@ -312,18 +316,6 @@ def check_detach(configs: list[DictConfig], launcher: DictConfig) -> None:
                 f"sweep.detach=true needs hydra/launcher=slurm (got {name}): other launchers' "
                 "jobs end with the sweep"
             )
-
-
-def fork_job_server(launcher: DictConfig, gpus_visible: bool) -> ForkServer | None:
-    """For gpu_pool's jobs on CPU slots: a forkserver forked from this process, which has
-    imported torch and the rest of a job's imports by now (:mod:`pnn.sweep.forkserver`), so
-    that no job process imports them again. None for GPU jobs and other launchers, or where
-    this process cannot fork safely (the launcher then starts a server of its own)."""
-    if gpus_visible or not str(launcher.get("_target_", "")).endswith("GpuPoolLauncher"):
-        return None
-    # Modules whose import-time state names this process (pnn.io.tracking's process group, the
-    # claim's token) must be imported afresh in each job.
-    return ForkServer.forked(JOB_PRELOAD, unsafe=("pnn.io.tracking", "pnn.sweep.claim"))
 
 
 def check_model_builds(cfg: DictConfig) -> None:

@@ -9,7 +9,6 @@ Nothing goes through PIL or a DataLoader in the loop, and nothing waits for the 
 
 from __future__ import annotations
 
-import fcntl
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from pnn.config import DATASETS
 
@@ -194,8 +194,7 @@ def _load_split(
     try:
         # Parallel jobs share dataset.root: one downloads and extracts, the others wait for it.
         root.mkdir(parents=True, exist_ok=True)
-        with open(root / ".pnn-download.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with FileLock(root / ".pnn-download.lock"):
             dataset = dataset_class(str(root), train=train, download=cfg.dataset.download)
     except (RuntimeError, OSError) as error:  # not found, corrupted, or the download failed
         detail = f"torchvision said: {str(error).strip()}"

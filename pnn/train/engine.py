@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NonFiniteLossError",
+    "TrainingStopped",
     "TrainResult",
     "build_optimizer",
     "lr_for_epoch",
@@ -44,6 +45,10 @@ __all__ = [
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run cannot go on."""
+
+
+class TrainingStopped(Exception):
+    """``should_stop()`` answered true at a step boundary: the caller asked training to end."""
 
 
 def seed_everything(seed: int) -> None:
@@ -153,12 +158,14 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     extra_state: dict[str, Any] | None = None,
     progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``cfg.train.epochs`` epochs, resuming from ``checkpoint_path`` if it exists.
 
     After every epoch a checkpoint is written atomically, then ``on_epoch(epoch, metrics)`` is
     called. ``extra_state`` is stored in each checkpoint; when resuming with ``extra_state``
-    None, the checkpoint's is kept.
+    None, the checkpoint's is kept. ``should_stop`` is asked after every step: true raises
+    :class:`TrainingStopped` (the last checkpoint is that of the last whole epoch).
     """
     checkpoint_path = Path(checkpoint_path)
     model.to(device)
@@ -175,7 +182,7 @@ def train(
     with execution(cfg, model, device):
         for epoch in range(run.start_epoch, cfg.train.epochs + 1):
             metrics = _train_epoch(
-                cfg, model, optimizer, step, data, generator, device, epoch, run, show
+                cfg, model, optimizer, step, data, generator, device, epoch, run, show, should_stop
             )
             run.history.append(metrics)
             _save(checkpoint_path, epoch, model, optimizer, generator, run)
@@ -243,6 +250,7 @@ def _train_epoch(
     epoch: int,
     run: _Resumed,
     show: _Progress | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One epoch: set its lr, run its steps, test; returns the epoch's metrics and updates the
     reported EMA in ``run``."""
@@ -258,7 +266,7 @@ def _train_epoch(
     inputs, labels = data.training_epoch(batch_size, generator, cfg.train.max_steps_per_epoch)
     totals = StepTotals.zeros(device)
     on_step = None if show is None else functools.partial(show.step, epoch)
-    run_steps(step, inputs, labels, batch_size, totals, on_step)
+    run_steps(step, inputs, labels, batch_size, totals, on_step, should_stop)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - started
@@ -293,14 +301,18 @@ def run_steps(
     batch_size: int,
     totals: StepTotals,
     on_step: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """The step loop: one ``step`` per batch of the epoch tensors, no host sync;
-    ``on_step(done)`` after each (the progress bar)."""
+    ``on_step(done)`` after each (the progress bar), then :class:`TrainingStopped` if
+    ``should_stop()``."""
     for index, begin in enumerate(range(0, len(labels), batch_size)):
         step(inputs[begin : begin + batch_size], labels[begin : begin + batch_size], totals)
         step_boundary()  # packed seeds (pnn.train.packing) take turns here; else a no-op
         if on_step is not None:
             on_step(index + 1)
+        if should_stop is not None and should_stop():
+            raise TrainingStopped
 
 
 def _raise_if_non_finite(totals: StepTotals, epoch: int) -> None:

@@ -1,6 +1,6 @@
 """Which run a job trains in, and with which checkpoint: skip, adopt or create.
 
-The claim on a job lives in the tracking store (:func:`pnn.io.liveness.claim_status`): a live
+The lease on a job lives in the tracking store (:func:`pnn.io.liveness.lease_status`): a live
 RUNNING run of the same job means "running elsewhere"; a stale, KILLED or FAILED one is adopted;
 otherwise a new run is created, and if two processes create one at once, the oldest wins. A
 checkpoint with finished epochs is never deleted without a message: it is resumed (into a new
@@ -21,23 +21,23 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pnn.io import storeguard, tracking
-from pnn.io.liveness import HEARTBEAT_S, TAG_HEARTBEAT, TAG_OWNER, claim_status
+from pnn.io.liveness import HEARTBEAT_S, TAG_HEARTBEAT, TAG_OWNER, lease_status
 from pnn.sweep.job_identity import Job
 
 log = logging.getLogger("pnn")
 
 
-# The claim's tags and the rule that tells a live claim from a stale one are pnn.io.liveness's
-# (the analysis reads them too); this module writes and renews claims.
+# The lease's tags and the rule that tells a live lease from a stale one are pnn.io.liveness's
+# (the analysis reads them too); this module writes and renews leases.
 _TOKEN = os.urandom(4).hex()
 
 
 def owner_id(token: str = _TOKEN) -> str:
-    """Who claims a run: this host, this process and a token (several jobs per process)."""
+    """Who leases a run: this host, this process and a token (several jobs per process)."""
     return f"{socket.gethostname()}/{os.getpid()}/{token}"
 
 
-def claim_tags(owner: str) -> dict[str, str]:
+def lease_tags(owner: str) -> dict[str, str]:
     return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time():.0f}"}
 
 
@@ -45,19 +45,19 @@ def first_live_run(client: Any, experiment_id: str, chash: str) -> Any | None:
     """The oldest live run of a job: when two processes create a run for it at once, both
     then ask this, and the one whose run is oldest trains."""
     runs = tracking.find_job_runs(client, experiment_id, chash)
-    live = [r for r in runs if r.info.status == "RUNNING" and claim_status(r)[0]]
+    live = [r for r in runs if r.info.status == "RUNNING" and lease_status(r)[0]]
     return live[0] if live else None
 
 
 def adopt_job_run(client: Any, run: Any, owner: str) -> bool:
-    """Claim an open run of this job for ``owner``: RUNNING, our heartbeat, this sweep's id
-    added to tracking.TAG_SWEEPS. False if another process claimed it at the same time."""
+    """Lease an open run of this job for ``owner``: RUNNING, our heartbeat, this sweep's id
+    added to tracking.TAG_SWEEPS. False if another process leased it at the same time."""
     sweeps = [s for s in run.data.tags.get(tracking.TAG_SWEEPS, "").split(",") if s]
     sweep = os.environ.get(tracking.ENV_SWEEP)
     if sweep and sweep not in sweeps:
         sweeps.append(sweep)
     run_id = run.info.run_id
-    tracking.set_tags(client, run_id, {**claim_tags(owner), tracking.TAG_SWEEPS: ",".join(sweeps)})
+    tracking.set_tags(client, run_id, {**lease_tags(owner), tracking.TAG_SWEEPS: ",".join(sweeps)})
     tracking.retry(lambda: client.update_run(run_id, status="RUNNING"))
     # Read back: of two processes that adopted it at once, the last writer owns it.
     now = tracking.retry(lambda: client.get_run(run_id))
@@ -66,7 +66,7 @@ def adopt_job_run(client: Any, run: Any, owner: str) -> bool:
 
 def mark_killed(client: Any, run_id: str, reason: str, owner: str | None = None) -> bool:
     """Mark a RUNNING run KILLED with ``reason`` (tag ``pnn.failure``), if it is still
-    RUNNING and, when ``owner`` is given, still claimed by it. True if it was marked."""
+    RUNNING and, when ``owner`` is given, still leased by it. True if it was marked."""
     run = tracking.retry(lambda: client.get_run(run_id))
     if run.info.status != "RUNNING":
         return False
@@ -123,16 +123,16 @@ def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
         ), []
     open_runs = [r for r in runs if r.info.status != "FINISHED"]
     for r in open_runs:
-        live, why = claim_status(r) if r.info.status == "RUNNING" else (False, "")
+        live, why = lease_status(r) if r.info.status == "RUNNING" else (False, "")
         if live:
             return job.skip(f"running elsewhere as run {r.info.run_id} ({why})"), []
     return None, open_runs
 
 
 def open_run(job: Job, open_runs: list[Any]) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
-    """Claim the job's run: adopt an open one (the checkpoint's, else the newest) or create
+    """Lease the job's run: adopt an open one (the checkpoint's, else the newest) or create
     one. Returns (run id, checkpoint state or None), or a skip outcome if another process
-    claimed the job at the same moment."""
+    leased the job at the same moment."""
     state = _usable_checkpoint(job)
     if job.cfg.sweep.rerun:
         for r in open_runs:  # stale runs of the old attempt must not stay RUNNING
@@ -174,7 +174,7 @@ def _new_run(
     first = first_live_run(job.client, job.experiment_id, job.chash)
     if first is not None and first.info.run_id != run_id:  # two created at once: oldest wins
         tracking.retry(lambda: job.client.delete_run(run_id))
-        return job.skip(f"running elsewhere as run {first.info.run_id} (claimed first)")
+        return job.skip(f"running elsewhere as run {first.info.run_id} (leased first)")
     if state is None:
         log.info(f"[{job.name}] new MLflow run {run_id}")
         return run_id, None
@@ -193,7 +193,7 @@ def _adopt_run(
 ) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
     run_id, was = run.info.run_id, run.info.status
     if not adopt_job_run(job.client, run, job.owner):
-        return job.skip(f"running elsewhere as run {run_id} (claimed at the same moment)")
+        return job.skip(f"running elsewhere as run {run_id} (leased at the same moment)")
     if state is None:
         log.info(f"[{job.name}] adopting MLflow run {run_id} ({was}, no checkpoint): from epoch 1")
         return run_id, None
@@ -226,7 +226,7 @@ def _create_run(job: Job) -> str:
     counts = count_parameters(model)
     overrides = _overrides()
     run_id = tracking.create_job_run(
-        job.client, job.experiment_id, cfg, job.chash, overrides, claim_tags(job.owner)
+        job.client, job.experiment_id, cfg, job.chash, overrides, lease_tags(job.owner)
     )
     tracking.log_metrics(job.client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
     _log_text(job.client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -1,39 +1,18 @@
-"""Job processes forked from a process that has imported torch, MLflow and Hydra once.
+"""The tests' forkserver: ``sweep.py``, ``analyze.py`` and ``mlflow server`` forked from a process
+that has imported torch, MLflow, Hydra and matplotlib once, instead of a new interpreter paying
+4 to 5 s of CPU for them each time.
 
-A job process started afresh spends 4 to 5 s of CPU importing torch, torch._dynamo, MLflow's SQL
-store and Hydra before it trains, and a sweep of many short jobs pays that for each. For
-pnn-sweep's jobs on CPU slots the sweep therefore forks a forkserver from its own process
-(:meth:`ForkServer.forked`), once it has imported those packages for its checks and before it
-starts a thread, opens the store or imports what names the process; where it cannot, the
-launcher starts one (``python -m pnn.sweep.forkserver SOCKET MODULE...``), which imports them
-itself. The server forks a child per job. The child takes the job's standard streams, working
-directory and environment, and runs ``python -m pnn.sweep.launch_child ...`` as a new
-interpreter would (:func:`runpy.run_module`); when that returns or raises, the process exits as
-an interpreter does (atexit handlers, the exit status, a signal's death), and the server sends
-the wait status to the launcher (:class:`ForkedProcess`, which answers as
-:class:`subprocess.Popen` does).
-
-- **CUDA.** Importing torch does not initialise CUDA, but a fork after anything has done so
-  breaks the child; jobs on GPU slots still start as new processes.
-- **Signals.** The server ignores SIGTERM and SIGINT, so that a signal to the sweep's process
-  group (the jobs are in it) does not end the server they report through; a child gets a new
-  interpreter's handlers back.
-- **Lifetime.** The server exits when its stdin closes (the launcher is done, or gone) or its
-  parent changes. A job asks the kernel to end it when its parent dies
-  (:func:`pnn.sweep.launcher.die_with_parent`): that is the server, which outlives the sweep by
-  at most :data:`POLL_S`.
-- **Environment.** Nothing of ``pnn`` is imported before the fork, so a job imports its own
-  modules under its own environment. What an interpreter reads only when it starts
-  (``PYTHONPATH``, the OpenMP and BLAS thread variables, ...) is the server's: a request that
-  would change it is refused (:func:`startup_differences`).
-
-The tests start ``sweep.py`` and ``analyze.py`` through a server of their own, with matplotlib
-imported as well (``tests/conftest.py``).
+A test harness, not part of pnn-sweep. The server (``python tests/forkserver.py SOCKET MODULE...``)
+forks a child per request; the child takes the request's standard streams, working directory,
+environment and session and runs the program as ``python argv...`` would (:mod:`runpy`).
+:class:`ForkedProcess` answers as :class:`subprocess.Popen` does. What an interpreter reads only
+when it starts (``PYTHONPATH``, OpenMP and BLAS variables) is the server's: a request that would
+change it is refused (:func:`startup_differences`), and the caller starts a new interpreter.
+The server ignores SIGTERM and SIGINT, and exits when its stdin closes or its parent changes.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import importlib.util
 import json
@@ -49,23 +28,10 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-# What a pnn-sweep job imports before its first line of work.
-JOB_PRELOAD = (
-    "torch",
-    "torch._dynamo",
-    "torch.optim",
-    "mlflow",
-    "mlflow.tracking",
-    "mlflow.store.tracking.sqlalchemy_store",
-    "hydra.core.utils",
-    "omegaconf",
-    "cloudpickle",
-)
 # Environment variables read when an interpreter or a native library starts, not later.
 STARTUP_ENV = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LD_", "MALLOC")
 POLL_S = 0.02
@@ -79,7 +45,7 @@ def startup_differences(env: Mapping[str, str], server_env: Mapping[str, str]) -
 
 
 # ---------------------------------------------------------------------------------------------
-# The server (python -m pnn.sweep.forkserver SOCKET MODULE...)
+# The server (python tests/forkserver.py SOCKET MODULE...)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -189,10 +155,7 @@ def _run(request: dict) -> None:
         if spec is not None and spec.submodule_search_locations is not None:  # a package
             spec = importlib.util.find_spec(f"{argv[1]}.__main__")
         sys.argv = [spec.origin if spec and spec.origin else argv[1], *argv[2:]]  # as -m has it
-        if request.get("inherit_path"):  # the launcher's sys.path, which PYTHONPATH passes on
-            sys.path.insert(0, os.getcwd())
-        else:
-            sys.path[0] = os.getcwd()
+        sys.path[0] = os.getcwd()
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(argv)
@@ -206,7 +169,7 @@ def _run(request: dict) -> None:
 
 
 class ForkedProcess:
-    """A program the server forked: what the launcher and the tests use of
+    """A program the server forked: what the tests use of
     :class:`subprocess.Popen` (``pid``, ``poll``, ``wait``, ``returncode``, ``send_signal``,
     ``kill``). ``returncode`` is Popen's: the exit status, or minus the signal that ended it."""
 
@@ -268,11 +231,11 @@ class ForkServer:
     None); :meth:`start` forks a program from it; :meth:`close` ends it."""
 
     def __init__(self, preload: Sequence[str], env: Mapping[str, str] | None = None) -> None:
-        self._setup(os.environ if env is None else env, inherits_path=False)
+        self._setup(os.environ if env is None else env)
         log = self._folder / "server.log"
         with log.open("w") as out:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pnn.sweep.forkserver", self.socket, *preload],
+                [sys.executable, __file__, self.socket, *preload],
                 env=self.env,
                 stdin=subprocess.PIPE,
                 stdout=out,
@@ -286,52 +249,9 @@ class ForkServer:
                 raise OSError(f"the forkserver did not start: {why}")
             time.sleep(POLL_S)
 
-    @classmethod
-    def forked(cls, preload: Sequence[str], unsafe: Sequence[str] = ()) -> ForkServer | None:
-        """A server forked from this process, which must have no other thread, no CUDA and
-        none of the modules ``unsafe`` (whose import-time state, such as a process id, a job
-        must not inherit). It imports ``preload`` here first, so that this process and the
-        server share them. None where this process is not fit to fork."""
-        torch = sys.modules.get("torch")
-        if (
-            threading.active_count() != 1
-            or (torch is not None and torch.cuda.is_initialized())
-            or any(name in sys.modules for name in unsafe)
-        ):
-            return None
-        for name in preload:
-            importlib.import_module(name)
-        self = cls.__new__(cls)
-        self._setup(os.environ, inherits_path=True)
-        listener = _listen(self.socket)
-        read_end, self._stdin = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the server: it never returns into this process's frames
-            try:
-                os.close(self._stdin)
-                os.dup2(read_end, 0)
-                os.close(read_end)
-                devnull = os.open(os.devnull, os.O_RDWR)
-                os.dup2(devnull, 1)
-                os.dup2(devnull, 2)
-                request = _serve(listener)
-            except BaseException:
-                os._exit(1)
-            _exit_like_python(request)  # in a child of the server: the program it asked for
-        os.close(read_end)
-        listener.close()
-        self._pid = pid
-        return self
-
-    def _setup(self, env: Mapping[str, str], inherits_path: bool) -> None:
-        """What both kinds of server have: the environment, the socket in a folder of its own."""
+    def _setup(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
-        self.inherits_path = inherits_path  # forked from this process: it has our sys.path
-        self._proc: subprocess.Popen | None = None  # a server started as a new process
-        self._pid: int | None = None  # a server forked from this process
-        self._stdin: int | None = None  # the write end of that one's stdin
+        self._proc: subprocess.Popen | None = None
         self._folder = Path(tempfile.mkdtemp(prefix="pnn-forkserver-"))
         self.socket = str(self._folder / "socket")
 
@@ -362,26 +282,16 @@ class ForkServer:
             "cwd": str(cwd or os.getcwd()),
             "env": dict(env),
             "new_session": new_session,
-            "inherit_path": self.inherits_path,
         }
         return ForkedProcess(self.socket, request, fds)
 
     def startup_differences(self, env: Mapping[str, str]) -> list[str]:
-        """What of :data:`STARTUP_ENV` a program with ``env`` would need changed here. A server
-        forked from the launcher has the launcher's ``sys.path``, which is what a new job
-        process gets through ``PYTHONPATH``."""
-        differ = startup_differences(env, self.env)
-        return [k for k in differ if not (self.inherits_path and k == "PYTHONPATH")]
+        """What of :data:`STARTUP_ENV` a program with ``env`` would need changed here."""
+        return startup_differences(env, self.env)
 
     def close(self) -> None:
         """End the server (its children run on) and remove its folder."""
-        if self._pid is not None:
-            if self._stdin is not None:
-                os.close(self._stdin)
-                self._stdin = None
-            os.waitpid(self._pid, 0)
-            self._pid = None
-        elif self._proc is not None:
+        if self._proc is not None:
             if self._proc.stdin is not None:
                 self._proc.stdin.close()
             try:
@@ -390,38 +300,6 @@ class ForkServer:
                 self._proc.kill()
                 self._proc.wait()
         shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def _exit_like_python(request: dict) -> NoReturn:
-    """Run the request's program in a child of a server forked from a running program, and end
-    the process as an interpreter ends when its program does (the traceback of an uncaught
-    exception, ``sys.exit``'s status, non-daemon threads joined, atexit handlers, a death by
-    SIGINT for an uncaught KeyboardInterrupt), without ever returning into that program's frames."""
-    code, die_of_sigint = 0, False
-    try:
-        _run(request)
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        die_of_sigint = True
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-        code = 1
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]  # as multiprocessing's children do
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    finally:
-        if die_of_sigint:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-        os._exit(code & 0xFF)
 
 
 if __name__ == "__main__":
