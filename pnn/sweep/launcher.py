@@ -272,9 +272,8 @@ JOB_PRELOAD = [
 
 
 def job_context(pnn_jobs: bool) -> Any:
-    """The stdlib forkserver context the job processes start from. Its server ignores SIGTERM
-    (:mod:`pnn.sweep.forkserver_preload`) so that a signal to the sweep's process group stops the
-    jobs, not the server that reports their exits; for pnn-sweep's jobs it has imported
+    """The stdlib forkserver context the job processes start from. Its server dies with this
+    process (:mod:`pnn.sweep.forkserver_preload`) and, for pnn-sweep's jobs, has imported
     :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
     context = multiprocessing.get_context("forkserver")
     preload = ["pnn.sweep.forkserver_preload", *(JOB_PRELOAD if pnn_jobs else [])]
@@ -287,8 +286,6 @@ def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jo
     working directory, its own signal handling, then the job(s) of ``payload``."""
     if pnn_jobs:
         interrupt.install(role="job")
-    else:  # the task's own way: Python's defaults (the server ignores SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -375,8 +372,9 @@ def _picklable(value: object) -> bool:
         return False
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the launcher dies, so no orphan keeps training."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies, so that no orphan keeps
+    training."""
     if sys.platform != "linux":
         return
     import ctypes
@@ -384,8 +382,8 @@ def die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, sig)
     except OSError:
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
