@@ -1,18 +1,10 @@
 """The tracking store before and during a sweep: there, usable, reachable, and the same one.
 
-- :func:`prepare` runs once in the sweep's main process, before the parent run: it refuses what
-  MLflow cannot use (a ``file:`` store, a missing folder, a file that is not a database, a
-  half-migrated database, an unreachable server) in one line, and creates a new SQLite store
-  atomically, so that sweeps started together never race through MLflow's table creation.
-- :func:`check_same` runs before every store write of a job (through ``tracking.retry``): a
-  job never writes into a store other than the one its sweep started in. MLflow would silently
-  create a new empty SQLite file where a deleted one was.
-- :func:`explain` turns what MLflow, SQLAlchemy or SQLite raise into a :class:`StoreError`:
-  the URI, what failed and what to do, in one line instead of pages of traceback.
-  :func:`as_store_error` is what a caller uses: that line for the store's errors, None for
-  any other error, which the caller raises again.
-
-This module imports neither torch nor mlflow at import time.
+:func:`prepare` refuses, in one line, a store MLflow cannot use and creates a new SQLite store
+atomically; :func:`check_same` keeps a job from writing into a store other than its sweep's
+(MLflow would create an empty SQLite file where a deleted one was); :func:`as_store_error` turns
+what MLflow, SQLAlchemy or SQLite raise into a one-line :class:`StoreError`. No torch or MLflow
+import at import time.
 """
 
 from __future__ import annotations

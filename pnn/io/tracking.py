@@ -1,22 +1,9 @@
-"""The writing side of MLflow, used by the sweep (``sweep.py`` and its jobs): where runs go,
-how they are named, and what they hold (it reads only what a sweep needs to skip or resume a
-job). The analysis reads the runs back with :mod:`pnn.io.store`.
+"""The writing side of MLflow, used by the sweep: where runs go, how they are named and what they
+hold (the layout that ``analyze.py`` and the MLflow UI read back, docs/sweeps.md): one parent
+run per ``sweep.py`` (``pnn.role=sweep``) and one child run per job (``pnn.role=job``), its
+params the flattened config, its metrics per epoch (step = epoch) and once at step 0.
 
-Layout (``analyze.py`` and the MLflow UI rely on it):
-
-- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep``, ``pnn.sweep_id`` and
-  the sweep process's lease ``pnn.owner`` and ``pnn.heartbeat`` (``pnn.sweep.lease``);
-- one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
-  ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
-  ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the lease ``pnn.owner`` and
-  ``pnn.heartbeat`` (``pnn.sweep.lease``) and, on failure, ``pnn.failure``; run name
-  ``<experiment>-seed<seed>``;
-- on every run, MLflow's own ``mlflow.source.*`` and ``mlflow.user`` tags, and on a job its
-  training and test datasets as run inputs (``pnn.io.run_context``);
-- child params: the flattened resolved config; metrics per epoch with step = epoch (from 1);
-  final metrics at step 0.
-
-Every write goes through :func:`retry`: many jobs share one SQLite file, and SQLite answers
+Every write goes through :func:`retry`: many jobs share one SQLite file, which answers
 "database is locked" while another process writes.
 """
 

@@ -1,18 +1,11 @@
-"""``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU (or CPU worker) per job.
+"""``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU (or CPU worker) slot per job.
 
-Each job runs in a process of its own from the standard library's forkserver
-(:mod:`multiprocessing`), which has imported torch and MLflow once for pnn-sweep's jobs; the job
-sets its slot's ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA. A slot is a (GPU, packing
-index) pair, or one of ``cpu_workers`` CPU workers (``auto``: usable cores / ``train.threads``).
-With ``seeds_per_process`` K > 1, jobs that differ only in ``train.seed`` train K at a time in one
-process (:mod:`pnn.train.packing`), each with its own run and result.
-
-The launching thread starts and waits for every job itself, so a signal is handled before it
-starts another (:mod:`pnn.sweep.interrupt` forwards it to the jobs). A job process that dies is a
-FAILED job; the others go on. Jobs ask the kernel to end them when their parent dies.
-Any Hydra app can use it; pnn-sweep's own behaviour (packing, KILLED outcomes, marking a dead
-job's run) applies to the jobs of its sweeper only (:func:`pnn.sweep.outcomes.is_pnn_sweep`).
-This module imports neither torch nor MLflow: Hydra imports every plugin in every app.
+Each job runs in a process of the stdlib forkserver (:func:`job_context`), which for pnn-sweep's
+jobs has imported torch and MLflow once; with ``seeds_per_process`` K > 1, K seeds of one config
+share a process (:mod:`pnn.train.packing`). The launching thread waits for every job itself, so
+a signal is seen before another job starts (:mod:`pnn.sweep.interrupt`). A job process that dies
+is a FAILED job, and asks the kernel to end it if the sweep dies. Any Hydra app can use it
+(docs/launchers.md); it imports neither torch nor MLflow, as Hydra imports every plugin.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""The sweeper behind every ``sweep.py`` invocation.
-
-It is Hydra's basic sweeper (same grid syntax, same job numbering), plus what a researcher
-running many jobs needs:
-
-- every job's config is composed and validated before any job starts, so a typo in one grid
-  value, or a key the schema lacks (``+train.epoch=5``), fails the whole command before data is
-  loaded or anything is logged;
-- dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
-- one MLflow parent run per invocation, whose id the jobs read from the environment, leased
-  like a job's run so that a sweep killed outright is closed by the next (``pnn.sweep.sweep_run``);
-- jobs report instead of raising, so one failure does not stop the others; at the end a
-  summary lists finished, skipped and failed jobs, and the command exits non-zero on failures;
-- before the parent run exists: the launcher's keys, each job's memory estimate
-  (``pnn.train.resources``) and the tracking store (``pnn.io.storeguard``) are checked;
-- SIGTERM and SIGINT end the sweep cleanly (``pnn.sweep.interrupt``): running jobs are marked
-  KILLED, the summary is printed, the parent run is ended, the exit status is 128 + signal.
-
-Hydra only instantiates plugins that live under ``hydra_plugins``; ``hydra_plugins.pnn_plugins``
-subclasses this class to give it such a name.
+"""The sweeper behind every ``sweep.py``: Hydra's basic sweeper (same grid, same job numbers) plus
+checks of every job's config, launcher keys, memory and store before anything runs; dry runs in
+process; one leased MLflow parent run per invocation (:mod:`pnn.sweep.sweep_run`); a summary of
+the jobs' outcomes and a non-zero exit on failures; signals as in :mod:`pnn.sweep.interrupt`.
+See docs/sweeps.md. ``hydra_plugins.pnn_plugins`` subclasses it, as Hydra finds plugins only there.
 """
 
 from __future__ import annotations
