@@ -1,6 +1,5 @@
-"""Imported only by the job processes' forkserver (``set_forkserver_preload``), first: the server
-then survives a SIGTERM to the sweep's process group, and goes on reporting its jobs' exits.
-Its children install their own handler (:func:`pnn.sweep.launcher.job_process`)."""
+"""Preloaded first by the job processes' forkserver: the server ignores SIGTERM, so a signal to the
+sweep's process group stops the jobs (:func:`pnn.sweep.launcher.job_process`), not the server."""
 
 import signal
 

@@ -38,9 +38,8 @@ log = logging.getLogger(__name__)
 
 
 def job_threads(sweep_config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> int:
-    """The most ``train.threads`` any job asks for (1 where an app has no such key): the
-    sweep's own value, or a job's override (a grid such as ``train.threads=1,2``), without
-    composing every job's config."""
+    """The most ``train.threads`` any job asks for (1 where an app has no such key), read from the
+    sweep's config and the jobs' overrides without composing each job's config."""
     threads = [int(OmegaConf.select(sweep_config, "train.threads", default=1))]
     for overrides in job_overrides:
         for override in overrides:
@@ -66,7 +65,7 @@ class GpuPoolLauncher(Launcher):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
-        self.pnn_jobs = False  # pnn-sweep's jobs, launched by its sweeper (set by setup)
+        self.pnn_jobs = False  # pnn-sweep's jobs, launched by its sweeper
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -148,7 +147,7 @@ class GpuPoolLauncher(Launcher):
             log.info(f"{self._tag()} {done}/{len(results)} jobs done; job #{idx} {status}: {name}")
 
     def _groups(self, job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
-        """The jobs each job process runs, as indices: pnn-sweep's seeds packed, else one."""
+        """The jobs each job process runs, as indices: pnn-sweep's seeds packed, else one each."""
         if self.pnn_jobs:
             from pnn.train.packing import group_seeds  # imports torch: pnn-sweep's jobs only
 
@@ -164,7 +163,7 @@ class GpuPoolLauncher(Launcher):
         return "[sweep]" if self.pnn_jobs else "[gpu_pool]"
 
     def _status(self, ret: JobReturn, overrides: list[str]) -> str:
-        """A finished job, for the log: pnn-sweep's outcome, or what a Hydra task returned."""
+        """A finished job for the log: pnn-sweep's outcome, or what a Hydra task returned."""
         value = ret._return_value
         if self.pnn_jobs:
             return outcome_of(ret, overrides)["status"]
@@ -250,7 +249,7 @@ class GpuPoolLauncher(Launcher):
         return [failed_return(o, RuntimeError(reason)) for o, _ in jobs]
 
 
-# What a pnn-sweep job imports before its first line of work: its forkserver imports them once.
+# What a pnn-sweep job imports before its first line of work.
 JOB_PRELOAD = [
     "torch",
     "torch._dynamo",
@@ -265,10 +264,8 @@ JOB_PRELOAD = [
 
 
 def job_context(pnn_jobs: bool) -> Any:
-    """The stdlib forkserver context the job processes start from. Its server ignores SIGTERM
-    (:mod:`pnn.sweep.forkserver_preload`) so that a signal to the sweep's process group stops the
-    jobs, not the server that reports their exits; for pnn-sweep's jobs it has imported
-    :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
+    """The stdlib forkserver context of the job processes (see :mod:`pnn.sweep.forkserver_preload`),
+    which for pnn-sweep's jobs has imported :data:`JOB_PRELOAD` once."""
     context = multiprocessing.get_context("forkserver")
     preload = ["pnn.sweep.forkserver_preload", *(JOB_PRELOAD if pnn_jobs else [])]
     context.set_forkserver_preload(preload)
@@ -276,11 +273,10 @@ def job_context(pnn_jobs: bool) -> Any:
 
 
 def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jobs: bool) -> None:
-    """Body of a job process, forked by the forkserver: the slot's environment and the sweep's
-    working directory, its own signal handling, then the job(s) of ``payload``."""
+    """A job process: the slot's environment, the sweep's folder, its signals, then its job(s)."""
     if pnn_jobs:
         interrupt.install(role="job")
-    else:  # the task's own way: Python's defaults (the server ignores SIGTERM)
+    else:  # Python's defaults (the server ignores SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(env)
@@ -292,8 +288,8 @@ def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jo
 
 
 def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
-    """Mark KILLED the runs a dead job process had leased (listed in ``run_ids``), unless
-    another process has adopted them since. The ids of the runs marked."""
+    """Mark KILLED the runs a dead job process had leased (listed in ``run_ids``), unless another
+    process has adopted them since; the ids of those marked."""
     from pnn.io.tracking import ENV_URI
 
     if not run_ids.exists() or not os.environ.get(ENV_URI):
