@@ -400,8 +400,8 @@ def test_lease_status_rules() -> None:
         f"its process {dead.pid} on this host is gone",
     )
     # A process that has exited but is not collected yet (a zombie: when its parent died too,
-    # until init gets to it) is gone as well: a rerun right after `kill -9` of a whole sweep
-    # used to skip its jobs as "running elsewhere".
+    # until init gets to it) is gone as well, or a rerun right after `kill -9` of a whole sweep
+    # would skip its jobs as "running elsewhere".
     zombie = subprocess.Popen(["true"])
     try:
         deadline = time.monotonic() + 30
