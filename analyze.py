@@ -3,21 +3,13 @@
     python analyze.py                               # every finished run in ./mlflow.db
     python analyze.py --sweep latest                # only the most recent sweep.py invocation
     python analyze.py --by masks.nmasks             # group by these keys, not the swept ones
-    python analyze.py --by none                     # one row per experiment
     python analyze.py --claims my_claims.yaml       # the README's claims and yours
-    python analyze.py --run <run id>                # that run in the reported-vs-actual figure
-    python analyze.py --alpha 0.01                  # the level of the Holm-corrected verdicts
 
-By default the results are grouped by the swept keys: the config keys whose values differ
-between the runs of an experiment (the seed and keys that never change results left out).
-
-Writes results.md/.csv, claims.csv, ablations.csv (with swept keys),
-reported_vs_actual.csv, reported_vs_actual_summary.csv, curves.csv, the PNG figures, a
-self-contained report.html, the LaTeX tables a paper can input (results.tex, claims.tex,
-ablation_<key>.tex; they need the booktabs package) and next_seeds.sh (the sweep.py commands
-that would settle the open claims; printed when it has any) under --out (default results/).
-The store is --tracking-uri if given, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
-Exit status 1, with a one-line message, when there is nothing to analyse.
+By default the results are grouped by the swept keys (:mod:`pnn.analysis.ablations`). Writes
+the tables (Markdown, CSV, LaTeX), claims, ablations, figures, report.html and next_seeds.sh
+under --out (default results/); docs/analysis.md lists them. The store is --tracking-uri if
+given, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db. Exit status 1, with a one-line
+message, when there is nothing to analyse.
 """
 
 from __future__ import annotations

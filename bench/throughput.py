@@ -3,17 +3,14 @@
     python bench/throughput.py --steps 100 --device cuda --json bench/out.json
     python bench/throughput.py --steps 3 --warmup 1 --device cpu --experiments e1,e4
 
-For each experiment: the README model and batch size, the production step
-(``pnn.train.step.build_train_step``: forward, backward, optimizer step, on-device accumulation),
-fed from augmented synthetic CIFAR-shaped data already on the device. ``--warmup`` steps, then
-``--steps`` timed steps, synchronised only at the two ends; the step slices its batch from an
-epoch tensor exactly as ``train`` does. ``--mode reference`` times the reference code's own
-loop instead (DataLoader + PIL transforms, ``.cpu()``/``.item()`` every step, the grouped-conv
-perturbation), for a same-machine baseline.
+For each experiment: the README model and batch size and the production step
+(``pnn.train.step.build_train_step``), fed from augmented synthetic CIFAR-shaped data on the
+device; ``--warmup`` steps, then ``--steps`` timed steps, synchronised only at the two ends.
+``--mode reference`` times the reference code's own loop instead (DataLoader + PIL, ``.item()``
+every step, the grouped-conv perturbation), for a same-machine baseline.
 
-Configs: composed with Hydra (``pnn.config.load_config``) where it is installed; otherwise
-(the GPU image has no Hydra) from ``EXPERIMENTS`` below applied to the schema's defaults,
-which ``tests/test_bench.py`` checks against the composed configs.
+Configs are composed with Hydra where it is installed; otherwise (the GPU image has no Hydra)
+from ``EXPERIMENTS`` below over the schema's defaults, which ``tests/test_bench.py`` checks.
 """
 
 from __future__ import annotations

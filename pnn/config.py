@@ -139,8 +139,8 @@ class TrainConfig:
     # "auto": on CUDA the CUDA-graphed step, cuDNN autotuning and (with compile) the compiled
     # PNN kernels; on the CPU eager. "off": eager everywhere.
     fast: str = "auto"
-    # On the fast path, torch.compile the fused perturbation kernels (a warm-up of 5-18 s per
-    # model in the H200 runs, bench/RESULTS.md; then several times faster PNN layers).
+    # On the fast path, torch.compile the fused perturbation kernels: a warm-up per model, then
+    # faster PNN layers (bench/RESULTS.md).
     compile: bool = True
     checkpoint_dir: str = "checkpoints"
     progress: str = "auto"

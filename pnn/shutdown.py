@@ -1,15 +1,12 @@
 """A quicker end for pnn-sweep's programs: no garbage collection at interpreter exit.
 
-A process that has imported torch, torch._dynamo and MLflow's SQLAlchemy store holds millions
-of objects, and CPython's shutdown collects them all again before it exits: about 1.7 s of CPU
-on the 2-core machine, paid by every ``sweep.py`` and every job process (less by
-``analyze.py``, which has no torch). :func:`skip_exit_collection` freezes the heap
-(:func:`gc.freeze`) once the ``atexit`` handlers have run, so that those last collections find
-nothing to scan (about 1.4 s of the 1.7 s).
+A process that has imported torch and MLflow holds millions of objects, and CPython's shutdown
+collects them all again before it exits, in every ``sweep.py`` and job process (figures in
+bench/RESULTS.md). :func:`skip_exit_collection` freezes the heap (:func:`gc.freeze`) once the
+``atexit`` handlers have run, so that those last collections find nothing to scan.
 
-What the handlers do (MLflow ending runs, loggers flushing) is unchanged: they run before the
-freeze. Objects with a ``__del__`` caught in a reference cycle are not finalized at exit, which
-CPython never promises anyway.
+The handlers (MLflow ending runs, loggers flushing) run before the freeze. Objects with a
+``__del__`` caught in a reference cycle are not finalized at exit, which CPython never promises.
 """
 
 from __future__ import annotations

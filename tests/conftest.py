@@ -1,29 +1,16 @@
 """Fixtures and helpers shared by the tests that run the real programs.
 
-- :func:`clean_env`: the environment for subprocesses, without anything that points MLflow
-  elsewhere (a developer's own ``MLFLOW_TRACKING_URI`` must not leak into a test's store);
-- :func:`run_python`: ``python -c`` code in a fresh interpreter;
-- :func:`run_sweep`, :func:`run_analyze` (both through :func:`run_script`): ``sweep.py`` or
-  ``analyze.py`` in a subprocess, in a launch directory of the test's; :func:`start_sweep`: a
-  sweep in the background. Each is forked by this worker's forkserver (:func:`forkserver`,
-  tests/forkserver.py), which has imported torch, MLflow, Hydra and matplotlib once; a test
-  whose environment changes what only a new interpreter reads (a probe's ``PYTHONPATH``,
-  ``OMP_NUM_THREADS``) gets a new one;
-- :func:`free_port` and the ``mlflow_server`` fixture: a real ``mlflow server`` on 127.0.0.1,
-  stopped (with its workers) when the test ends;
-- :func:`store`, :func:`runs_of` and :func:`epochs_logged`: what a launch directory's store holds;
-- ``existing_store``: ``tmp_path/mlflow.db`` made beforehand (a copy of ``empty_store``;
-  ``launch_dir(name)`` for a folder of it), for
-  tests of what sweeps log rather than of how a store comes to exist: MLflow's migrations cost
-  every new store about 1.4 s of CPU;
-- :func:`run_ui_link`: what ``make ui`` prints for a store;
-- ``IN_PROCESS``: Hydra's basic launcher, the jobs in the sweep's own process, for tests of
-  what a sweep logs rather than of its job processes (each job process costs seconds of imports).
+- :func:`clean_env`: a subprocess environment that cannot point MLflow at a developer's store;
+- :func:`run_sweep`, :func:`run_analyze`, :func:`start_sweep`, :func:`run_python`: the real
+  programs in a subprocess, forked by this worker's forkserver (tests/forkserver.py);
+- ``mlflow_server``: a real ``mlflow server`` on 127.0.0.1, stopped when the test ends;
+- :func:`store`, :func:`runs_of`, :func:`epochs_logged`: what a launch directory's store holds;
+- ``existing_store`` / ``launch_dir``: a copy of a migrated ``empty_store``, for tests of what
+  sweeps log rather than of how a store comes to exist (MLflow's migrations cost CPU);
+- ``IN_PROCESS``: Hydra's basic launcher, for tests of what a sweep logs, not of its processes.
 
-``make test`` runs the suite under pytest-xdist (``-n auto``: one worker per usable core,
-:func:`pytest_xdist_auto_num_workers`; ``--dist loadgroup``). :func:`pytest_collection_modifyitems`
-starts the slow tests first, so that no long test is left alone at the end, and keeps the tests
-of a module that share a module-scoped fixture on one worker, so that the fixture runs once.
+``make test`` runs under pytest-xdist, one worker per usable core; the slow tests start first,
+and a module's tests that share a module-scoped fixture stay on one worker.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The tests' forkserver: ``sweep.py``, ``analyze.py`` and ``mlflow server`` forked from a process
 that has imported torch, MLflow, Hydra and matplotlib once, instead of a new interpreter paying
-4 to 5 s of CPU for them each time.
+for those imports each time (bench/RESULTS.md).
 
 A test harness, not part of pnn-sweep. The server (``python tests/forkserver.py SOCKET MODULE...``)
 forks a child per request; the child takes the request's standard streams, working directory,

@@ -119,7 +119,7 @@ def test_a_group_holds_only_if_every_member_does(analysed: Path) -> None:
     e4 = BEST[("e4", "")]
     best_by_mean, other = BEST[("e7", "64")], BEST[("e7", "1")]
     assert statistics.fmean(best_by_mean) > statistics.fmean(other)
-    # The member with the higher mean is wholly above 8 (the old rule said: supported) ...
+    # The member with the higher mean is wholly above 8 (judged by the mean alone: supported) ...
     assert _welch(best_by_mean, e4)[0] >= 8
     # ... but the other member's interval crosses 8: the claim is not supported.
     low, high = _welch(other, e4)

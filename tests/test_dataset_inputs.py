@@ -9,7 +9,7 @@ from pnn.io import tracking
 
 def test_parallel_jobs_log_the_same_datasets(tmp_path: Path) -> None:
     """Jobs starting together log the same (name, digest) datasets: MLflow's get-or-create of
-    a dataset is not atomic, so one of them used to fail with a UNIQUE constraint error."""
+    a dataset is not atomic, so without a retry one of them fails on a UNIQUE constraint."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(["experiment=e4_conv1x1_no_noise", "profile=smoke"])
     client = MlflowClient(uri)

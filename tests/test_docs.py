@@ -1,16 +1,20 @@
-"""The README and docs/ tell the truth about the repository.
+"""The README and docs/ tell the truth about the repository, and the code's prose stays short.
 
 The README is a front door of at most 150 lines with the quick start on its first screen; every
 relative link (and #anchor) resolves; every `make X` names a Makefile target; every `sweep.py`
 command in a code block composes against the real conf/ and passes the schema's checks, and
-every `analyze.py` command parses with its real options.
+every `analyze.py` command parses with its real options. A module docstring is at most 15
+lines, and no comment or docstring in pnn/ or tests/ tells history (that is git log's).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import io
 import re
 import shlex
+import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +34,54 @@ README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
 QUICK_START = ("make demo", "make test", "make sweep", "make ui")
 SHELL_OPERATORS = {"&&", "||", ";", "|"}
+MODULE_DOCSTRING_LINES = 15
+HISTORY = [
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        r"\bseen in CI\b",
+        r"\bused to (fail|be|crash|print|skip|hang|leave|add)\b",
+        r"\bissues? #?\d+\b",
+        r"(?<![\w/])#\d{2,}\b",
+        r"\bcommit [0-9a-f]{7,40}\b",
+        r"\bthe old (code|rule|version)\b",
+    )
+]
+
+
+def python_files(*roots: str) -> list[Path]:
+    """The tracked-looking .py files under ``roots`` (folders or single files of the repo)."""
+    files: list[Path] = []
+    for root in roots:
+        path = REPO / root
+        files += [path] if path.is_file() else sorted(path.rglob("*.py"))
+    return [f for f in files if ".venv" not in f.parts and "__pycache__" not in f.parts]
+
+
+def module_docstring_lines(source: str) -> int:
+    tree = ast.parse(source)
+    first = tree.body[0] if tree.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        if isinstance(first.value.value, str):
+            return (first.end_lineno or first.lineno) - first.lineno + 1
+    return 0
+
+
+def prose(source: str) -> Iterator[tuple[int, str]]:
+    """Each comment (without its ``#``) and each docstring line of ``source``, with its line."""
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string.lstrip("#").strip()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = node.body[0] if node.body else None
+            if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+                if isinstance(doc.value.value, str):
+                    for i, line in enumerate(doc.value.value.splitlines()):
+                        yield doc.lineno + i, line
+
+
+def history_in(source: str) -> list[tuple[int, str]]:
+    return [(n, text) for n, text in prose(source) if any(p.search(text) for p in HISTORY)]
 
 
 def split_markdown(text: str) -> tuple[str, list[str]]:
@@ -276,3 +328,38 @@ def test_checks_catch_mistakes(hydra_conf: None) -> None:
     )
     assert slug("The README's `claims`") == "the-readmes-claims"
     assert not schema_has("train.epoch") and schema_has("train.epochs")
+
+
+def test_module_docstrings_are_short() -> None:
+    long = []
+    for path in python_files("pnn", "tests", "sweep.py", "analyze.py"):
+        lines = module_docstring_lines(path.read_text())
+        if lines > MODULE_DOCSTRING_LINES:
+            long.append(f"{path.relative_to(REPO)}: {lines} lines")
+    assert not long, f"module docstrings over {MODULE_DOCSTRING_LINES} lines:\n" + "\n".join(long)
+
+
+def test_no_history_in_the_code_prose() -> None:
+    found = [
+        f"{path.relative_to(REPO)}:{line}: {text}"
+        for path in python_files("pnn", "tests")
+        for line, text in history_in(path.read_text())
+    ]
+    assert not found, "history belongs in git log, figures in bench/RESULTS.md:\n" + "\n".join(
+        found
+    )
+
+
+def test_the_prose_checks_can_fail() -> None:
+    """A long module docstring and history in a comment or a docstring are each caught."""
+    long = '"""' + "a line\n" * MODULE_DOCSTRING_LINES + '"""\n'
+    assert module_docstring_lines(long) == MODULE_DOCSTRING_LINES + 1
+    source = (
+        '"""Short."""\n'
+        "x = '#123 in a string is code, not prose'  # as seen in CI\n"
+        "def f():\n"
+        '    """It used to fail (#4567; issue 16)."""\n'
+    )
+    assert module_docstring_lines(source) == 1
+    assert [n for n, _ in history_in(source)] == [2, 4]
+    assert not history_in('"""Job #1 of 3, a step of 0.3 s."""\n# noqa: E501\n')

@@ -1,4 +1,4 @@
-"""After a signal, a sweep marks KILLED the runs it was training, and only those (issue 12).
+"""After a signal, a sweep marks KILLED the runs it was training, and only those.
 
 On a real SQLite store: one sweep's parent run, and job runs in the states a signal can find.
 """

@@ -5,6 +5,7 @@ state that the test observes, never by a sleep."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -192,6 +193,31 @@ def test_a_signal_to_the_whole_process_group_stops_forked_jobs_cleanly(tmp_path:
     assert not _group_members(proc.pid)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
+def test_kill_9_of_the_sweep_alone_leaves_no_orphan_training(tmp_path: Path) -> None:
+    """Only the sweep's own process is SIGKILLed (its job is not in the kill): the forkserver
+    sees its parent go and exits, the kernel then SIGTERMs the job (it asked to die with its
+    parent), and the job marks its run KILLED and ends instead of training on as an orphan."""
+    proc = start_sweep(SLOW_TINY, tmp_path, output=tmp_path / "sweep.log")
+    job_pid: list[int] = []
+
+    def job_started_and_checkpointed() -> bool:
+        job_pid[:] = job_pid or job_processes(proc.pid)
+        return bool(job_pid) and bool(checkpoints(tmp_path))
+
+    try:
+        wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(job_pid[0]).wait(timeout=60)  # TimeoutExpired: it trains on
+    finally:
+        kill_group(proc)
+    (killed,) = runs_of(client_of(tmp_path / "mlflow.db"), "job")
+    assert killed.info.status == "KILLED" and killed.data.tags["pnn.killed_by"] == "SIGTERM"
+
+
 def _group_members(pgid: int) -> list[int]:
     members = []
     for proc in psutil.process_iter(["status"]):
@@ -374,8 +400,8 @@ def test_lease_status_rules() -> None:
         f"its process {dead.pid} on this host is gone",
     )
     # A process that has exited but is not collected yet (a zombie: when its parent died too,
-    # until init gets to it) is gone as well: a rerun right after `kill -9` of a whole sweep
-    # used to skip its jobs as "running elsewhere".
+    # until init gets to it) is gone as well, or a rerun right after `kill -9` of a whole sweep
+    # would skip its jobs as "running elsewhere".
     zombie = subprocess.Popen(["true"])
     try:
         deadline = time.monotonic() + 30

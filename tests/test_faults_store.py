@@ -1,4 +1,4 @@
-"""Faults in the store and signals, through the real sweep.py and analyze.py (issue 16)."""
+"""Faults in the store and signals, through the real sweep.py and analyze.py."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def short_and_clean(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def test_two_sweeps_started_together_on_a_fresh_store(tmp_path: Path) -> None:
-    # The old code crashed in MLflow's table creation in 3 of 4 such tries, once for good.
+    # Two sweeps racing through MLflow's table creation: several tries, as a race may not show.
     for attempt in range(5):
         work = tmp_path / f"try{attempt}"
         work.mkdir()
@@ -204,9 +204,9 @@ def test_thread_count_does_not_depend_on_cpu_workers(launch_dir: Callable[[str],
 @pytest.mark.parametrize("at", [1, 2], ids=["creating-the-run", "logging-an-epoch"])
 @pytest.mark.usefixtures("existing_store")
 def test_a_signal_inside_an_mlflow_call_ends_the_job_cleanly(tmp_path: Path, at: int) -> None:
-    """The signal lands while SQLAlchemy is mid-query (tests/probe.py). It used to print
-    SQLAlchemy's "Error closing cursor" traceback (the first epoch's metrics), or to leave the
-    new run RUNNING (its parameter counts): the job must end as a KILLED run, quietly."""
+    """The signal lands while SQLAlchemy is mid-query (tests/probe.py): while the new run's
+    parameter counts or the first epoch's metrics are written. The job must end as a KILLED run,
+    quietly: no "Error closing cursor" traceback, no run left RUNNING."""
     env = probe.install(tmp_path / "probe", probe.SIGTERM_IN_METRICS_INSERT)
     env["PNN_TEST_SIGNAL_AT"] = str(at)
     args = ["experiment=e1_baseline_resnet18", *TINY, "train.epochs=3"]  # in a job process

@@ -1,19 +1,13 @@
 """Hydra's own launcher test suites, run on ``hydra/launcher=gpu_pool`` as Hydra's official
 launcher plugins (joblib, submitit, ray) run them on themselves.
 
-The suites come with hydra-core (``hydra.test_utils``), with the apps and configs they use:
-``LauncherTestSuite`` sweeps ``hydra.test_utils.a_module`` over ``hydra/test_utils/configs``
-in this process, ``IntegrationTestSuite`` writes its own ``task.py`` into a temporary folder
-and runs it with ``python task.py -m``; nothing is copied into this repository. The fixtures
-(``hydra_sweep_runner``, ``hydra_restore_singletons``) come from Hydra's pytest plugin.
+The suites come with hydra-core (``hydra.test_utils``): ``LauncherTestSuite`` sweeps
+``hydra.test_utils.a_module`` in this process, ``IntegrationTestSuite`` writes its own
+``task.py`` and runs it with ``python task.py -m``, ``BatchedSweeperTestSuite`` runs the basic
+sweeper in batches. Nothing is copied into this repository. pnn-sweep's own sweeper is not run
+on them: it sweeps pnn's jobs only, so its config is not registered for other apps.
 
-``BatchedSweeperTestSuite`` runs the basic sweeper in batches on the launcher (job numbers go on
-across batches). pnn-sweep's own sweeper is not run on Hydra's suites: it sweeps pnn's jobs
-only (it validates each against pnn's schema and keeps an MLflow parent run), so its config is
-not registered for other apps.
-
-Without GPUs two CPU workers run the jobs (with GPUs, one job per GPU); every job starts a
-process, so these are slow.
+Without GPUs two CPU workers run the jobs; every job starts a process, so these are slow.
 """
 
 from __future__ import annotations
@@ -29,10 +23,9 @@ pytestmark = pytest.mark.slow
 
 GPU_POOL = ["hydra.launcher.cpu_workers=2"]
 # The launcher suites check each job's log in its working dir, i.e. Hydra's chdir into the job's
-# folder, which Hydra's default turns on only while no version_base is set. A pytest-xdist worker
-# has run other tests first (pnn's own compose with version_base="1.3"), and the launcher hands
-# Hydra's singletons to its job processes; in CI the jobs then stayed in the launch folder. Said
-# explicitly, the cases no longer depend on which tests ran before them in the process.
+# folder, which Hydra turns on by default only while no version_base is set; an xdist worker may
+# have composed with version_base="1.3" first, and the launcher hands Hydra's singletons to its
+# job processes. Said explicitly, the cases do not depend on which tests ran before them.
 CHDIR = ["hydra.job.chdir=True"]
 
 

@@ -283,9 +283,8 @@ def test_ctrl_c_ends_the_app_and_every_job_process(tmp_path: Path) -> None:
 
 def _terminal_signals() -> None:
     """The app starts as from a shell: SIGINT and SIGTERM neither ignored nor blocked. An
-    ignored SIGINT survives exec, and Python then keeps ignoring it; in CI, late in a full run,
-    the app (not its jobs, which set their own handlers) ignored Ctrl-C as if something in the
-    pytest-xdist worker had left SIGINT ignored or blocked."""
+    ignored SIGINT survives exec, and Python then keeps ignoring it, so a pytest-xdist worker
+    that left SIGINT ignored or blocked would make the app ignore Ctrl-C."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})

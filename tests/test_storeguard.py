@@ -1,9 +1,8 @@
-"""The store guard's faults across processes and threads, on a real SQLite store (issue 16).
+"""The store guard's faults across processes and threads, on a real SQLite store.
 
-Seen in CI on test_faults_store's deleted-store sweep: a job's StoreError could not be unpickled
-in the sweep's process, a store deleted during a write was reported as MLflow's pages of SQL
-about a 'readonly database', and the heartbeat went on writing to the deleted file. A pin one
-of these tests leaked then showed that an inherited pin refused other stores.
+A job's StoreError survives pickling into the sweep's process; a store deleted during a write is
+reported in one line, not as MLflow's pages of SQL about a 'readonly database'; the heartbeat
+stops writing to a deleted file; an inherited pin does not refuse other stores.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def test_a_store_deleted_during_a_write_is_named_as_deleted(
     assert "\n" not in str(caught.value)
     assert not db.exists(), "the write created a new, empty store"
     # MLflow logs each SQLite OperationalError with its traceback before raising it; the job
-    # says it in one line instead (what stderr of a sweep's job showed in CI).
+    # says it in one line instead.
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
 
@@ -90,7 +89,7 @@ def test_the_heartbeat_stops_when_the_store_is_deleted(
             time.sleep(0.02)
         db.unlink()
         # The thread ends by itself, its store check refusing the deleted file. The timeout
-        # only keeps a regression from hanging the suite; it is no claim about speed.
+        # only keeps a fault from hanging the suite; it is no claim about speed.
         beat._thread.join(timeout=60)
         assert not beat._thread.is_alive(), "the heartbeat kept writing after the deletion"
         assert not beat._stop.is_set()  # not asked to stop: the block has not ended yet

@@ -141,7 +141,7 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
 def test_killed_sweep_resumes_into_the_same_runs(
     tmp_path: Path, launch_dir: Callable[[str], Path]
 ) -> None:
-    epochs = 3  # five epochs (about 4 s) still to train when the first checkpoint lands
+    epochs = 3  # epochs left to train when the first checkpoint lands: time for the kill
     args = [
         "experiment=e1_baseline_resnet18",
         "train.seed=1,2",

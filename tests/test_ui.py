@@ -1,25 +1,17 @@
 """The MLflow UI in a real browser, end to end, from the links the sweep prints.
 
-One sweep serves every check (a module-scoped fixture): two experiments of ``make demo``
-(``sweep.py profile=smoke``) with a swept key, ``noise.level=0.05,0.3``, and two seeds, with
-small models and 2 epochs so that the charts have lines, into a store of its own, served by
-``mlflow server``. Headless Chromium must:
+One sweep serves every check: two experiments of ``profile=smoke`` with ``noise.level=0.05,0.3``
+and two seeds, 2 epochs, in a store of its own served by ``mlflow server``. Headless Chromium must:
 
-- from the plain runs link: reach the runs table in MLflow 3's model-training view, with the
-  eight runs nested under the sweep's parent run; group the children by experiment; show a
-  ``test_acc`` chart of the child runs in the chart view;
-- from the link to the sweep's saved view (``pnn.analysis.viewstate``), with no click: show the runs
-  grouped by experiment and noise level, each group open on its two runs, with the accuracy
-  columns; chart ``test_acc`` with one line per group (the mean over its seeds) and
-  ``best_test_acc`` with one bar per group (the mean over its seeds);
-- from the link ``make ui`` prints (``python -m pnn.analysis.ui``): every run grouped by experiment;
-- show the results table, and the link to the saved view, in the parent run's description.
+- from the plain runs link: show the eight runs nested under the parent run, grouped by
+  experiment, and a ``test_acc`` chart;
+- from the sweep's saved view (``pnn.analysis.viewstate``), with no click: the runs grouped by
+  experiment and noise level with the accuracy columns, ``test_acc`` one line per group and
+  ``best_test_acc`` one bar per group;
+- from ``make ui``'s link: every run grouped by experiment; the results table and the view's
+  link in the parent run's description.
 
-Each check saves a screenshot in the module's tmp dir (its path is printed; ``pytest -s``).
-
-Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them). Without them
-the tests are skipped on a workstation, but fail in CI (``CI=true``): a skipped test proves
-nothing.
+Needs Debian's ``chromium`` and ``chromium-driver``; without them: skipped, or failed with CI=true.
 """
 
 from __future__ import annotations

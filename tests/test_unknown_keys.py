@@ -1,6 +1,6 @@
 """A key the schema does not define is refused, however it came in: ``key=``, ``+key=``,
 ``++key=``, an experiment or profile file, a sweeper ``params`` entry. Hydra's own refusal of a
-typo advises ``+key=``, which used to add the key silently."""
+typo advises ``+key=``, which must not add the key silently either."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The MLflow UI's saved views that a sweep writes (``pnn.analysis.viewstate``, ``pnn.analysis.ui``,
-issue 22).
+"""The saved MLflow UI views a sweep writes (``pnn.analysis.viewstate``, ``pnn.analysis.ui``).
 
 On a real SQLite store, with configs composed from the real ``conf/``: each sweep's view is an
 experiment tag of plain JSON whose search filter finds exactly the runs that sweep created or

@@ -1,7 +1,8 @@
-"""No zombie sweep (issue 21): a sweep killed outright (``kill -9`` of its process group, a lost
-machine) cannot end its parent run; the parent's claim goes stale, and the next sweep on the
-experiment marks it KILLED, while a live sweep on another host is left alone. Through the real
-sweep.py and analyze.py, on a real SQLite store and on a real ``mlflow server``."""
+"""No zombie sweep: a sweep killed outright (``kill -9`` of its process group, a lost machine)
+cannot end its parent run; the parent's lease goes stale, and the next sweep on the experiment
+marks it KILLED, while a live sweep on another host is left alone. Through the real sweep.py and
+analyze.py, on a real SQLite store and on a real ``mlflow server``.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def running(client: MlflowClient) -> list[str]:
 
 def kill_9_after_first_checkpoint(launch_dir: Path, client: MlflowClient, env: dict) -> object:
     """Start the sweep, SIGKILL its whole process group once a checkpoint exists; returns its
-    parent run, left RUNNING and claimed by the sweep's own (now dead) process."""
+    parent run, left RUNNING and leased by the sweep's own, dead, process."""
     proc = start_sweep(ONE_JOB, launch_dir, env=env, output=launch_dir / "first.log")
     try:
         wait_for(lambda: checkpoints(launch_dir), proc, "the job's first checkpoint")

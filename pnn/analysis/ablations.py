@@ -1,21 +1,14 @@
 """Ablations: what a sweep varied, found from its runs, and each level compared with intervals.
 
 A *swept key* of an experiment is a config key whose logged value differs between its runs,
-leaving out the seed and the keys that never change results
-(:func:`pnn.analysis.comparability.ignored_key`). ``analyze.py`` groups the results table by them
-unless ``--by`` says otherwise, and :func:`ablation_table` compares the levels of each one:
-
-- per level: n, mean and sample std of best test accuracy, and the 95% t-interval of the mean;
-- per level: the difference from the experiment's reference level with Welch's 95% interval.
-  The reference is the experiment file's own value when it is among the levels, else the first
-  level in sort order;
-- with two or more swept keys, each key's levels are compared with the other keys held at each
-  of their levels (column ``held``): nothing is averaged over a swept key. Keys that always
-  change together (one ``model=`` override sets several) are not held against each other;
-- per level: the two-sided p-value of that Welch test, Holm's correction over the contrasts of
-  one swept key, and, where neither the interval nor the corrected p-value at α settles the
-  difference, the seeds per level that would give the test 80% power
-  (:mod:`pnn.analysis.significance`).
+the seed and the keys that never change results left out
+(:func:`pnn.analysis.comparability.ignored_key`). ``analyze.py`` groups the results table by
+them unless ``--by`` says otherwise. :func:`ablation_table` gives, per level, n, mean, std and
+the 95% t-interval, and the difference from the reference level (the experiment file's value
+if swept, else the first) with Welch's interval, its p-value, Holm's correction over one key's
+contrasts and the seeds needed (:mod:`pnn.analysis.significance`). With several swept keys each
+is compared with the others held at each of their levels (column ``held``); keys that always
+change together are not held against each other. See docs/analysis.md's "Ablations".
 """
 
 from __future__ import annotations

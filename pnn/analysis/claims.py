@@ -2,27 +2,14 @@
 own (``analyze.py --claims FILE``, read by :mod:`pnn.analysis.claims_file`).
 
 Each claim is a difference ``a − b`` of best test accuracy (percentage points) with Welch's
-95% t-interval over seeds (``scipy.stats.ttest_ind(equal_var=False)``). Verdict rules:
-
-- ``too few runs``: a side has fewer than 2 runs (for a ``comparable_only`` claim, the README's,
-  fewer than 2 runs comparable with the paper, :mod:`pnn.analysis.comparability`);
-- ``not comparable``: a ``comparable_only`` claim whose sides have runs, but on some side none
-  comparable with the paper (the label gives the comparable runs per side);
-- ``supported``: the whole interval lies on the claimed side;
-- ``contradicted``: the whole interval lies on the other side;
-- ``inconclusive``: otherwise.
-
-Beside it, the p-value of the claimed side (:mod:`pnn.analysis.significance`; none where the
-verdict is too few runs or not comparable), Holm's correction over every row of one evaluation,
-the verdict at α on the corrected p-value, and, for a row that neither verdict settles, the
-seeds per side that would give a one-sided t-test 80% power at α.
-
-A side uses its comparable runs if it has any, else all of them; ``comparable`` says which.
-A claim with a group side is an intersection: every member is tested against the other side,
-and the claim is supported only if every member's interval is, contradicted if any member's
-is, not comparable or too few runs if a member is (and none is contradicted), else
-inconclusive; its p-value is the largest of its members'. Its row shows the member that decides
-this verdict whose interval lies nearest the threshold.
+95% t-interval over seeds. The verdict is ``supported`` or ``contradicted`` when the whole
+interval lies on the claimed or the other side, ``too few runs`` under 2 (comparable) runs a
+side, ``not comparable`` when a ``comparable_only`` side has no run comparable with the paper
+(:mod:`pnn.analysis.comparability`), else ``inconclusive``. Beside it: the one-sided p-value,
+Holm's correction over one evaluation, the verdict at α and the seeds a side needs
+(:mod:`pnn.analysis.significance`). A group side is an intersection test, member by member;
+its row shows the deciding member nearest the threshold. The rules are docs/analysis.md's
+"The README's claims".
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """Claims as config: the YAML files that state hypotheses about the runs, read and checked.
 
-A claims file holds a ``claims:`` list; each claim says that ``a − b`` (best test accuracy,
-percentage points) lies on one side of a threshold::
-
-    claims:
-      - id: nmasks_64_matches_1
-        statement: 64 masks are within a point of one mask      # optional
-        a: {experiment: e7_pnn_shared_masks, masks.nmasks: 64}  # a side with a config filter
-        b: {experiment: e7_pnn_shared_masks, masks.nmasks: 1}
-        kind: within                                            # below, at_least, within, above
-        threshold: 1.0
-        comparable_only: false                                  # optional, see below
-
-A side is an experiment (its file name, or its short id ``e7``), a mapping of ``experiment``
-plus config filters (``noise.level: 0.05``), or a list of those: a *group*, tested member by
-member (:mod:`pnn.analysis.claims`). ``comparable_only: true`` (the README's claims) gives a verdict
-only from runs comparable with the paper (:mod:`pnn.analysis.comparability`).
+A claims file holds a ``claims:`` list; each claim has an ``id``, an optional ``statement``,
+sides ``a`` and ``b``, a ``kind`` (``below``, ``at_least``, ``within``, ``above``) and a
+``threshold`` for ``a − b`` (best test accuracy, percentage points), and optionally
+``comparable_only``. A side is an experiment (file name or short id), a mapping of
+``experiment`` plus config filters, or a list of those (a group). The format, with an example,
+is docs/analysis.md's "Claims files".
 
 :func:`load_claims` checks a file against the conf/ experiments and the runs at hand, and
 raises :class:`pnn.io.store.AnalysisError` with one line naming the file, the claim and the field.

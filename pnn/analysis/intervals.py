@@ -1,9 +1,9 @@
 """The 95% t-intervals of the analysis, all from ``scipy.stats``: of a mean over seeds, and of a
 difference of two means (Welch's, unequal variances). NaN where there are too few values.
 
-``scipy.stats`` is imported when the first interval is computed, not with this module: it takes
-about 0.9 s of CPU, and a sweep whose groups each hold one seed computes none (the sweep's end
-runs the analysis, and so does every ``analyze.py``)."""
+``scipy.stats`` is imported at the first interval, not with this module: its import costs CPU
+(bench/RESULTS.md), and a sweep whose groups each hold one seed computes none.
+"""
 
 from __future__ import annotations
 

@@ -1,19 +1,13 @@
 """next_seeds.sh: the sweep.py commands that raise each open claim's sides to ``seeds_needed``.
 
-A side's runs are grouped by their config (every key that changes results, the seed aside);
-each group gets one ``python sweep.py`` line that composes that config again, so that its new
-runs join the same row:
-
-- ``experiment=`` the run's experiment file (``none`` for ``custom`` runs);
-- ``key=value`` for every logged key whose value differs from what that file composes to,
-  including keys that change only how or where a job runs (``dataset.root``, ``train.device``),
-  as the newest run of the group logged them;
-- ``tracking.uri=`` the store the analysis read (and its experiment name);
-- ``train.seed=`` the new seeds, numbered after the largest seed of the side. A side that mixes
-  several configs spreads the seeds it lacks over them.
-
-The script runs from the folder analyze.py ran in (a relative store or data path means the
-same there), and passes its own arguments to every line (launcher settings, say).
+A side's runs are grouped by their config (every key that changes results, the seed aside); each
+group gets one ``python sweep.py`` line that composes that config again, so that its new runs
+join the same row: ``experiment=`` the run's experiment file (``none`` for ``custom`` runs),
+``key=value`` for every logged key that differs from what that file composes to (as the newest
+run of the group logged it), ``tracking.uri=`` the store the analysis read, and ``train.seed=``
+new seeds numbered after the side's largest. A side that mixes configs spreads its missing
+seeds over them. The script runs from the folder analyze.py ran in and passes its own arguments
+to every line.
 """
 
 from __future__ import annotations

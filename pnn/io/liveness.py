@@ -1,10 +1,10 @@
 """Whether a leased MLflow run is live: the lease's tags and its staleness rule.
 
-A job leases its run (:mod:`pnn.sweep.lease`), and a sweep its parent run
-(:mod:`pnn.sweep.sweep_run`), with two tags; whoever reads runs (the lease, the sweep's end, the
-analysis's note on dead sweeps) decides with :func:`lease_status` whether a RUNNING run still has a
-process behind it. Only the tags and the clock are read here: nothing is written.
-"""
+A job leases its run (:mod:`pnn.sweep.lease`) and a sweep its parent run
+(:mod:`pnn.sweep.sweep_run`): ``TAG_OWNER`` names the process (``<host>/<pid>/<token>``) and
+``TAG_HEARTBEAT`` holds the time of its last beat, renewed every ``HEARTBEAT_S``. A RUNNING run is
+live while its heartbeat is younger than ``STALE_S``, unless its owner is on this host and gone;
+a stale job run is adopted by a rerun, a stale sweep closed by the next. Nothing here writes."""
 
 from __future__ import annotations
 
@@ -14,12 +14,6 @@ from typing import Any
 
 import psutil
 
-# A job leases its run in the store, and a sweep its parent run (pnn.sweep.sweep_run): tag TAG_OWNER
-# names the process ("<host>/<pid>/<token>") and TAG_HEARTBEAT holds the Unix time of its last
-# beat, renewed every HEARTBEAT_S by a background thread. A RUNNING run is *live* (running
-# elsewhere) while its heartbeat is younger than STALE_S, unless its owner is on this host and
-# its process is gone; otherwise it is stale: a rerun adopts a job's, the next sweep closes a
-# sweep's.
 TAG_OWNER, TAG_HEARTBEAT = "pnn.owner", "pnn.heartbeat"
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
@@ -49,9 +43,7 @@ def lease_status(run: Any, now: float | None = None) -> tuple[bool, str]:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs: not gone, and not a zombie (an exited process not yet collected by
-    its parent, which the kernel still lists: after a whole sweep is killed, its job processes
-    stay so until init collects them)."""
+    """Whether ``pid`` runs; a zombie (exited, not collected: a killed sweep's jobs) does not."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

@@ -1,17 +1,6 @@
-"""What MLflow's own UI reads on a run: its standard tags, its datasets, its system metrics.
-
-- :func:`standard_tags`: ``mlflow.source.name``/``.type``, ``mlflow.source.git.commit`` (and
-  branch, repo URL), ``mlflow.user``, so that the runs table's Source and User columns work;
-- :func:`dataset_inputs`: the training and test sets as run inputs (name, digest, context
-  ``train``/``test``), so that the Dataset column and its filter work. Only what identifies the
-  data is logged (a digest of it), never the data;
-- :func:`start_system_metrics` / :func:`stop_system_metrics`: MLflow's system-metrics monitor
-  (CPU, memory, disk, network; GPU when ``nvidia-ml-py`` finds one) on a run the job created
-  with ``MlflowClient``, when ``tracking.system_metrics=true``.
-
-The runs are created with ``MlflowClient``, not the fluent API, so none of this happens by
-itself: MLflow only adds these for ``mlflow.start_run``.
-"""
+"""What MLflow's own UI reads on a run: its standard tags (Source, User, git), its datasets (name
+and digest of each split, never the data) and its system metrics. MLflow adds these only for
+``mlflow.start_run``; our runs are created with ``MlflowClient``, so they are added here."""
 
 from __future__ import annotations
 
@@ -28,7 +17,6 @@ from pnn.config import DATASETS
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Every run, the parent and the jobs (forked by the launcher), comes from sweep.py.
 SOURCE_NAME = str(REPO_ROOT / "sweep.py")
 
 
@@ -51,22 +39,16 @@ def standard_tags() -> dict[str, str]:
     return tags
 
 
-# --------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------
-
-
 def dataset_identity(cfg: DictConfig, train: bool) -> dict[str, Any]:
-    """What determines one split's data: for synthetic data its seed and size, for a
-    torchvision set its name, split and the files' md5 sums as torchvision lists them."""
+    """What determines one split's data: a synthetic set's seed and size, a torchvision set's name,
+    split and files' md5 sums."""
     name = cfg.dataset.name if train else (cfg.dataset.test_name or cfg.dataset.name)
     split = "train" if train else "test"
     if name == "synthetic":
         spec = DATASETS[name]
         size = cfg.dataset.train_size if train else cfg.dataset.test_size
         default = spec.train_size if train else spec.test_size
-        # As pnn.train.data.synthetic_split makes it: the class patterns from the seed, each split
-        # from its own stream.
+        # As pnn.train.data.synthetic_split makes it.
         return {
             "name": name,
             "split": split,
@@ -92,7 +74,6 @@ def _source(identity: dict[str, Any]) -> Any:
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
     if identity["name"] == "synthetic":
-        # Made by code (pnn.train.data.synthetic_split), from these values.
         return CodeDatasetSource({"generator": "pnn.train.data.synthetic_split", **identity})
     from torchvision import datasets
 
@@ -139,31 +120,19 @@ def dataset_inputs(cfg: DictConfig) -> list[Any]:
     return inputs
 
 
-# --------------------------------------------------------------------------------------------
-# System metrics
-# --------------------------------------------------------------------------------------------
-
-
 def start_system_metrics(cfg: DictConfig, tracking_uri: str, run_id: str) -> Any | None:
-    """MLflow's system-metrics monitor on ``run_id``, or None when ``tracking.system_metrics``
-    is false. Samples every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL to change);
-    metrics ``system/...``, step = sample number, continued on resume."""
+    """MLflow's system-metrics monitor on ``run_id`` if ``tracking.system_metrics``, else None."""
     if not cfg.tracking.get("system_metrics", False):
         return None
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
-    except ImportError as err:  # psutil is a dependency of ours, but a venv may lack it
-        log.warning(f"tracking.system_metrics=true, but {err}; no system metrics logged")
-        return None
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
     monitor.start()
     return monitor
 
 
 def stop_system_metrics(monitor: Any | None) -> None:
-    """Stop the monitor and log the samples of the last, partial interval: a job shorter than
-    one interval still gets one sample (MLflow's own ``finish`` drops them)."""
+    """Stop the monitor and log the last, partial interval, which MLflow's ``finish`` drops."""
     if monitor is None:
         return
     monitor.finish()

@@ -1,12 +1,5 @@
-"""The reading side of MLflow: the analysis (``analyze.py``) reads a sweep's job runs and their
-per-epoch curves out of the store, as pandas. Nothing here writes; the sweep's writing side is
-:mod:`pnn.io.tracking`.
-
-What ``sweep.py`` logs (``pnn/io/tracking.py``): one parent run per invocation (tag
-``pnn.role=sweep``) and one child run per job (tag ``pnn.role=job``, ``mlflow.parentRunId``)
-whose params are the flattened config, whose metrics are per epoch (step = epoch, from 1) and
-whose summary metrics (``best_test_acc``, ``params``, ...) are logged once at step 0.
-"""
+"""The reading side of MLflow: a sweep's job runs and their per-epoch curves, as pandas, for the
+analysis. Nothing here writes; the layout is :mod:`pnn.io.tracking`'s."""
 
 from __future__ import annotations
 
@@ -21,23 +14,17 @@ import pandas as pd
 
 from pnn.io.tracking import (
     RUNNING_SWEEPS,
-    SUMMARY_METRICS,  # logged once per run, at step 0
+    SUMMARY_METRICS,
     TAG_SWEEPS,
 )
 
-# Per-epoch metrics fetched for the figures.
 CURVE_METRICS = ("test_acc", "test_acc_reported")
-# Run params (the flattened config) become columns ``config.<dotted key>``.
+# Run params (the flattened config) are columns ``config.<dotted key>``.
 CONFIG_PREFIX = "config."
 
 
 class AnalysisError(RuntimeError):
-    """Something a person must fix (no store, no runs, a bad option). The message is one line."""
-
-
-# --------------------------------------------------------------------------------------------
-# Where the runs are
-# --------------------------------------------------------------------------------------------
+    """Something a person must fix (no store, no runs, a bad option), in one line."""
 
 
 def resolve_tracking_uri(flag: str | None, cwd: Path | None = None) -> str:
@@ -53,7 +40,6 @@ def resolve_tracking_uri(flag: str | None, cwd: Path | None = None) -> str:
 def local_store_path(uri: str) -> Path | None:
     """The file or folder a local tracking URI points at, or None for a server URI."""
     if uri.startswith("sqlite:"):
-        # sqlite:///relative.db, sqlite:////abs/path.db; a query string may follow.
         path = uri.split("://", 1)[-1].split("?", 1)[0]
         path = path[1:] if path.startswith("/") else path
         return Path(unquote(path)) if path else None
@@ -66,8 +52,8 @@ def local_store_path(uri: str) -> Path | None:
 
 
 def check_store(uri: str) -> None:
-    """Fail in one line if the store cannot be read: MLflow would silently create an empty
-    SQLite file, refuse a ``file:`` store with a traceback, or retry a dead server for minutes."""
+    """Fail in one line if the store cannot be read, where MLflow would create an empty SQLite file,
+    print a traceback or retry a dead server for minutes."""
     from pnn.io.storeguard import StoreError, prepare
 
     path = local_store_path(uri)
@@ -82,11 +68,6 @@ def check_store(uri: str) -> None:
         raise AnalysisError(str(err)) from None
 
 
-# --------------------------------------------------------------------------------------------
-# Loading runs
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class RunSet:
     """The job runs of one analysis: ``finished`` ones are summarised, ``excluded`` counted."""
@@ -97,12 +78,9 @@ class RunSet:
     excluded: pd.DataFrame
     sweep_run_id: str | None = None
     sweep_name: str | None = None
-    # With a sweep: how many of its runs it resumed (created by an earlier sweep; column
-    # ``in_sweep`` says "resumed" for those, "created" for the others).
+    # With a sweep: how many runs it resumed (column ``in_sweep``: "resumed" or "created").
     resumed: int = 0
-    # The parent runs in scope (that sweep's, else the experiment's) still RUNNING in the
-    # store: live sweeps, or dead ones that nothing has closed yet (pnn.analysis.results tells
-    # which).
+    # The parent runs in scope still RUNNING: live sweeps or dead ones (pnn.analysis.results).
     running_sweeps: list[Any] = field(default_factory=list)
 
 
@@ -147,7 +125,6 @@ def _run_record(run: Any) -> dict[str, Any]:
         "start_time": run.info.start_time,
         "parent_run_id": tags.get("mlflow.parentRunId", ""),
         "sweep_id": tags.get("pnn.sweep_id", ""),
-        # Every sweep that worked on the run: the one that created it, then those that resumed it.
         "sweep_ids": tags.get(TAG_SWEEPS, ""),
         "experiment": tags.get("experiment") or params.get("experiment") or "custom",
         "description": tags.get("description", ""),
@@ -173,7 +150,7 @@ def _pick_sweep(client: Any, experiment_id: str, sweep: str) -> tuple[list[Any],
         raise AnalysisError("--sweep given, but the store has no sweep (parent) runs")
     if sweep == "latest":
         return [parents[0]], parents[0]
-    # A parent run id, or a pnn.sweep_id shared by several invocations (a resumed sweep).
+    # A parent run id, or a pnn.sweep_id that several invocations share.
     chosen = [p for p in parents if sweep in (p.info.run_id, p.data.tags.get("pnn.sweep_id"))]
     if not chosen:
         recent = ", ".join(f"{p.info.run_id} ({p.info.run_name})" for p in parents[:3])

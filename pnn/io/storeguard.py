@@ -1,19 +1,8 @@
 """The tracking store before and during a sweep: there, usable, reachable, and the same one.
 
-- :func:`prepare` runs once in the sweep's main process, before the parent run: it refuses what
-  MLflow cannot use (a ``file:`` store, a missing folder, a file that is not a database, a
-  half-migrated database, an unreachable server) in one line, and creates a new SQLite store
-  atomically, so that sweeps started together never race through MLflow's table creation.
-- :func:`check_same` runs before every store write of a job (through ``tracking.retry``): a
-  job never writes into a store other than the one its sweep started in. MLflow would silently
-  create a new empty SQLite file where a deleted one was.
-- :func:`explain` turns what MLflow, SQLAlchemy or SQLite raise into a :class:`StoreError`:
-  the URI, what failed and what to do, in one line instead of pages of traceback.
-  :func:`as_store_error` is what a caller uses: that line for the store's errors, None for
-  any other error, which the caller raises again.
-
-This module imports neither torch nor mlflow at import time.
-"""
+:func:`prepare` refuses a store MLflow cannot use and creates a new SQLite store atomically;
+:func:`check_same` keeps jobs writing into their sweep's store only; :func:`as_store_error` says
+what MLflow, SQLAlchemy or SQLite raised in one line. Imports no torch or MLflow at import time."""
 
 from __future__ import annotations
 
@@ -33,26 +22,25 @@ if TYPE_CHECKING:
 
 ENV_STORE_ID = "PNN_STORE_ID"
 SQLITE_HEADER = b"SQLite format 3\x00"
-# An unreachable server must fail in seconds, not after MLflow's minutes of HTTP retries.
+# An unreachable server fails in seconds, not after MLflow's minutes of HTTP retries.
 REACH_TIMEOUT_S = 5.0
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class StoreError(RuntimeError):
-    """The tracking store cannot be used. The message names the URI, what failed, what to do."""
+    """The tracking store cannot be used: the URI, what failed, what to do."""
 
     def __init__(self, uri: str, what: str, todo: str) -> None:
         super().__init__(f"MLflow store {uri}: {what}. {todo}")
         self.uri, self.what, self.todo = uri, what, todo
 
     def __reduce__(self) -> tuple[type[StoreError], tuple[str, str, str]]:
-        # A job's StoreError crosses into the sweep's process pickled; the default would
-        # call StoreError(message) and fail there.
+        # It is unpickled in the sweep's process, where StoreError(message) would fail.
         return type(self), (self.uri, self.what, self.todo)
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The file of a ``sqlite:`` URI (``sqlite:///rel.db``, ``sqlite:////abs.db``), else None."""
+    """The file of a ``sqlite:`` URI, else None."""
     if not uri.startswith("sqlite:"):
         return None
     path = uri.split("://", 1)[-1].split("?", 1)[0]
@@ -85,7 +73,7 @@ def _repair_hint(path: Path, tables: list[str]) -> str:
 
 
 def check_sqlite_file(uri: str, path: Path) -> None:
-    """An existing SQLite store: a database, MLflow's, not half-migrated, writable."""
+    """An existing SQLite store: a database, MLflow's, not half-migrated."""
     if path.is_dir():
         raise StoreError(uri, f"{path} is a folder, not an SQLite file", "Name a .db file")
     with open(path, "rb") as handle:
@@ -121,8 +109,8 @@ def check_writable(uri: str, path: Path) -> None:
 
 
 def _create_sqlite(uri: str, path: Path) -> None:
-    """Create the store in a private file, then link it into place: a crash leaves no
-    half-created store, and of two sweeps creating it at once, one wins and both use it."""
+    """Create the store in a private file, then link it into place: a crash leaves no half-created
+    store, and of two sweeps creating it at once, one wins and both use it."""
     from mlflow.tracking import MlflowClient
 
     scratch = path.with_name(f".{path.name}.creating-{os.getpid()}-{os.urandom(3).hex()}")
@@ -208,14 +196,8 @@ def prepare(uri: str, create: bool = True) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# The same store for the whole sweep
-# --------------------------------------------------------------------------------------------
-
-
 def pin(uri: str) -> None:
-    """Remember which SQLite file this sweep uses; its jobs inherit the pin. Any other store
-    clears a pin this process inherited (say, a sweep started from inside another's job)."""
+    """Pin this sweep's SQLite file for its jobs; any other store clears an inherited pin."""
     path = sqlite_path(uri)
     if path is not None and path.exists():
         st = path.stat()
@@ -225,7 +207,7 @@ def pin(uri: str) -> None:
 
 
 def check_same(uri: str | None = None) -> None:
-    """Raise if the pinned SQLite file is gone or was replaced (cheap: one stat)."""
+    """Raise if the pinned SQLite file is gone or was replaced."""
     pinned = os.environ.get(ENV_STORE_ID)
     if not pinned:
         return
@@ -247,9 +229,8 @@ def check_same(uri: str | None = None) -> None:
         )
 
 
-# MLflow logs every SQLite OperationalError with its whole traceback, then raises it. Ours
-# are retried ('database is locked', tracking.retry) or reported in one line (explain), so
-# that log record is only pages of noise in a sweep's output.
+# MLflow logs each SQLite error with its traceback before raising it; ours are retried or
+# explained in one line, so that record is only noise.
 MLFLOW_SQL_LOGGER = "mlflow.store.db.utils"
 MLFLOW_SQL_ERROR = "SQLAlchemy database error"
 
@@ -259,9 +240,8 @@ def _drop_mlflow_sql_traceback(record: logging.LogRecord) -> bool:
 
 
 def client(uri: str) -> MlflowClient:
-    """``MlflowClient(uri)`` after :func:`check_same`: building a client opens the store, which
-    would create a new, empty SQLite file in place of a deleted one. Its store errors are not
-    logged with tracebacks by MLflow (see MLFLOW_SQL_LOGGER): whoever catches them explains."""
+    """``MlflowClient(uri)``, after :func:`check_same`: opening a store creates an empty SQLite file
+    where a deleted one was. MLflow's SQL tracebacks stay out of the log."""
     from mlflow.tracking import MlflowClient
 
     check_same(uri)
@@ -270,10 +250,6 @@ def client(uri: str) -> MlflowClient:
         sql_logger.addFilter(_drop_mlflow_sql_traceback)
     return MlflowClient(uri)
 
-
-# --------------------------------------------------------------------------------------------
-# From MLflow's exceptions to one line
-# --------------------------------------------------------------------------------------------
 
 _KNOWN = (
     (("readonly database", "read-only"), "the database is read-only",
@@ -303,8 +279,7 @@ def is_store_error(err: BaseException) -> bool:
 
 
 def as_store_error(uri: str, err: BaseException) -> StoreError | None:
-    """``err`` in one line (:func:`explain`) if the store raised it, else None: an error of
-    our own code is a bug, which the caller raises again with its traceback."""
+    """``err`` in one line if the store raised it, else None (a bug: the caller raises it)."""
     return explain(uri, err) if is_store_error(err) else None
 
 

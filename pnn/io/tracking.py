@@ -1,24 +1,6 @@
-"""The writing side of MLflow, used by the sweep (``sweep.py`` and its jobs): where runs go,
-how they are named, and what they hold (it reads only what a sweep needs to skip or resume a
-job). The analysis reads the runs back with :mod:`pnn.io.store`.
-
-Layout (``analyze.py`` and the MLflow UI rely on it):
-
-- one parent run per ``sweep.py`` invocation, tags ``pnn.role=sweep``, ``pnn.sweep_id`` and
-  the sweep process's lease ``pnn.owner`` and ``pnn.heartbeat`` (``pnn.sweep.lease``);
-- one child run per job, tags ``mlflow.parentRunId``, ``pnn.role=job``, ``pnn.sweep_id``,
-  ``experiment``, ``description``, ``published_test_acc``, ``pnn.config_hash``,
-  ``pnn.overrides``, ``git_commit``, ``pnn.sweep_ids``, the lease ``pnn.owner`` and
-  ``pnn.heartbeat`` (``pnn.sweep.lease``) and, on failure, ``pnn.failure``; run name
-  ``<experiment>-seed<seed>``;
-- on every run, MLflow's own ``mlflow.source.*`` and ``mlflow.user`` tags, and on a job its
-  training and test datasets as run inputs (``pnn.io.run_context``);
-- child params: the flattened resolved config; metrics per epoch with step = epoch (from 1);
-  final metrics at step 0.
-
-Every write goes through :func:`retry`: many jobs share one SQLite file, and SQLite answers
-"database is locked" while another process writes.
-"""
+"""The writing side of MLflow, used by the sweep: its runs, their names, params, metrics and tags,
+in the layout that ``analyze.py`` and the MLflow UI read (docs/sweeps.md). Every write goes
+through :func:`retry`, as many jobs share one SQLite file."""
 
 from __future__ import annotations
 
@@ -49,9 +31,8 @@ ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
     "PNN_SWEEP_ID",
     "PNN_SWEEP_JOBS",
 )
-# This process, as no other one: host, pid and a random part (pids are reused).
+# This process, as no other one: pids are reused.
 PROCESS_GROUP = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-# What every child run holds: these per epoch (step = epoch, from 1) ...
 EPOCH_METRICS = (
     "train_loss",
     "train_acc",
@@ -62,7 +43,6 @@ EPOCH_METRICS = (
     "epoch_time_s",
     "train_img_per_s",
 )
-# ... and these once (step 0).
 SUMMARY_METRICS = (
     "best_test_acc",
     "best_epoch",
@@ -72,8 +52,7 @@ SUMMARY_METRICS = (
     "mask_values",
     "trainable",
 )
-# Keys that change how a job runs or where it logs, not what it computes: a rerun that only
-# changes these is the same job (it is skipped, or resumed).
+# How a job runs or where it logs, not what it computes: not part of the job's identity.
 VOLATILE_KEYS = (
     "tracking",
     "sweep",
@@ -90,18 +69,15 @@ VOLATILE_KEYS = (
 
 
 def _transient(err: BaseException) -> bool:
-    """'database is locked' and the like: worth another try, once the file is known to be the
-    sweep's own (a deleted file makes SQLite answer 'readonly database')."""
+    """'database is locked' and the like, once the file is known to be the sweep's own."""
     storeguard.check_same()
     text = str(err).lower()
     return "locked" in text or "busy" in text or "connection refused" in text
 
 
 def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.0) -> T:
-    """Call ``fn`` until SQLite stops answering 'database is locked' (or ``timeout``), with
-    tenacity's jittered exponential back-off. Before each call the sweep's SQLite file must still
-    be the one it started in (:func:`pnn.io.storeguard.check_same`), so that no write lands in a
-    new, empty store."""
+    """Call ``fn`` until the store stops answering 'database is locked' (or ``timeout``), checking
+    first each time that the sweep's SQLite file is still its own (``storeguard.check_same``)."""
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(_transient),
         wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
@@ -118,7 +94,7 @@ def resolve_uri(cfg: DictConfig, launch_dir: Path) -> str:
     if not uri:
         uri = f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # A relative SQLite path means relative to where the sweep was launched, for every job.
+        # Relative to where the sweep was launched, for every job.
         uri = f"sqlite:///{(launch_dir / uri[len('sqlite:///') :]).resolve()}"
     return uri
 
@@ -129,7 +105,7 @@ def get_experiment_id(client: MlflowClient, name: str, uri: str) -> str:
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
-        # Keep artifacts beside the database instead of in whatever directory we started in.
+        # Artifacts beside the database, not wherever the process started.
         location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     try:
         return retry(lambda: client.create_experiment(name, artifact_location=location))
@@ -182,20 +158,14 @@ def git_commit() -> str | None:
         return None
 
 
-# --------------------------------------------------------------------------------------------
-# The parent run (one per sweep.py invocation), created by the sweeper in the main process
-# --------------------------------------------------------------------------------------------
-
-# The parent runs that are not ended: live sweeps, and dead ones not closed yet
-# (pnn.sweep.sweep_run).
+# Live sweeps, and dead ones not closed yet (pnn.sweep.sweep_run).
 RUNNING_SWEEPS = "attributes.status = 'RUNNING' and tags.`pnn.role` = 'sweep'"
 
 
 def start_sweep(
     cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int, lease: dict[str, str]
 ) -> str:
-    """Check (and if new, create) the store, then create the parent run with the ``lease``
-    tags of the sweep's process (``pnn.sweep.lease``). Raises StoreError."""
+    """Check (and create) the store, then create the parent run with the sweep's ``lease`` tags."""
     uri = resolve_uri(cfg, Path.cwd())
     storeguard.prepare(uri)
     storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
@@ -237,8 +207,7 @@ def _start_sweep(
 
 
 def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> str | None:
-    """Tag and end a job run, for failure handlers: never raises a store error (the store may be
-    what failed); returns it as one line instead."""
+    """Tag and end a job run; a store error comes back as one line, never raised."""
     try:
         if tags:
             set_tags(client, run_id, tags)
@@ -251,16 +220,9 @@ def mark_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str
     return None
 
 
-# --------------------------------------------------------------------------------------------
-# Child runs (one per job)
-# --------------------------------------------------------------------------------------------
-
-
-# Every sweep that worked on a job run (comma-separated pnn.sweep_id values): the one that
-# created it, then those that resumed it (``analyze.py --sweep``).
+# Every sweep that worked on a job run: its creator, then those that resumed it.
 TAG_SWEEPS = "pnn.sweep_ids"
-# The launcher's job processes write "<run id> <owner>" here once they lease a run, so that
-# the launcher can mark the run KILLED if the process dies (see ``pnn.sweep.launcher``).
+# Where a job process lists the runs it leased, for the launcher to end if it dies.
 ENV_RUN_ID_FILE = "PNN_RUN_ID_FILE"
 
 
@@ -282,7 +244,7 @@ def create_job_run(
     overrides: str,
     lease: dict[str, str] | None = None,
 ) -> str:
-    """A new child run; ``lease`` holds the tags of the job's lease on it (``pnn.sweep.lease``)."""
+    """A new child run; ``lease`` holds the tags of the job's lease on it."""
     tags = {
         "pnn.role": "job",
         "pnn.config_hash": chash,
@@ -298,10 +260,8 @@ def create_job_run(
     if os.environ.get(ENV_SWEEP):
         tags["pnn.sweep_id"] = os.environ[ENV_SWEEP]
         tags[TAG_SWEEPS] = os.environ[ENV_SWEEP]
-    # Which GPU (or CPU slot) the launcher gave this job, for debugging a crowded machine.
     tags["pnn.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
     tags["pnn.slot"] = os.environ.get("PNN_SLOT", "in-process")
-    # Seeds trained together in one process (hydra.launcher.seeds_per_process) share this.
     tags["pnn.process_group"] = PROCESS_GROUP
     commit = git_commit()
     if commit:
@@ -321,13 +281,11 @@ DATASET_ATTEMPTS = 5
 
 
 def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = None) -> None:
-    """MLflow's standard tags (source, git commit, user) and, for a job, its training and test
-    datasets as run inputs: what the UI's Source, User and Dataset columns show."""
+    """MLflow's standard tags and, for a job, its datasets as run inputs (the UI's columns)."""
     set_tags(client, run_id, run_context.standard_tags())
     if cfg is not None:
         inputs = run_context.dataset_inputs(cfg)
-        # MLflow's get-or-create of a dataset is not atomic: when parallel jobs log the same
-        # (name, digest) at once, one insert loses. Asked again, it finds the winner's row.
+        # MLflow's get-or-create of a dataset is not atomic: a parallel job's insert may lose.
         lost = tenacity.retry_if_exception(
             lambda err: "UNIQUE constraint" in str(err) or "IntegrityError" in str(err)
         )

@@ -1,25 +1,17 @@
 """The fused perturbation: ``conv1x1(act(x + level * masks))`` computed without keeping the fan-out.
 
-A PerturbLayer with ``filter_size=0`` computes, in the reference's words,
-``conv1x1(act(x.unsqueeze(2) + level * masks).view(B, C*M, H, W))``: every input channel is
-fanned out into ``M`` noisy copies before a grouped 1x1 convolution sums them again. Written that
-way the (B, C, M, H, W) fan-out is built in memory and kept for backward (2 x 512 MiB per layer in
-experiment 6). :func:`perturb_conv` computes the same function without keeping it:
+The reference computes ``conv1x1(act(x.unsqueeze(2) + level * masks).view(B, C*M, H, W))``,
+building and keeping for backward a (B, C, M, H, W) fan-out. :func:`perturb_conv` computes the
+same function without keeping it:
 
-- ``M == 1``: the fan-out *is* the input; a plain 1x1 conv.
-- no activation between perturbation and conv: the closed form
-  ``sum_m W[o, m] * (x + level * n_m) = x * sum_m W[o, m] + level * sum_m W[o, m] * n_m``.
-- on CUDA, when :class:`FusedSettings` allows it: a ``torch.compile``d sum form, one compiled
-  kernel per shape, that never writes the fan-out to memory (see bench anchors: 0.68 ms and
-  16 MiB vs 2.9 ms and 1.5 GiB for eager).
-- otherwise (CPU, or compiled kernel not allowed): :class:`_ChunkedPerturbConv`, which walks
-  over the masks in chunks and recomputes each chunk in backward. It saves only x, the masks
-  and the weights.
+- ``M == 1``: a plain 1x1 conv; no activation: the closed form
+  ``x * sum_m W[o, m] + level * sum_m W[o, m] * n_m``;
+- on CUDA, when :class:`FusedSettings` allows it: a ``torch.compile``d sum form that never
+  writes the fan-out to memory;
+- otherwise :class:`_ChunkedPerturbConv`: chunks of masks, recomputed in backward.
 
-:func:`perturb_reference` keeps the reference formulation for benchmarks and equivalence checks.
-Which way runs is an argument, a :class:`FusedSettings`, that each PerturbLayer carries
-(:func:`pnn.model.layers.use_fused` sets it for a whole model for the length of a block); nothing
-here is switched for the whole process. ``bench/layer_paths.py`` compares the ways on a GPU.
+:func:`perturb_reference` keeps the reference formulation for ``bench/layer_paths.py`` and the
+equivalence checks. Each PerturbLayer carries its :class:`FusedSettings`; nothing is global.
 """
 
 from __future__ import annotations

@@ -346,7 +346,7 @@ def _shape_error(cfg: DictConfig, spec: DatasetSpec, detail: str) -> ConfigError
 def build_model(cfg: DictConfig, init: bool = True) -> nn.Module:
     """The model ``cfg`` describes, initialised as the reference does unless ``init`` is false
     (a model built on the meta device to check shapes or sizes has no values to initialise, and
-    initialising one imports ``torch._dynamo``: 1.7 s, which a dry run need not pay)."""
+    initialising one imports ``torch._dynamo``, which a dry run need not pay for)."""
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(
             f"dataset.name must be one of {{{', '.join(DATASETS)}}} (got {cfg.dataset.name!r})"

@@ -1,7 +1,11 @@
 """Imported only by the job processes' forkserver (``set_forkserver_preload``), first: the server
-then survives a SIGTERM to the sweep's process group, and goes on reporting its jobs' exits.
-Its children install their own handler (:func:`pnn.sweep.launcher.job_process`)."""
+dies with the sweep. Its children hold its "parent alive" pipe open, so it would otherwise outlive
+a ``kill -9`` of the sweep; its death SIGTERMs each job (:func:`pnn.sweep.launcher.job_process`),
+which then ends its run KILLED.
+"""
 
 import signal
 
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
+from pnn.sweep.launcher import die_with_parent
+
+die_with_parent(signal.SIGKILL)

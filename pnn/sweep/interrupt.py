@@ -1,16 +1,11 @@
 """SIGTERM and SIGINT as a flag: a sweep ends cleanly, its runs KILLED, never RUNNING.
 
 The handler only records the first signal (:func:`received`); nothing is raised into the code it
-lands in, which may be inside an MLflow or SQLAlchemy call. The engine checks the flag at each
-training step (``should_stop``), the job between its store calls, and the launcher before it
-starts a job; each then ends its part: the run is marked KILLED, the job process exits with
-128 + the signal, the sweep prints its summary and exits so too.
-
-In the sweep (``role="sweep"``) the first signal is also forwarded to the job processes
-registered with :func:`register`; a second kills them outright, or, with none running, ends the
-sweep at once. A job process (``role="job"``) ignores later signals: a Ctrl-C reaches it both from
-the terminal and forwarded by the sweep.
-"""
+lands in (an MLflow or SQLAlchemy call, say). The engine checks the flag at each step, the job
+between its store calls and the launcher before it starts a job; the run is marked KILLED and
+the process exits with 128 + the signal. In the sweep the first signal is forwarded to the job
+processes (:func:`register`) and a second kills them, or ends the sweep if none runs. A job
+process ignores later signals: a Ctrl-C reaches it from the terminal and from the sweep."""
 
 from __future__ import annotations
 
@@ -58,7 +53,7 @@ def _handler(signum: int, frame: object) -> None:
 
 
 def install(role: str = "sweep") -> None:
-    """Record SIGTERM and SIGINT in this process from now on (see the module docstring)."""
+    """Record SIGTERM and SIGINT in this process from now on."""
     _state.update(signum=None, role=role, pids=set())
     for sig in SIGNALS:
         signal.signal(sig, _handler)

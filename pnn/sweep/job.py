@@ -1,15 +1,5 @@
-"""One job of a sweep: decide whether to skip, adopt or start; train; log to MLflow.
-
-The job never raises for a failed run: it marks the MLflow run FAILED with the reason and
-returns ``{"status": "failed", ...}``, so the sweep goes on and reports it at the end.
-
-A job's lease on its work lives in the tracking store, so that it holds across launch
-directories and machines: its run is RUNNING with an owner and a heartbeat tag (see
-``pnn.io.liveness.lease_status``). A live run of the same job means "running elsewhere"; a stale,
-KILLED or FAILED one is adopted, never duplicated. A checkpoint with finished epochs is never
-deleted: it is resumed (into a new run if its own is not in this store), or moved aside with a
-message when it is unreadable or ``sweep.rerun=true``.
-"""
+"""One job of a sweep: skip, adopt or start its run (:mod:`pnn.sweep.lease`), train, log to MLflow.
+A failed job never raises: its run is marked FAILED with the reason and the outcome says so."""
 
 from __future__ import annotations
 
@@ -33,7 +23,7 @@ log = logging.getLogger("pnn")
 
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
-    """Compose, validate and build the model; print one JSON line. Loads no data, logs nothing."""
+    """Build the model and print its parameter counts as one JSON line; no data, no logging."""
     from pnn.model.models import build_model, count_parameters
 
     counts = count_parameters(build_model(cfg))
@@ -43,7 +33,7 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def launch_dir() -> Path:
-    """Where the sweep was started: relative paths in the config are relative to it."""
+    """Where the sweep was started: the config's relative paths are relative to it."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
@@ -53,7 +43,7 @@ def launch_dir() -> Path:
 
 @contextmanager
 def exclusive(directory: Path) -> Iterator[bool]:
-    """A lock per job identity: the same job started twice at once runs only once."""
+    """A lock per job identity on this machine: the same job started twice at once runs once."""
     from filelock import FileLock, Timeout
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -91,8 +81,7 @@ def job_name(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One job, in phases: check -> decide (skip or go; pnn.sweep.lease) -> open its run (adopt or
-    create; pnn.sweep.lease) -> train -> finish."""
+    """One job: check, decide, open its run, train, finish."""
     name = job_name(cfg)
     try:
         validate(cfg)
@@ -107,8 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if interrupt.received():  # a signal came during the previous job of this process
         return {"status": "killed", "name": name, "reason": _not_started()}
     job = locate(cfg, name)
-    # The file lock guards this checkpoint folder on this machine; the lease in the store
-    # (decide, open_run) guards the job across launch directories and machines.
+    # The lock guards the checkpoint folder here; the lease in the store, across machines.
     with exclusive(job.ckpt_dir) as owned:
         if not owned:
             return job.skip(f"running in another process (lock held on {job.ckpt_dir})")
@@ -127,14 +115,14 @@ def _not_started() -> str:
 
 
 def _open(job: Job) -> dict[str, Any] | tuple[str, dict[str, Any] | None]:
-    """Skip the job, or adopt or create its run: (run id, checkpoint state), or the outcome."""
+    """Skip the job, or open its run: (run id, checkpoint state), or the outcome."""
     from pnn.sweep import lease
     from pnn.train.data import DatasetUnavailableError, check_available
 
     skipped, open_runs = lease.decide(job)
     if skipped is not None:
         return skipped
-    try:  # a set-up error, found before any run is created or adopted
+    try:  # before any run is created or adopted
         check_available(job.cfg, _absolute(job.cfg.dataset.root))
     except DatasetUnavailableError as err:
         log.error(f"[{job.name}] FAILED: {err}")
@@ -165,10 +153,8 @@ def locate(cfg: DictConfig, name: str) -> Job:
 
 
 def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
-    """Train in ``run_id`` (from ``state``'s epoch on); mark the run FINISHED, FAILED or KILLED.
-
-    The marks go through ``tracking.mark_run``, which never raises a store error: the store
-    may be what just failed."""
+    """Train in ``run_id``; mark it FINISHED, FAILED or KILLED (``tracking.mark_run`` never raises
+    a store error: the store may be what failed)."""
     from pnn.io import run_context, storeguard
     from pnn.train.engine import NonFiniteLossError, TrainingStopped
 

@@ -1,8 +1,5 @@
-"""A job's identity and where its things live: its store, its config hash, its checkpoint.
-
-Below both :mod:`pnn.sweep.job` (which runs a job) and :mod:`pnn.sweep.lease` (which decides whether
-it skips, adopts or creates its run): both need it, and neither may import the other.
-"""
+"""A job's identity and where its things live, below both :mod:`pnn.sweep.job` and
+:mod:`pnn.sweep.lease`, which both need it and may not import each other."""
 
 from __future__ import annotations
 
@@ -27,7 +24,7 @@ class Job:
     chash: str
     ckpt_root: Path  # train.checkpoint_dir: nothing outside it is ever removed
     ckpt_dir: Path
-    owner: str  # this job's lease on its run (pnn.sweep.lease.owner_id)
+    owner: str  # this job's lease on its run
 
     @property
     def ckpt_path(self) -> Path:
@@ -38,7 +35,7 @@ class Job:
         return self.outcome("skipped", reason)
 
     def outcome(self, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        """What the job reports to the sweeper (see ``pnn.sweep.sweeper.outcome_of``)."""
+        """What the job reports to the sweeper (:mod:`pnn.sweep.outcomes`)."""
         out: dict[str, Any] = {"status": status, "name": self.name}
         if reason is not None:
             out["reason"] = reason

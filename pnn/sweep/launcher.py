@@ -1,18 +1,11 @@
-"""``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU (or CPU worker) per job.
+"""``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU (or CPU worker) slot per job.
 
-Each job runs in a process of its own from the standard library's forkserver
-(:mod:`multiprocessing`), which has imported torch and MLflow once for pnn-sweep's jobs; the job
-sets its slot's ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA. A slot is a (GPU, packing
-index) pair, or one of ``cpu_workers`` CPU workers (``auto``: usable cores / ``train.threads``).
-With ``seeds_per_process`` K > 1, jobs that differ only in ``train.seed`` train K at a time in one
-process (:mod:`pnn.train.packing`), each with its own run and result.
-
-The launching thread starts and waits for every job itself, so a signal is handled before it
-starts another (:mod:`pnn.sweep.interrupt` forwards it to the jobs). A job process that dies is a
-FAILED job; the others go on. Jobs ask the kernel to end them when their parent dies.
-Any Hydra app can use it; pnn-sweep's own behaviour (packing, KILLED outcomes, marking a dead
-job's run) applies to the jobs of its sweeper only (:func:`pnn.sweep.outcomes.is_pnn_sweep`).
-This module imports neither torch nor MLflow: Hydra imports every plugin in every app.
+Each job runs in a process of the stdlib forkserver (:func:`job_context`), which for pnn-sweep's
+jobs has imported torch and MLflow once; with ``seeds_per_process`` K > 1, K seeds of one config
+share a process (:mod:`pnn.train.packing`). The launching thread waits for every job itself, so
+a signal is seen before another job starts (:mod:`pnn.sweep.interrupt`). A job process that dies
+is a FAILED job, and asks the kernel to end it if the sweep dies. Any Hydra app can use it
+(docs/launchers.md); it imports neither torch nor MLflow, as Hydra imports every plugin.
 """
 
 from __future__ import annotations
@@ -45,9 +38,8 @@ log = logging.getLogger(__name__)
 
 
 def job_threads(sweep_config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> int:
-    """The most ``train.threads`` any job asks for (1 where an app has no such key): the
-    sweep's own value, or a job's override (a grid such as ``train.threads=1,2``), without
-    composing every job's config."""
+    """The most ``train.threads`` any job asks for (1 where an app has no such key), read from the
+    sweep's config and the jobs' overrides without composing each job's config."""
     threads = [int(OmegaConf.select(sweep_config, "train.threads", default=1))]
     for overrides in job_overrides:
         for override in overrides:
@@ -73,7 +65,7 @@ class GpuPoolLauncher(Launcher):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
-        self.pnn_jobs = False  # pnn-sweep's jobs, launched by its sweeper (set by setup)
+        self.pnn_jobs = False  # pnn-sweep's jobs, launched by its sweeper
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -155,7 +147,7 @@ class GpuPoolLauncher(Launcher):
             log.info(f"{self._tag()} {done}/{len(results)} jobs done; job #{idx} {status}: {name}")
 
     def _groups(self, job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
-        """The jobs each job process runs, as indices: pnn-sweep's seeds packed, else one."""
+        """The jobs each job process runs, as indices: pnn-sweep's seeds packed, else one each."""
         if self.pnn_jobs:
             from pnn.train.packing import group_seeds  # imports torch: pnn-sweep's jobs only
 
@@ -171,7 +163,7 @@ class GpuPoolLauncher(Launcher):
         return "[sweep]" if self.pnn_jobs else "[gpu_pool]"
 
     def _status(self, ret: JobReturn, overrides: list[str]) -> str:
-        """A finished job, for the log: pnn-sweep's outcome, or what a Hydra task returned."""
+        """A finished job for the log: pnn-sweep's outcome, or what a Hydra task returned."""
         value = ret._return_value
         if self.pnn_jobs:
             return outcome_of(ret, overrides)["status"]
@@ -257,7 +249,7 @@ class GpuPoolLauncher(Launcher):
         return [failed_return(o, RuntimeError(reason)) for o, _ in jobs]
 
 
-# What a pnn-sweep job imports before its first line of work: its forkserver imports them once.
+# What a pnn-sweep job imports before its first line of work.
 JOB_PRELOAD = [
     "torch",
     "torch._dynamo",
@@ -272,9 +264,8 @@ JOB_PRELOAD = [
 
 
 def job_context(pnn_jobs: bool) -> Any:
-    """The stdlib forkserver context the job processes start from. Its server ignores SIGTERM
-    (:mod:`pnn.sweep.forkserver_preload`) so that a signal to the sweep's process group stops the
-    jobs, not the server that reports their exits; for pnn-sweep's jobs it has imported
+    """The stdlib forkserver context the job processes start from. Its server dies with this
+    process (:mod:`pnn.sweep.forkserver_preload`) and, for pnn-sweep's jobs, has imported
     :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
     context = multiprocessing.get_context("forkserver")
     preload = ["pnn.sweep.forkserver_preload", *(JOB_PRELOAD if pnn_jobs else [])]
@@ -283,12 +274,9 @@ def job_context(pnn_jobs: bool) -> Any:
 
 
 def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jobs: bool) -> None:
-    """Body of a job process, forked by the forkserver: the slot's environment and the sweep's
-    working directory, its own signal handling, then the job(s) of ``payload``."""
+    """A job process: the slot's environment, the sweep's folder, its signals, then its job(s)."""
     if pnn_jobs:
         interrupt.install(role="job")
-    else:  # the task's own way: Python's defaults (the server ignores SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -299,8 +287,8 @@ def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jo
 
 
 def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
-    """Mark KILLED the runs a dead job process had leased (listed in ``run_ids``), unless
-    another process has adopted them since. The ids of the runs marked."""
+    """Mark KILLED the runs a dead job process had leased (listed in ``run_ids``), unless another
+    process has adopted them since; the ids of those marked."""
     from pnn.io.tracking import ENV_URI
 
     if not run_ids.exists() or not os.environ.get(ENV_URI):
@@ -375,8 +363,9 @@ def _picklable(value: object) -> bool:
         return False
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the launcher dies, so no orphan keeps training."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies, so that no orphan keeps
+    training."""
     if sys.platform != "linux":
         return
     import ctypes
@@ -384,8 +373,8 @@ def die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, sig)
     except OSError:
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)

@@ -1,12 +1,10 @@
-"""Which run a job trains in, and with which checkpoint: skip, adopt or create.
+"""A job's lease on its MLflow run: skip, adopt or create the run, and with which checkpoint.
 
-The lease on a job lives in the tracking store (:func:`pnn.io.liveness.lease_status`): a live
-RUNNING run of the same job means "running elsewhere"; a stale, KILLED or FAILED one is adopted;
-otherwise a new run is created, and if two processes create one at once, the oldest wins. A
-checkpoint with finished epochs is never deleted without a message: it is resumed (into a new
-run when its own run is not in this store), or moved aside when it is unreadable or when
-``sweep.rerun=true``.
-"""
+The lease lives in the tracking store, so it holds across launch directories and machines
+(:mod:`pnn.io.liveness`): a live RUNNING run of the job means "running elsewhere"; a stale,
+KILLED or FAILED one is adopted; else a run is created, and of two created at once the oldest
+wins. A checkpoint is never deleted: it is resumed, or moved aside (unreadable, or
+``sweep.rerun=true``)."""
 
 from __future__ import annotations
 
@@ -27,8 +25,6 @@ from pnn.sweep.job_identity import Job
 log = logging.getLogger("pnn")
 
 
-# The lease's tags and the rule that tells a live lease from a stale one are pnn.io.liveness's
-# (the analysis reads them too); this module writes and renews leases.
 _TOKEN = os.urandom(4).hex()
 
 
@@ -42,16 +38,15 @@ def lease_tags(owner: str) -> dict[str, str]:
 
 
 def first_live_run(client: Any, experiment_id: str, chash: str) -> Any | None:
-    """The oldest live run of a job: when two processes create a run for it at once, both
-    then ask this, and the one whose run is oldest trains."""
+    """The oldest live run of a job: of two processes that created one at once, its owner trains."""
     runs = tracking.find_job_runs(client, experiment_id, chash)
     live = [r for r in runs if r.info.status == "RUNNING" and lease_status(r)[0]]
     return live[0] if live else None
 
 
 def adopt_job_run(client: Any, run: Any, owner: str) -> bool:
-    """Lease an open run of this job for ``owner``: RUNNING, our heartbeat, this sweep's id
-    added to tracking.TAG_SWEEPS. False if another process leased it at the same time."""
+    """Lease an open run for ``owner`` and add this sweep to its TAG_SWEEPS; False if another
+    process leased it at the same time."""
     sweeps = [s for s in run.data.tags.get(tracking.TAG_SWEEPS, "").split(",") if s]
     sweep = os.environ.get(tracking.ENV_SWEEP)
     if sweep and sweep not in sweeps:
@@ -59,14 +54,13 @@ def adopt_job_run(client: Any, run: Any, owner: str) -> bool:
     run_id = run.info.run_id
     tracking.set_tags(client, run_id, {**lease_tags(owner), tracking.TAG_SWEEPS: ",".join(sweeps)})
     tracking.retry(lambda: client.update_run(run_id, status="RUNNING"))
-    # Read back: of two processes that adopted it at once, the last writer owns it.
+    # Of two processes that adopted it at once, the last writer owns it.
     now = tracking.retry(lambda: client.get_run(run_id))
     return now.data.tags.get(TAG_OWNER) == owner
 
 
 def mark_killed(client: Any, run_id: str, reason: str, owner: str | None = None) -> bool:
-    """Mark a RUNNING run KILLED with ``reason`` (tag ``pnn.failure``), if it is still
-    RUNNING and, when ``owner`` is given, still leased by it. True if it was marked."""
+    """Mark a RUNNING run KILLED with ``reason`` if it still is, and still ``owner``'s if given."""
     run = tracking.retry(lambda: client.get_run(run_id))
     if run.info.status != "RUNNING":
         return False
@@ -78,8 +72,7 @@ def mark_killed(client: Any, run_id: str, reason: str, owner: str | None = None)
 
 
 class Heartbeat:
-    """Renews a run's TAG_HEARTBEAT every HEARTBEAT_S from a daemon thread, while a job
-    trains or a sweep runs; a missed beat (store busy or away) is retried at the next one."""
+    """Renews a run's heartbeat every HEARTBEAT_S from a thread; a missed beat is tried again."""
 
     def __init__(self, client: Any, run_id: str, interval: float = HEARTBEAT_S):
         self.client, self.run_id, self.interval = client, run_id, interval
@@ -98,7 +91,7 @@ class Heartbeat:
         from mlflow.entities import RunTag
 
         while not self._stop.wait(self.interval):
-            try:  # as tracking.retry does: never write into a new store in place of a deleted one
+            try:  # never write into a new store in place of a deleted one
                 storeguard.check_same()
             except storeguard.StoreError:
                 return  # the job's own next write reports it
@@ -110,9 +103,8 @@ class Heartbeat:
 
 
 def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
-    """Skip a job that has FINISHED in this store or whose run is live elsewhere (the
-    outcome), else go on (None) with the job's runs that are open (not FINISHED), oldest
-    first. Asked under the job's lock: a twin job that held it may have just finished."""
+    """Skip a job FINISHED here or live elsewhere (the outcome), else None and its open runs, oldest
+    first. Asked under the job's lock: a twin job may have just finished."""
     runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished and not job.cfg.sweep.rerun:
@@ -130,9 +122,8 @@ def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
 
 
 def open_run(job: Job, open_runs: list[Any]) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
-    """Lease the job's run: adopt an open one (the checkpoint's, else the newest) or create
-    one. Returns (run id, checkpoint state or None), or a skip outcome if another process
-    leased the job at the same moment."""
+    """Lease the job's run: adopt an open one (the checkpoint's, else the newest) or create one.
+    (run id, checkpoint state or None), or a skip outcome if another process got it first."""
     state = _usable_checkpoint(job)
     if job.cfg.sweep.rerun:
         for r in open_runs:  # stale runs of the old attempt must not stay RUNNING
@@ -148,8 +139,7 @@ def open_run(job: Job, open_runs: list[Any]) -> tuple[str, dict[str, Any] | None
 
 
 def _usable_checkpoint(job: Job) -> dict[str, Any] | None:
-    """The job's checkpoint, or None: absent, moved aside unread (sweep.rerun=true), or
-    moved aside because it cannot be read. Never deleted."""
+    """The job's checkpoint, or None: absent, or moved aside (``sweep.rerun=true``, unreadable)."""
     from pnn.train.checkpoint import UnreadableCheckpointError, move_aside, read_checkpoint
 
     path = job.ckpt_path
@@ -207,8 +197,7 @@ def _adopt_run(
 
 
 def report_run_id(run_id: str, owner: str) -> None:
-    """Tell the launcher which run this process trains, so it can mark the run KILLED if the
-    process dies (pnn.sweep.launcher)."""
+    """Tell the launcher which run this process trains, to mark it KILLED if the process dies."""
     path = os.environ.get(tracking.ENV_RUN_ID_FILE)
     if path:
         with open(path, "a") as file:
@@ -236,8 +225,8 @@ def _create_run(job: Job) -> str:
 
 
 def remove_folder_if_only_lock(job: Job) -> None:
-    """Remove the job's checkpoint folder if only our lock file is left in it: never a file
-    that was moved aside, and never anything outside train.checkpoint_dir."""
+    """Remove the job's checkpoint folder if only our lock is left in it, and only inside
+    ``train.checkpoint_dir``."""
     folder = job.ckpt_dir.resolve()
     if folder.parent != job.ckpt_root.resolve() or not folder.is_dir():
         return

@@ -1,15 +1,6 @@
-"""What a job reports back, for the launcher that runs it and the sweeper that sums it up.
-
-A pnn-sweep job (``pnn.sweep.job.run``) returns an outcome: a dict with ``status`` ("finished",
-"skipped", "failed", "killed"), ``name`` and, unless finished, a ``reason``. The sweeper prints
-them; :func:`outcome_of` makes one from any ``JobReturn``.
-
-Any other Hydra task reports the Hydra way: a ``JobReturn`` that is COMPLETED with the task's
-return value, or FAILED with the exception, which Hydra's sweepers raise. :func:`stopped_return`
-gives a job that a signal stopped, or kept from starting, the form its sweeper expects.
-
-Both the launcher and the sweeper need these, so they live below both.
-"""
+"""What a job reports back, for the launcher and the sweeper (below both). A pnn-sweep job returns
+an outcome dict (``status``: finished, skipped, failed or killed; ``name``; ``reason``); any other
+Hydra task a ``JobReturn``, COMPLETED or FAILED, as Hydra's sweepers expect."""
 
 from __future__ import annotations
 
@@ -21,8 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def is_pnn_sweep(config: DictConfig) -> bool:
-    """Whether the jobs of ``config`` are pnn-sweep's: launched by its sweeper, which runs no
-    other task (it checks every job against pnn's schema first) and reads their outcomes."""
+    """Whether ``config``'s jobs are pnn-sweep's: launched by its sweeper, which reads outcomes."""
     target = OmegaConf.select(config, "hydra.sweeper._target_", default=None)
     return str(target).rsplit(".", 1)[-1] == "PNNSweeper"
 
@@ -39,8 +29,7 @@ def outcome_of(ret: JobReturn, overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def failed_return(overrides: list[str], error: BaseException) -> JobReturn:
-    """What a job that could not run, or whose Hydra setup failed, reports: FAILED with
-    ``error``."""
+    """FAILED with ``error``: a job that could not run, or whose Hydra setup failed."""
     ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
     ret._return_value = error
     return ret
@@ -55,12 +44,11 @@ def killed_return(overrides: list[str], reason: str) -> JobReturn:
 
 
 def stopped_return(overrides: list[str], reason: str, pnn_jobs: bool) -> JobReturn:
-    """A job stopped by a signal: KILLED for pnn-sweep's sweeper, else FAILED, as Hydra
-    reports a job that did not complete."""
+    """A job stopped by a signal: KILLED for pnn-sweep's sweeper, else FAILED, as Hydra expects."""
     if pnn_jobs:
         return killed_return(overrides, reason)
     return failed_return(overrides, JobInterrupted(f"job interrupted ({reason})"))
 
 
 class JobInterrupted(RuntimeError):
-    """A job that a signal stopped, or kept from starting (in a generic Hydra app)."""
+    """A job that a signal stopped, or kept from starting, in a generic Hydra app."""

@@ -1,8 +1,5 @@
-"""The gpu_pool launcher's slots: which GPUs (or CPU workers) its jobs run on, and its keys.
-
-Light on purpose: the sweeper checks these keys before anything runs, and Hydra imports the
-launcher plugin in every app; counting GPUs imports torch only where a GPU driver is loaded.
-"""
+"""The gpu_pool launcher's slots (GPUs or CPU workers) and its keys. Light on purpose: Hydra imports
+the launcher in every app, so torch is imported only where a GPU driver is loaded."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ from pathlib import Path
 
 from pnn.config import ConfigError
 
-# Present wherever a GPU driver is loaded: NVIDIA's, WSL2's GPU bridge, AMD's (ROCm's torch.cuda).
+# Present where a GPU driver is loaded: NVIDIA's, WSL2's, AMD's (ROCm).
 GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 
@@ -22,7 +19,7 @@ def visible_gpus() -> list[str]:
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
     if not any(Path(p).exists() for p in GPU_DRIVER_FILES):
-        return []  # no GPU driver: no GPU, and no need to import torch (seconds) to learn it
+        return []  # no GPU driver: no need to import torch to learn it
     try:
         import torch
 
@@ -32,8 +29,7 @@ def visible_gpus() -> list[str]:
 
 
 def check_gpus_visible(gpus: Sequence[int | str]) -> None:
-    """``hydra.launcher.gpus``: each id must name a CUDA device this process can see, or the
-    job would train on the CPU without a word."""
+    """Each of ``hydra.launcher.gpus`` must be a visible CUDA device, or jobs train on the CPU."""
     wanted = [str(g) for g in gpus]
     if not wanted:
         return
@@ -62,8 +58,7 @@ def visible_gpus_usable() -> bool:
 
 
 def auto_cpu_workers(threads: int) -> int:
-    """``cpu_workers=auto``: the cores this process may run on (its affinity, which ``taskset``
-    and container limits narrow) divided by each job's ``train.threads``, at least 1."""
+    """``cpu_workers=auto``: usable cores (this process's affinity) over ``train.threads``, >= 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // threads)
 
@@ -74,8 +69,7 @@ def make_slots(
     cpu_workers: int | str,
     threads: int = 1,
 ) -> list[dict]:
-    """Each slot is the environment one job process runs with; ``threads`` (per job) only
-    matters for ``cpu_workers="auto"``."""
+    """Each slot's job process environment; ``threads`` matters only for ``cpu_workers=auto``."""
     check_launcher_keys(gpus, jobs_per_gpu, cpu_workers)
     ids = [str(g) for g in gpus] if gpus is not None else visible_gpus()
     if ids:

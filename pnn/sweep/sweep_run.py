@@ -1,13 +1,7 @@
-"""The sweep's parent run, leased like a job's run, so that no sweep stays RUNNING for ever.
-
-``sweep.py`` leases its parent run with the owner and heartbeat tags of :mod:`pnn.sweep.lease` (the
-same code as a job's lease) and renews the heartbeat while its jobs run. A sweep killed with
-``kill -9``, or one whose machine died, cannot end its parent run; its lease goes stale, and
-the next sweep on the same experiment marks it KILLED, with tag ``pnn.failure`` saying why and
-when (:func:`close_stale_sweeps`). A live sweep (fresh heartbeat, say on another host) is never
-touched. ``analyze.py`` reads such a run as a dead sweep, and writes nothing
-(:mod:`pnn.analysis.results`). After a signal, a sweep ends its own leftovers (:func:`end_sweep`).
-"""
+"""The sweep's parent run, leased like a job's run (:mod:`pnn.sweep.lease`), so that no sweep stays
+RUNNING for ever: a sweep killed outright leaves a stale lease, and the next sweep on the
+experiment marks its parent KILLED (:func:`close_stale_sweeps`); a live sweep is never touched.
+After a signal, a sweep ends its own leftovers (:func:`end_sweep`)."""
 
 from __future__ import annotations
 
@@ -29,9 +23,8 @@ log = logging.getLogger("pnn")
 
 
 def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> Heartbeat:
-    """Create the parent run, leased by this process, then close the experiment's stale
-    sweeps. Returns the parent run's heartbeat, for the sweeper to run while its jobs do.
-    Raises StoreError if the parent run cannot be created."""
+    """Create the parent run, leased by this process, then close the experiment's stale sweeps; the
+    parent's heartbeat, for the sweeper to run. Raises StoreError if the run cannot be created."""
     run_id = tracking.start_sweep(cfg, sweep_dir, command, n_jobs, lease_tags(owner_id()))
     uri = os.environ[tracking.ENV_URI]
     client = storeguard.client(uri)
@@ -42,15 +35,13 @@ def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> 
         problem = storeguard.as_store_error(uri, err)
         if problem is None:
             raise
-        # Only housekeeping failed: the jobs still run, and report the store if it is gone.
+        # Only housekeeping failed: the jobs still run, and report a lost store themselves.
         log.warning(f"[sweep] could not check for stale sweeps: {problem}")
     return Heartbeat(client, run_id)
 
 
 def close_stale_sweeps(client: Any, experiment_id: str, closer: str) -> list[str]:
-    """Mark KILLED the RUNNING parent runs of ``experiment_id`` whose lease is stale
-    (:func:`pnn.io.liveness.lease_status`): their sweep.py died before it could end them. Returns
-    the ids of the runs marked."""
+    """Mark KILLED the RUNNING parent runs of ``experiment_id`` whose lease is stale; their ids."""
     running = tracking.retry(
         lambda: client.search_runs([experiment_id], filter_string=tracking.RUNNING_SWEEPS)
     )
@@ -63,7 +54,7 @@ def close_stale_sweeps(client: Any, experiment_id: str, closer: str) -> list[str
             f"stale sweep: {why}{_last_beat(run)}; marked KILLED at {_stamp(time.time())} "
             f"by sweep {closer}"
         )
-        # Only while it is still RUNNING under the same lease: never a sweep that came back.
+        # Only under the same lease: never a sweep that came back.
         if mark_killed(client, run.info.run_id, reason, owner=run.data.tags.get(TAG_OWNER)):
             closed.append(run.info.run_id)
             log.warning(
@@ -85,9 +76,8 @@ def _last_beat(run: Any) -> str:
 
 
 def end_sweep(status: str, signal_name: str | None = None) -> str | None:
-    """End the parent run with ``status``; after a signal, also mark KILLED the job runs this
-    sweep was training that are still RUNNING (:func:`_left_running`). Returns a one-line error
-    instead of raising when the store cannot be written."""
+    """End the parent run with ``status`` and, after a signal, the job runs this sweep left RUNNING;
+    a one-line error instead of raising when the store cannot be written."""
     run_id, uri = os.environ.get(tracking.ENV_PARENT), os.environ.get(tracking.ENV_URI)
     if not (run_id and uri):
         return None
@@ -109,9 +99,8 @@ def end_sweep(status: str, signal_name: str | None = None) -> str | None:
 
 
 def _left_running(client: Any, parent_id: str) -> list:
-    """The RUNNING job runs this sweep worked on (created or adopted: TAG_SWEEPS), except those
-    another process has leased since and still trains: those are not ours to end. One trained
-    in this very process is ours, though its lease looks live."""
+    """The RUNNING job runs this sweep worked on (TAG_SWEEPS), but not those another live process
+    leased since; one trained in this process is ours, though its lease looks live."""
     sweep = os.environ.get(tracking.ENV_SWEEP)
     if sweep:
         mine = f"tags.`{tracking.TAG_SWEEPS}` LIKE '%{sweep}%'"

@@ -1,23 +1,8 @@
-"""The sweeper behind every ``sweep.py`` invocation.
-
-It is Hydra's basic sweeper (same grid syntax, same job numbering), plus what a researcher
-running many jobs needs:
-
-- every job's config is composed and validated before any job starts, so a typo in one grid
-  value, or a key the schema lacks (``+train.epoch=5``), fails the whole command before data is
-  loaded or anything is logged;
-- dry runs are answered in-process, one JSON line per job, without a launcher or MLflow;
-- one MLflow parent run per invocation, whose id the jobs read from the environment, leased
-  like a job's run so that a sweep killed outright is closed by the next (``pnn.sweep.sweep_run``);
-- jobs report instead of raising, so one failure does not stop the others; at the end a
-  summary lists finished, skipped and failed jobs, and the command exits non-zero on failures;
-- before the parent run exists: the launcher's keys, each job's memory estimate
-  (``pnn.train.resources``) and the tracking store (``pnn.io.storeguard``) are checked;
-- SIGTERM and SIGINT end the sweep cleanly (``pnn.sweep.interrupt``): running jobs are marked
-  KILLED, the summary is printed, the parent run is ended, the exit status is 128 + signal.
-
-Hydra only instantiates plugins that live under ``hydra_plugins``; ``hydra_plugins.pnn_plugins``
-subclasses this class to give it such a name.
+"""The sweeper behind every ``sweep.py``: Hydra's basic sweeper (same grid, same job numbers) plus
+checks of every job's config, launcher keys, memory and store before anything runs; dry runs in
+process; one leased MLflow parent run per invocation (:mod:`pnn.sweep.sweep_run`); a summary of
+the jobs' outcomes and a non-zero exit on failures; signals as in :mod:`pnn.sweep.interrupt`.
+See docs/sweeps.md. ``hydra_plugins.pnn_plugins`` subclasses it, as Hydra finds plugins only there.
 """
 
 from __future__ import annotations
@@ -65,9 +50,8 @@ class PNNSweeper(Sweeper):
         params = [f"{key}={value}" for key, value in self.params.items()]
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(params + list(arguments))
-        # Later overrides of the same key replace earlier ones, so `experiment=e6_...` on the
-        # command line replaces the default sweep over all eight; then the grid, as Hydra's
-        # basic sweeper orders it.
+        # A later override of a key replaces an earlier one (`experiment=e6_...` the default
+        # sweep over all eight); then the grid, in Hydra's basic sweeper's order.
         choices: dict[str, list[str]] = {}
         for override in overrides:
             key = override.get_key_element()
@@ -96,7 +80,7 @@ class PNNSweeper(Sweeper):
         return self._sweep(arguments)
 
     def _stop_if_signalled(self) -> None:
-        """Before any job ran: a signal ends the sweep here, its parent run (if any) KILLED."""
+        """Before any job ran, a signal ends the sweep here, its parent run (if any) KILLED."""
         signame = interrupt.signal_name()
         if signame is None:
             return
@@ -166,7 +150,7 @@ class PNNSweeper(Sweeper):
         from pnn.sweep import sweep_run
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        try:  # the parent run, leased by this process; stale sweeps are closed (no zombies)
+        try:  # the parent run, leased by this process; stale sweeps are closed
             heartbeat = sweep_run.start_sweep(
                 configs[0], sweep_dir, command=" ".join(sys.argv[1:]), n_jobs=len(jobs)
             )
@@ -245,9 +229,8 @@ class PNNSweeper(Sweeper):
 
 
 def refuse_unknown_top_level_key(err: ConfigCompositionException) -> None:
-    """A sweeper ``params`` entry naming an unknown top-level key (the schema's sections are
-    open, its root is not: Hydra closes it) gets the same message as any other unknown key,
-    not Hydra's advice to add it with ``+``."""
+    """An unknown top-level key in the sweeper's ``params`` gets pnn's unknown-key message, not
+    Hydra's advice to add it with ``+``."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     cause = err.__cause__
@@ -257,8 +240,7 @@ def refuse_unknown_top_level_key(err: ConfigCompositionException) -> None:
 
 
 def check_server_first(cfg: DictConfig) -> None:
-    """A tracking server that does not answer fails the sweep in seconds, before the slower
-    checks (an SQLite store is checked, and created, when the parent run is)."""
+    """A tracking server that does not answer fails the sweep in seconds, before slower checks."""
     from pnn.io.storeguard import StoreError, check_server
 
     uri = str(cfg.tracking.uri or "")
@@ -319,8 +301,7 @@ def check_detach(configs: list[DictConfig], launcher: DictConfig) -> None:
 
 
 def check_model_builds(cfg: DictConfig) -> None:
-    """Build the model on the meta device: every shape rule of ``pnn.model.models`` is checked, and
-    no memory is allocated, no data loaded, nothing logged."""
+    """Build the model on the meta device: every shape rule checked, nothing allocated or logged."""
     import torch
 
     from pnn.model.models import build_model

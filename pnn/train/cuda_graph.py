@@ -1,22 +1,16 @@
 """The whole training step (forward, backward, optimizer, metric sums) replayed from a CUDA graph.
 
-At the README's batch sizes (10 and 16) a step is a few hundred small kernels, and the GPU
-waits on the host that launches them (throughput-anchors.md: ResNet-18 at batch 16 takes 9 ms
-eager and 2.25 ms as one CUDA graph). Replaying a captured graph launches them all at once.
+At small batch sizes a step is a few hundred small kernels and the GPU waits on the host that
+launches them; replaying a captured graph launches them all at once (figures in
+bench/RESULTS.md). The graph computes exactly what the eager step computes:
 
-The graph computes exactly what the eager step computes; it is a way of launching it:
-
-- the first steps run eagerly on a side stream, as CUDA graphs require before capture; they
-  are real training steps, not throw-away ones, so a run's arithmetic does not change;
-- capture records kernels without running them; each replay then trains on whatever batch was
-  copied into the static input buffers;
-- a graph bakes in the learning rate and the tensors it accumulates into, so it is captured
-  again at the first step of each epoch (a few milliseconds once an epoch);
+- the first steps run eagerly on a side stream, as capture requires; they are real steps;
+- each replay trains on whatever batch was copied into the static input buffers;
+- a graph bakes in the learning rate, so it is captured again at each epoch's first step;
 - a batch of another size (the last, partial one) runs eagerly.
 
-Where capture is not possible (rrelu, whose training noise is replayed from host RNG state;
-optimizers other than SGD, whose step counters live on the host), :func:`graph_unsupported`
-says why and the engine stays eager.
+Where capture is not possible (rrelu's host RNG, optimizers other than SGD),
+:func:`graph_unsupported` says why and the engine stays eager.
 """
 
 from __future__ import annotations

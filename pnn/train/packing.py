@@ -1,29 +1,15 @@
 """Several seeds of one experiment in one job process (``hydra.launcher.seeds_per_process``).
 
-At the README's batch sizes a training step leaves the GPU mostly idle, and separate processes
-on one GPU only time-slice it. Inside one process, several seeds' CUDA-graph replays can run on
-separate streams at once. So the gpu_pool launcher groups the jobs of a sweep that differ only
-in ``train.seed`` (:func:`group_seeds`) and runs each group in one process (:func:`run_packed`).
+At small batch sizes a step leaves the GPU mostly idle; in one process several seeds' CUDA-graph
+replays can overlap on separate streams. The launcher groups jobs that differ only in
+``train.seed`` (:func:`group_seeds`) and runs each group here (:func:`run_packed`).
 
-Each seed runs the unchanged single-job code (``pnn.sweep.job.run``: skip, lock, resume, MLflow run,
-checkpoint) in a thread of its own, but only one thread runs at a time. A turn passes round
-the seeds in a fixed order: a thread holds it from its start, hands it on after every training
-step (:func:`step_boundary`, called by the engine; a no-op outside a packed process) and leaves
-the rotation when its job ends, however it ends. So the steps of the seeds interleave in
-lockstep, a seed that fails or finishes early simply drops out, and nothing a job does runs
-concurrently with another job's Python code.
-
-What a job reads from process-wide state is swapped with the turn (:class:`_Globals`): every
-random stream (torch CPU and CUDA, ``random``, NumPy), Hydra's config singleton (the job reads
-its overrides from it), the root logger's handlers (each job logs to its own file) and the
-working directory. So on the CPU every seed computes bitwise what it computes alone. The rest
-of the process-wide switches (thread count, ``pnn.model.layers``' fast-path flags, cuDNN benchmark)
-are set from config keys the seeds share, so they are equal for all of them.
-
-On a GPU each thread launches on its own CUDA stream (the current stream is thread-local in
-PyTorch) and the step loop does not wait for the host, so while one thread queues its next
-replay the others' replays still run. Each CUDA graph keeps its own memory pool (the default):
-shared pools crashed in a first probe.
+Each seed runs the unchanged ``pnn.sweep.job.run`` in a thread of its own, one thread at a time:
+a turn passes round the seeds after every training step (:func:`step_boundary`, called by the
+engine) and a seed that ends leaves the rotation. What a job reads from process-wide state
+(random streams, Hydra's config singleton, log handlers, working directory) is swapped with the
+turn (:class:`_Globals`), so on the CPU each seed computes bitwise what it computes alone. Each
+thread launches on its own CUDA stream; each CUDA graph keeps its own memory pool (the default).
 """
 
 from __future__ import annotations

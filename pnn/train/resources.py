@@ -4,8 +4,7 @@ Parameter and mask bytes are exact: the model is built on the meta device, which
 nothing. Activations are what autograd keeps for the backward pass in one forward pass over a
 batch of ``train.batch_size``, measured on the meta device through saved-tensor hooks, with the
 perturbation layers in their reference formulation (every (batch, channels, masks, H, W)
-fan-out kept). The eager and fused paths keep less, so this is an upper bound on them; the
-README experiments stay well inside 16 GiB (e6 to e8 come to about 9 GiB).
+fan-out kept). The eager and fused paths keep less, so this is an upper bound on them.
 """
 
 from __future__ import annotations
