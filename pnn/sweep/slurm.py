@@ -1,24 +1,17 @@
 """``hydra/launcher=slurm``: hydra-submitit-launcher's SLURM launcher, with each job's own end.
 
-The submission is hydra-submitit-launcher's (one array, submitit's pickles and requeue); this
-subclass changes what happens around it:
+The submission is hydra-submitit-launcher's (one array, submitit's pickles and requeue). Around it:
 
-- **in the job**, a SIGTERM (``scancel``, a node's job killed by SLURM) reaches the job's own
-  handler, installed after submitit's (which only logs it), so the run ends KILLED within
-  KillWait. On submitit's preemption signal (USR2) the job checkpoints and requeues as before;
-  it then releases its lease on the run (:func:`pnn.sweep.lease.release`), so that the requeued
-  job, on whichever host, adopts the run at once. The job writes ``<run id> <owner>`` into its
-  submitit folder, for the sweep;
-- **in the sweep**, every job of the array is waited for and reported with its own outcome: its
-  result, or, when it ended without one, lost (its run marked KILLED for the rerun). A job has
-  ended when ``squeue`` says so (it needs no accounting, unlike submitit's ``sacct``), or when
-  SLURM still shows it running but its lease is stale (its process is gone: a node failure);
-- **Ctrl-C or SIGTERM to the sweep** cancels its jobs (``scancel``), waits for them to mark
-  their runs KILLED, and reports each; **``sweep.detach=true``** submits and returns at once.
-
-hydra-submitit-launcher's ``launch`` collects ``[j.results()[0] for j in jobs]``, which raises at
-the first job without a result; here submitit's executor is wrapped for the time of one launch,
-so that its jobs' ``results()`` never raise and wait the way described above.
+- **in the job**, SIGTERM (``scancel``) reaches our handler, installed after submitit's (which
+  only logs it), so the run ends KILLED within KillWait; before a preemption requeue the job
+  releases its lease (:func:`pnn.sweep.lease.release`) so that the requeued job adopts the run
+  at once; it writes ``<run id> <owner>`` into its submitit folder, for the sweep;
+- **in the sweep**, every job is waited for and reported with its own outcome. A job has ended
+  when ``squeue`` says so (no accounting needed), or when its lease is stale while SLURM shows it
+  running; one without a result is lost, its run marked KILLED for the rerun. Ctrl-C or SIGTERM
+  cancels the jobs; ``sweep.detach=true`` returns once they are submitted. hydra-submitit's
+  ``launch`` raises at the first job without a result, so submitit's executor is wrapped for the
+  time of one launch and its jobs' ``results()`` wait as described here and never raise.
 """
 
 from __future__ import annotations
