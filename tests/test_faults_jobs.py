@@ -88,6 +88,19 @@ def job_processes(pid: int) -> list[int]:
     return found
 
 
+def job_at_its_first_checkpoint(proc: object, launch_dir: Path) -> int:
+    """The pid of the sweep's one job process, once its first checkpoint is written (found
+    before, while the job still runs)."""
+    found: list[int] = []
+
+    def started_and_checkpointed() -> bool:
+        found[:] = found or job_processes(proc.pid)
+        return bool(found) and bool(checkpoints(launch_dir))
+
+    wait_for(started_and_checkpointed, proc, "the job's first checkpoint")
+    return found[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints survive a change of store; a killed job process leaves no zombie run
 # --------------------------------------------------------------------------------------------
@@ -127,20 +140,13 @@ def test_kill_9_of_a_job_process_marks_its_run_killed_and_the_rerun_finishes_it(
     tmp_path: Path,
 ) -> None:
     proc = start_sweep(SLOW_TINY, tmp_path, output=tmp_path / "first.log")
-    job_pid: list[int] = []
-
-    def job_started_and_checkpointed() -> bool:
-        # The launcher's child is the job process; remember it before the checkpoint lands.
-        job_pid[:] = job_pid or job_processes(proc.pid)
-        return bool(job_pid) and bool(checkpoints(tmp_path))
-
     try:
-        wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
+        job = job_at_its_first_checkpoint(proc, tmp_path)
         # A job is forked by the stdlib forkserver that the sweep started.
-        server = _parent(job_pid[0])
+        server = _parent(job)
         assert server != proc.pid and _parent(server) == proc.pid
         assert "multiprocessing.forkserver" in " ".join(_cmdline(server))
-        os.kill(job_pid[0], signal.SIGKILL)
+        os.kill(job, signal.SIGKILL)
         assert proc.wait(timeout=WAIT_S) == 1
     finally:
         kill_group(proc)
@@ -200,18 +206,12 @@ def test_kill_9_of_the_sweep_alone_leaves_no_orphan_training(tmp_path: Path) -> 
     sees its parent go and exits, the kernel then SIGTERMs the job (it asked to die with its
     parent), and the job marks its run KILLED and ends instead of training on as an orphan."""
     proc = start_sweep(SLOW_TINY, tmp_path, output=tmp_path / "sweep.log")
-    job_pid: list[int] = []
-
-    def job_started_and_checkpointed() -> bool:
-        job_pid[:] = job_pid or job_processes(proc.pid)
-        return bool(job_pid) and bool(checkpoints(tmp_path))
-
     try:
-        wait_for(job_started_and_checkpointed, proc, "the job's first checkpoint")
+        job = job_at_its_first_checkpoint(proc, tmp_path)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(job_pid[0]).wait(timeout=60)  # TimeoutExpired: it trains on
+            psutil.Process(job).wait(timeout=60)  # TimeoutExpired: it trains on
     finally:
         kill_group(proc)
     (killed,) = runs_of(client_of(tmp_path / "mlflow.db"), "job")
