@@ -218,6 +218,34 @@ def test_kill_9_of_the_sweep_alone_leaves_no_orphan_training(tmp_path: Path) -> 
     assert killed.info.status == "KILLED" and killed.data.tags["pnn.killed_by"] == "SIGTERM"
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
+def test_a_second_signal_ends_the_jobs_at_once(tmp_path: Path) -> None:
+    """The first SIGTERM is forwarded to the job, which is stopped (SIGSTOP) and so cannot act
+    on it; the second kills the job outright, and the sweep still ends its run KILLED."""
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(SLOW_TINY, tmp_path, output=log)
+    try:
+        job = job_at_its_first_checkpoint(proc, tmp_path)
+        os.kill(job, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_for(lambda: _pending(job, signal.SIGTERM), proc, "the forwarded SIGTERM")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        kill_group(proc)
+    assert "exited with code -9 (SIGKILL)" in log.read_text()
+    (killed,) = runs_of(client_of(tmp_path / "mlflow.db"), "job")
+    assert killed.info.status == "KILLED"
+
+
+def _pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits to be delivered to ``pid`` (its pending-signal masks in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd", "ShdPnd"))]
+    return any(mask & (1 << (sig - 1)) for mask in masks)
+
+
 def _group_members(pgid: int) -> list[int]:
     members = []
     for proc in psutil.process_iter(["status"]):
