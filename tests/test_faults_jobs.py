@@ -228,8 +228,10 @@ def test_a_second_signal_ends_the_jobs_at_once(tmp_path: Path) -> None:
     try:
         job = job_at_its_first_checkpoint(proc, tmp_path)
         os.kill(job, signal.SIGSTOP)
+        # Stopped before the SIGTERM comes, so that it stays pending, unhandled.
+        wait_for(lambda: _state(job) == psutil.STATUS_STOPPED, proc, "the job stopped", 60)
         os.kill(proc.pid, signal.SIGTERM)
-        wait_for(lambda: _pending(job, signal.SIGTERM), proc, "the forwarded SIGTERM")
+        wait_for(lambda: _pending(job, signal.SIGTERM), proc, "the forwarded SIGTERM", 60)
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:

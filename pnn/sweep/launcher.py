@@ -264,9 +264,9 @@ JOB_PRELOAD = [
 
 
 def job_context(pnn_jobs: bool) -> Any:
-    """The stdlib forkserver context the job processes start from. Its server dies with this
-    process (:mod:`pnn.sweep.forkserver_preload`) and, for pnn-sweep's jobs, has imported
-    :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
+    """The stdlib forkserver context the job processes start from. Its server ignores SIGTERM and
+    dies with this process (:mod:`pnn.sweep.forkserver_preload`); for pnn-sweep's jobs it has
+    imported :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
     context = multiprocessing.get_context("forkserver")
     preload = ["pnn.sweep.forkserver_preload", *(JOB_PRELOAD if pnn_jobs else [])]
     context.set_forkserver_preload(preload)
@@ -277,6 +277,8 @@ def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jo
     """A job process: the slot's environment, the sweep's folder, its signals, then its job(s)."""
     if pnn_jobs:
         interrupt.install(role="job")
+    else:  # Python's default (the server ignores SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
