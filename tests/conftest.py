@@ -301,14 +301,18 @@ def checkpoints(launch_dir: Path) -> list[Path]:
 
 
 def wait_for(
-    condition: Callable[[], object], proc: subprocess.Popen, what: str, timeout: float = 600
+    condition: Callable[[], object],
+    proc: subprocess.Popen | None,
+    what: str,
+    timeout: float = 600,
 ) -> None:
-    """Poll ``condition`` until it holds; fail if the sweep ``proc`` ends first or time runs out."""
+    """Poll ``condition`` until it holds; fail if the sweep ``proc`` (if any) ends first or time
+    runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        assert proc.poll() is None, f"the sweep ended before {what}"
+        assert proc is None or proc.poll() is None, f"the sweep ended before {what}"
         time.sleep(0.05)
     pytest.fail(f"timed out waiting for {what}")
 

@@ -10,13 +10,21 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY, checkpoints, epochs_logged, run_sweep, runs_of, start_sweep, store
+from conftest import (
+    TINY,
+    checkpoints,
+    epochs_logged,
+    run_sweep,
+    runs_of,
+    start_sweep,
+    store,
+    wait_for,
+)
 from slurm_cluster import SlurmCluster, missing
 
 from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER
@@ -50,14 +58,6 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
-
-
-def wait_for(what: Callable[[], object], proc: object, name: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not what():
-        assert proc is None or proc.poll() is None, f"the sweep ended before {name}"
-        assert time.monotonic() < deadline, f"timed out waiting for {name}"
-        time.sleep(0.1)
 
 
 def stop(proc: object) -> None:
@@ -100,7 +100,8 @@ def test_scancel_of_one_job_kills_its_run_and_the_sweep_reports_each_job(
     log = tmp_path / "sweep.log"
     proc = start_sweep(args, tmp_path, env=sweep_env(slurm), output=log)
     try:
-        wait_for(lambda: len(checkpoints(tmp_path)) == 2, proc, "both jobs' first checkpoint")
+        both = "both jobs' first checkpoint"
+        wait_for(lambda: len(checkpoints(tmp_path)) == 2, proc, both, WAIT_S)
         first = sorted(job_ids(slurm))[0]
         slurm.run("scancel", first)
         assert proc.wait(timeout=WAIT_S) == 1  # a job was killed: the command did not do it all
@@ -114,7 +115,7 @@ def test_scancel_of_one_job_kills_its_run_and_the_sweep_reports_each_job(
     killed = [r for r in statuses.values() if r.info.status == "KILLED"]
     assert len(killed) == 1 and killed[0].data.tags["pnn.killed_by"] == "SIGTERM"
     assert [r.info.status for r in statuses.values()].count("FINISHED") == 1
-    wait_for(lambda: not queue(slurm), None, "SLURM to see both jobs end")
+    wait_for(lambda: not queue(slurm), None, "SLURM to see both jobs end", WAIT_S)
 
     # The rerun resumes the killed run; FINISHED, it keeps no tag of the kill.
     rerun = run_sweep(args, tmp_path, env=sweep_env(slurm), timeout=WAIT_S)
@@ -132,7 +133,7 @@ def test_sigterm_to_the_sweep_cancels_its_slurm_jobs(slurm: SlurmCluster, tmp_pa
     log = tmp_path / "sweep.log"
     proc = start_sweep([*SLURM, *JOB, "train.epochs=30"], tmp_path, sweep_env(slurm), log)
     try:
-        wait_for(lambda: checkpoints(tmp_path), proc, "the job's first checkpoint")
+        wait_for(lambda: checkpoints(tmp_path), proc, "the job's first checkpoint", WAIT_S)
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=WAIT_S) == 128 + signal.SIGTERM
     finally:
@@ -143,7 +144,7 @@ def test_sigterm_to_the_sweep_cancels_its_slurm_jobs(slurm: SlurmCluster, tmp_pa
     run = job_run(tmp_path)
     assert run.info.status == "KILLED" and run.data.tags["pnn.killed_by"] == "SIGTERM"
     assert parent(tmp_path).info.status == "KILLED"
-    wait_for(lambda: not queue(slurm), None, "nothing left queued or running")
+    wait_for(lambda: not queue(slurm), None, "nothing left queued or running", WAIT_S)
 
 
 @pytest.mark.slow
@@ -155,7 +156,7 @@ def test_a_job_killed_outright_is_lost_not_waited_for_and_the_rerun_adopts_its_r
     args = [*SLURM, *JOB, "train.epochs=12"]
     proc = start_sweep(args, tmp_path, sweep_env(slurm), log)
     try:
-        wait_for(lambda: checkpoints(tmp_path), proc, "the job's first checkpoint")
+        wait_for(lambda: checkpoints(tmp_path), proc, "the job's first checkpoint", WAIT_S)
         (job,) = [
             p
             for p in psutil.process_iter(["cmdline"])
@@ -188,7 +189,7 @@ def test_usr2_requeues_the_job_which_releases_its_lease_and_resumes_its_run(
     log = tmp_path / "sweep.log"
     proc = start_sweep([*SLURM, *JOB, "train.epochs=12"], tmp_path, sweep_env(slurm), log)
     try:
-        wait_for(lambda: checkpoints(tmp_path), proc, "the job's first checkpoint")
+        wait_for(lambda: checkpoints(tmp_path), proc, "the job's first checkpoint", WAIT_S)
         owner = job_run(tmp_path).data.tags[TAG_OWNER]
         (job,) = job_ids(slurm)
         slurm.run("scancel", "--signal=USR2", job)
@@ -202,7 +203,7 @@ def test_usr2_requeues_the_job_which_releases_its_lease_and_resumes_its_run(
                 released.append(True)
             return tags[TAG_OWNER] != owner
 
-        wait_for(released_or_adopted, proc, "the requeued job's adoption")
+        wait_for(released_or_adopted, proc, "the requeued job's adoption", WAIT_S)
         assert released, "the preempted job left its heartbeat on the run"
         assert proc.wait(timeout=WAIT_S) == 0
     finally:
@@ -231,7 +232,7 @@ def test_detach_submits_and_exits_and_the_job_logs_on_its_own(
         runs = runs_of(store(tmp_path), "job")
         return bool(runs) and runs[0].info.status == "FINISHED"
 
-    wait_for(finished, None, "the detached job's run to finish")
+    wait_for(finished, None, "the detached job's run to finish", WAIT_S)
     assert job_run(tmp_path).data.tags["mlflow.parentRunId"] == top.info.run_id
 
 

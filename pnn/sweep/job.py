@@ -214,23 +214,24 @@ def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
     )
 
 
-def _mark_killed(job: Job, run_id: str) -> dict[str, Any]:
+def _end_run(job: Job, run_id: str, status: str, tags: dict[str, str]) -> None:
+    """Mark the run ``status`` with ``tags``; a store error is logged, never raised."""
     from pnn.io import tracking
 
-    signal_name = interrupt.signal_name() or "SIGINT"
-    problem = tracking.mark_run(job.client, run_id, "KILLED", {"pnn.killed_by": signal_name})
+    problem = tracking.mark_run(job.client, run_id, status, tags)
     if problem:
         log.warning(f"[{job.name}] {problem}")
+
+
+def _mark_killed(job: Job, run_id: str) -> dict[str, Any]:
+    signal_name = interrupt.signal_name() or "SIGINT"
+    _end_run(job, run_id, "KILLED", {"pnn.killed_by": signal_name})
     log.info(f"[{job.name}] stopped by {signal_name}: run {run_id} marked KILLED")
     return job.outcome("killed", f"by {signal_name}", run_id=run_id)
 
 
 def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
-    from pnn.io import tracking
-
-    problem = tracking.mark_run(job.client, run_id, "FAILED", {"pnn.failure": reason[:5000]})
-    if problem:
-        log.warning(f"[{job.name}] {problem}")
+    _end_run(job, run_id, "FAILED", {"pnn.failure": reason[:5000]})
     log.error(f"[{job.name}] FAILED: {reason}")
     return job.outcome("failed", reason, run_id=run_id)
 

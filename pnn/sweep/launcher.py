@@ -94,7 +94,7 @@ class GpuPoolLauncher(Launcher):
         context = job_context(self.pnn_jobs)
         pending = deque(groups)
         free = list(slots)
-        running: dict[Any, tuple[Any, list[int], dict]] = {}
+        running: dict[Any, tuple[Any, list[int], list[tuple[list[str], int]], dict]] = {}
         results: list[JobReturn | None] = [None] * total
         with tempfile.TemporaryDirectory(prefix="pnn-launch-") as tmp:
             workdir = Path(tmp)
@@ -114,14 +114,13 @@ class GpuPoolLauncher(Launcher):
                         self._report(group, rets, jobs, results)
                         free.append(slot)
                         continue
-                    running[proc.sentinel] = (proc, group, slot)
+                    running[proc.sentinel] = (proc, group, jobs, slot)
                 if not running:
                     break
                 for sentinel in wait(list(running)):
-                    proc, group, slot = running.pop(sentinel)
+                    proc, group, jobs, slot = running.pop(sentinel)
                     proc.join()
                     interrupt.unregister(proc.pid)
-                    jobs = [(list(job_overrides[i]), initial_job_idx + i) for i in group]
                     self._report(group, self._collect(proc, jobs, workdir), jobs, results)
                     free.append(slot)
         signame = interrupt.signal_name()
@@ -233,12 +232,9 @@ class GpuPoolLauncher(Launcher):
         code: int | str = proc.exitcode
         if proc.exitcode < 0 and -proc.exitcode in signal.valid_signals():
             code = f"{proc.exitcode} ({signal.Signals(-proc.exitcode).name})"
-        stopped_by = {-sig: sig for sig in interrupt.SIGNALS} | {
-            128 + sig: sig for sig in interrupt.SIGNALS
-        }
         run_ids = workdir / f"job{idx}.run"
-        if proc.exitcode in stopped_by:  # SIGTERM or SIGINT ended it before it reported
-            why = f"by {signal.Signals(stopped_by[proc.exitcode]).name}"
+        if proc.exitcode in STOPPED_BY:  # SIGTERM or SIGINT ended it before it reported
+            why = f"by {signal.Signals(STOPPED_BY[proc.exitcode]).name}"
             if self.pnn_jobs:
                 why += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, why))
             return [self._stopped(o, why) for o, _ in jobs]
@@ -248,6 +244,9 @@ class GpuPoolLauncher(Launcher):
             reason += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, reason))
         return [failed_return(o, RuntimeError(reason)) for o, _ in jobs]
 
+
+# A job process's exit code when SIGTERM or SIGINT ended it: killed by it, or exiting 128 + it.
+STOPPED_BY = {code: sig for sig in interrupt.SIGNALS for code in (-sig, 128 + sig)}
 
 # What a pnn-sweep job imports before its first line of work.
 JOB_PRELOAD = [
