@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pnn.analysis.report import write_report
     from pnn.analysis.results import parse_by
-    from pnn.io.store import AnalysisError, resolve_tracking_uri
+    from pnn.analysis.runs import AnalysisError, resolve_tracking_uri
     from pnn.io.storeguard import as_store_error
 
     uri = resolve_tracking_uri(args.tracking_uri)

@@ -1,9 +1,9 @@
 """Ablations: the swept keys found in the runs, each level against a reference with Welch's
 interval, and a figure per key.
 
-The unit tests hand pnn.analysis.ablations a table of runs shaped as pnn.io.store.load_runs gives
-it; the slow test runs the real sweep.py (profile=demo, made smaller) and analyze.py, and checks the
-numbers against what MlflowClient reads back.
+The unit tests hand pnn.analysis.ablations a table of runs shaped as
+pnn.analysis.runs.load_runs gives it; the slow test runs the real sweep.py (profile=demo, made
+smaller) and analyze.py, and checks the numbers against what MlflowClient reads back.
 """
 
 from __future__ import annotations

@@ -353,22 +353,6 @@ def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
     return conftest.run_analyze(list(args), cwd, env, timeout=300)
 
 
-@pytest.mark.parametrize(
-    ("uri", "path"),
-    [
-        ("sqlite:///mlflow.db", "mlflow.db"),
-        ("sqlite:////abs/dir/mlflow.db", "/abs/dir/mlflow.db"),
-        ("file:///abs/mlruns", "/abs/mlruns"),
-        ("mlruns", "mlruns"),
-        ("http://127.0.0.1:5000", None),
-    ],
-)
-def test_local_store_path(uri: str, path: str | None) -> None:
-    from pnn.io.store import local_store_path
-
-    assert local_store_path(uri) == (Path(path) if path else None)
-
-
 @pytest.mark.slow  # runs analyze.py
 def test_missing_store_exit_1_and_not_created(tmp_path: Path) -> None:
     result = _cli(tmp_path)

@@ -21,7 +21,7 @@ from scipy import stats
 from test_claims import _log
 
 from pnn.analysis.claims_file import load_claims
-from pnn.io.store import AnalysisError, load_runs
+from pnn.analysis.runs import AnalysisError, load_runs
 
 E4, E7 = "e4_conv1x1_no_noise", "e7_pnn_shared_masks"
 # Best test accuracy per seed: e7 with its own 64 masks, e7 with one mask (a wider spread), e4.

@@ -29,7 +29,7 @@ def _git_head() -> str | None:
 def test_make_ui_on_a_missing_store_says_so_and_creates_none(tmp_path: Path) -> None:
     proc = run_ui_link(tmp_path / "mlflow.db")
     assert proc.returncode == 0, proc.stderr
-    assert "No MLflow store at" in proc.stdout and "make demo" in proc.stdout
+    assert "no MLflow store at" in proc.stdout and "make demo" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()
 
 

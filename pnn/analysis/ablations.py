@@ -22,7 +22,7 @@ from pnn.analysis import significance
 from pnn.analysis.comparability import experiment_config, ignored_key, same_value
 from pnn.analysis.intervals import mean_interval, welch_interval
 from pnn.analysis.results import experiment_key, value_key
-from pnn.io.store import CONFIG_PREFIX
+from pnn.analysis.runs import CONFIG_PREFIX
 
 MISSING = "—"  # the level of a run that did not log the key
 ABLATION_COLUMNS = (

@@ -25,8 +25,8 @@ from pnn.analysis.claims_file import Claim, Member, short_label
 from pnn.analysis.comparability import same_value
 from pnn.analysis.intervals import mean_interval, welch_interval
 from pnn.analysis.results import sort_experiments
+from pnn.analysis.runs import CONFIG_PREFIX
 from pnn.analysis.significance import ALPHA
-from pnn.io.store import CONFIG_PREFIX
 
 CLAIM_COLUMNS = (
     "claim",

@@ -8,7 +8,8 @@ sides ``a`` and ``b``, a ``kind`` (``below``, ``at_least``, ``within``, ``above`
 is docs/analysis.md's "Claims files".
 
 :func:`load_claims` checks a file against the conf/ experiments and the runs at hand, and
-raises :class:`pnn.io.store.AnalysisError` with one line naming the file, the claim and the field.
+raises :class:`pnn.analysis.runs.AnalysisError` with one line naming the file, the claim and
+the field.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from pnn.analysis.runs import CONFIG_PREFIX, AnalysisError
 from pnn.config import CONF_DIR
-from pnn.io.store import CONFIG_PREFIX, AnalysisError
 
 README_CLAIMS = CONF_DIR / "claims" / "readme.yaml"
 # diff < t, diff >= t, |diff| < t, diff > t

@@ -1,8 +1,8 @@
 """Which runs can be compared with the paper, and which config keys count at all.
 
 A run is *comparable* when its logged config (the flattened resolved config, ``config.<key>``
-columns of :func:`pnn.io.store.load_runs`) equals the full composed config of its experiment file
-(``profile=full``, CIFAR-10), apart from the seed and the keys that do not change results
+columns of :func:`pnn.analysis.runs.load_runs`) equals the full composed config of its experiment
+file (``profile=full``, CIFAR-10), apart from the seed and the keys that do not change results
 (:data:`pnn.io.tracking.VOLATILE_KEYS`, plus the description and published accuracy, which are
 labels).
 
@@ -19,8 +19,8 @@ from functools import lru_cache
 import pandas as pd
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
+from pnn.analysis.runs import CONFIG_PREFIX, to_float
 from pnn.config import CONF_DIR, load_config
-from pnn.io.store import CONFIG_PREFIX, to_float
 from pnn.io.tracking import VOLATILE_KEYS, flatten
 
 # Labels, not settings: they never change what a run computes.

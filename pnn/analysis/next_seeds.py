@@ -25,9 +25,9 @@ from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from pnn.analysis.claims import member_runs
 from pnn.analysis.claims_file import Member
 from pnn.analysis.comparability import LABEL_KEYS, ignored_key, same_value
+from pnn.analysis.runs import CONFIG_PREFIX
 from pnn.analysis.significance import TOO_MANY
 from pnn.config import CONF_DIR, load_config
-from pnn.io.store import CONFIG_PREFIX
 from pnn.io.tracking import flatten
 
 SWEEP = CONF_DIR.parent / "sweep.py"

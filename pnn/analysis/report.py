@@ -27,8 +27,8 @@ from pnn.analysis.results import (
     summarize,
     sweep_notes,
 )
+from pnn.analysis.runs import AnalysisError, RunSet, load_curves, load_runs
 from pnn.analysis.significance import ALPHA, MAX_SEEDS
-from pnn.io.store import AnalysisError, RunSet, load_curves, load_runs
 
 DASH = "—"
 TITLE = "PNN reproduction: results"

@@ -4,7 +4,7 @@ Statistics are over seeds (runs) of one experiment (x ``--by`` values). The std 
 std (ddof=1); with a single run it is undefined and left blank (NaN in pandas, an empty cell in
 the CSV, the mean alone in Markdown/LaTeX/HTML) rather than written as a misleading 0.
 
-Loading lives in :mod:`pnn.io.store`, rendering in :mod:`pnn.analysis.report`, figures in
+Loading lives in :mod:`pnn.analysis.runs`, rendering in :mod:`pnn.analysis.report`, figures in
 :mod:`pnn.analysis.plots`.
 """
 
@@ -18,9 +18,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from pnn.analysis.comparability import ignored_key, row_reason
+from pnn.analysis.runs import CONFIG_PREFIX, AnalysisError, to_float
 from pnn.config import CONF_DIR
 from pnn.io.liveness import lease_status
-from pnn.io.store import CONFIG_PREFIX, AnalysisError, to_float
 
 # The reproduction's eight experiments, in its README's order.
 README_EXPERIMENTS = (

@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
@@ -183,12 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-url", default=DEFAULT_UI, help="where the UI is served")
     args = parser.parse_args(argv)
 
-    from pnn.io.store import local_store_path
-
-    path = local_store_path(args.tracking_uri)
-    if path is not None and not Path(path).exists():
-        # Opening it would create an empty store; say what to do instead.
-        print(f"No MLflow store at {path} yet: run `make demo` or `python sweep.py` first.")
+    try:  # opening a missing store would create an empty one; say what to do instead
+        storeguard.prepare(args.tracking_uri, create=False)
+    except storeguard.StoreError as err:
+        print(f"{err} (`make demo` writes one in a minute)")
         return 0
     from mlflow.tracking import MlflowClient
 

@@ -1,5 +1,6 @@
-"""The reading side of MLflow: a sweep's job runs and their per-epoch curves, as pandas, for the
-analysis. Nothing here writes; the layout is :mod:`pnn.io.tracking`'s."""
+"""The analysis's view of the store: the job runs of an experiment or a sweep and their per-epoch
+curves, as pandas, split into the runs that count and those excluded (and why). Nothing here
+writes; the layout is :mod:`pnn.io.tracking`'s."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
@@ -37,31 +37,11 @@ def resolve_tracking_uri(flag: str | None, cwd: Path | None = None) -> str:
     return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
-def local_store_path(uri: str) -> Path | None:
-    """The file or folder a local tracking URI points at, or None for a server URI."""
-    if uri.startswith("sqlite:"):
-        path = uri.split("://", 1)[-1].split("?", 1)[0]
-        path = path[1:] if path.startswith("/") else path
-        return Path(unquote(path)) if path else None
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a bare path (or a Windows drive)
-        return Path(uri)
-    return None
-
-
 def check_store(uri: str) -> None:
     """Fail in one line if the store cannot be read, where MLflow would create an empty SQLite file,
     print a traceback or retry a dead server for minutes."""
     from pnn.io.storeguard import StoreError, prepare
 
-    path = local_store_path(uri)
-    if path is not None and not uri.startswith("sqlite:") and not path.exists():
-        raise AnalysisError(
-            f"no MLflow store at {path} (tracking URI {uri}); run sweep.py first, or pass "
-            "--tracking-uri / set MLFLOW_TRACKING_URI"
-        )
     try:
         prepare(uri, create=False)
     except StoreError as err:
