@@ -61,7 +61,7 @@ def test_sweep_logs_one_parent_and_a_child_per_job(tmp_path: Path) -> None:
         published = {"e1_baseline_resnet18": "91.8", "e7_pnn_shared_masks": "82.4"}
         assert tags["published_test_acc"] == published[tags["experiment"]]
         assert "train.epochs=2" in tags["pnn.overrides"]
-        assert tags["git_commit"] == HEAD  # the checkout the tests run from is a git clone
+        assert tags["mlflow.source.git.commit"] == HEAD  # the tests run from a git clone
         for key in ("model.nfilters", "masks.nmasks", "optimizer.lr", "train.batch_size"):
             assert key in params
         assert params["model.nfilters"] == "8" and params["dataset.name"] == "synthetic"

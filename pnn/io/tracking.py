@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -24,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from pnn.io import run_context, storeguard
 
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
     "PNN_TRACKING_URI",
     "PNN_PARENT_RUN_ID",
@@ -144,20 +142,6 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 # Live sweeps, and dead ones not closed yet (pnn.sweep.sweep_run).
 RUNNING_SWEEPS = "attributes.status = 'RUNNING' and tags.`pnn.role` = 'sweep'"
 
@@ -188,9 +172,6 @@ def _start_sweep(
     tags.update(lease)
     tags["pnn.command"] = command or "(no arguments)"
     tags["mlflow.note.content"] = f"sweep.py {command}".strip()
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
     run = retry(
         lambda: client.create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep_id[:15]}")
     )
@@ -263,9 +244,6 @@ def create_job_run(
     tags["pnn.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
     tags["pnn.slot"] = os.environ.get("PNN_SLOT", "in-process")
     tags["pnn.process_group"] = PROCESS_GROUP
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
     name = f"{cfg.experiment}-seed{cfg.train.seed}"
     run = retry(lambda: client.create_run(experiment_id, tags=tags, run_name=name))
     run_id = run.info.run_id

@@ -1,13 +1,12 @@
 """The sweep's parent run, leased like a job's run (:mod:`pnn.sweep.lease`), so that no sweep stays
 RUNNING for ever: a sweep killed outright leaves a stale lease, and the next sweep on the
 experiment marks its parent KILLED (:func:`close_stale_sweeps`); a live sweep is never touched.
-After a signal, a sweep ends its own leftovers (:func:`end_sweep`)."""
+After a signal, it ends its parent run KILLED (:func:`end_sweep`)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pnn.io import storeguard, tracking
-from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, lease_status, parse_owner
+from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, lease_status
 from pnn.sweep.lease import Heartbeat, lease_tags, mark_killed, owner_id
 
 log = logging.getLogger("pnn")
@@ -76,19 +75,16 @@ def _last_beat(run: Any) -> str:
 
 
 def end_sweep(status: str, signal_name: str | None = None) -> str | None:
-    """End the parent run with ``status`` and, after a signal, the job runs this sweep left RUNNING;
-    a one-line error instead of raising when the store cannot be written."""
+    """End the parent run with ``status`` (tagged with the signal, if one ended the sweep); a
+    one-line error instead of raising when the store cannot be written. Each job ends its own run
+    (:mod:`pnn.sweep.job`), and the launcher those of a job process that died."""
     run_id, uri = os.environ.get(tracking.ENV_PARENT), os.environ.get(tracking.ENV_URI)
     if not (run_id and uri):
         return None
     try:
         client = storeguard.client(uri)
         if signal_name:
-            tag = {"pnn.killed_by": signal_name}
-            for child in _left_running(client, run_id):
-                tracking.set_tags(client, child.info.run_id, tag)
-                tracking.retry(lambda c=child: client.set_terminated(c.info.run_id, "KILLED"))
-            tracking.set_tags(client, run_id, tag)
+            tracking.set_tags(client, run_id, {"pnn.killed_by": signal_name})
         tracking.retry(lambda: client.set_terminated(run_id, status))
     except Exception as err:
         problem = storeguard.as_store_error(uri, err)
@@ -96,25 +92,3 @@ def end_sweep(status: str, signal_name: str | None = None) -> str | None:
             raise
         return f"the sweep's parent run {run_id} could not be ended: {problem}"
     return None
-
-
-def _left_running(client: Any, parent_id: str) -> list:
-    """The RUNNING job runs this sweep worked on (TAG_SWEEPS), but not those another live process
-    leased since; one trained in this process is ours, though its lease looks live."""
-    sweep = os.environ.get(tracking.ENV_SWEEP)
-    if sweep:
-        mine = f"tags.`{tracking.TAG_SWEEPS}` LIKE '%{sweep}%'"
-    else:
-        mine = f"tags.`mlflow.parentRunId` = '{parent_id}'"
-    experiment_id = tracking.retry(lambda: client.get_run(parent_id)).info.experiment_id
-    runs = tracking.retry(
-        lambda: client.search_runs(
-            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {mine}"
-        )
-    )
-    here = (socket.gethostname(), os.getpid())
-    return [
-        r
-        for r in runs
-        if parse_owner(r.data.tags.get(TAG_OWNER, "")) == here or not lease_status(r)[0]
-    ]
