@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, wait_for
 
-from pnn.sweep.slots import visible_gpus, visible_gpus_usable
+from pnn.sweep.slots import visible_gpus
 
 APP = """
 import os
@@ -198,7 +198,7 @@ def test_pnn_parts_apply_to_the_jobs_of_pnn_sweeps_only(overrides: list[str], pn
             "CUDA_VISIBLE_DEVICES",
             {"0", "1"},
             marks=pytest.mark.skipif(
-                not (visible_gpus() and len(visible_gpus()) >= 2 and visible_gpus_usable()),
+                len(visible_gpus()) < 2,
                 reason="needs two visible CUDA devices",
             ),
         ),
@@ -226,7 +226,7 @@ def test_any_hydra_app_runs_its_jobs_two_at_a_time(
     assert "[sweep]" not in out and not list(tmp_path.rglob("mlflow.db")), "nothing of pnn-sweep"
 
 
-@pytest.mark.skipif(visible_gpus_usable(), reason="a GPU is visible here")
+@pytest.mark.skipif(bool(visible_gpus()), reason="a GPU is visible here")
 def test_a_gpu_slot_with_no_visible_gpu_is_refused_before_any_job(tmp_path: Path) -> None:
     code, out, jobs = run_app(tmp_path, "hydra.launcher.gpus=[0,1]", "x=1,2")
     assert code != 0 and not jobs, out

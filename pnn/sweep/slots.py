@@ -14,18 +14,22 @@ GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg",
 
 
 def visible_gpus() -> list[str]:
-    """GPU ids this process may hand out, without creating a CUDA context here."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    """GPU ids this process may hand out, without creating a CUDA context here; none unless torch
+    can use CUDA (a driver, a device, a CUDA build of torch)."""
     if not any(Path(p).exists() for p in GPU_DRIVER_FILES):
         return []  # no GPU driver: no need to import torch to learn it
     try:
         import torch
 
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # no usable torch/CUDA: CPU only
+        if not torch.cuda.is_available():
+            return []
+        count = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA: CPU only
         return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    return [str(i) for i in range(count)]
 
 
 def check_gpus_visible(gpus: Sequence[int | str]) -> None:
@@ -34,27 +38,13 @@ def check_gpus_visible(gpus: Sequence[int | str]) -> None:
     if not wanted:
         return
     visible = visible_gpus()
-    if visible and visible_gpus_usable():
-        missing = [g for g in wanted if g not in visible]
-        if not missing:
-            return
+    if all(g in visible for g in wanted):
+        return
     listed = ",".join(visible) if visible else "none"
     raise ConfigError(
         f"hydra.launcher.gpus=[{','.join(wanted)}] but the CUDA devices visible here are: "
         f"{listed}; name visible ones, or use hydra.launcher.gpus=[] for CPU workers"
     )
-
-
-def visible_gpus_usable() -> bool:
-    """Whether torch can use CUDA here (a driver, a device, a CUDA build of torch)."""
-    if not any(Path(p).exists() for p in GPU_DRIVER_FILES):
-        return False
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no usable torch/CUDA
-        return False
 
 
 def auto_cpu_workers(threads: int) -> int:

@@ -108,8 +108,6 @@ class PNNSweeper(Sweeper):
             check_detach(configs, launcher_cfg)
         except ConfigError as err:
             raise SystemExit(f"error: {err}") from None
-        if not all(cfg.dry_run for cfg in configs):
-            check_server_first(configs[0])
 
         from pnn.train.resources import check_fits
 
@@ -237,18 +235,6 @@ def refuse_unknown_top_level_key(err: ConfigCompositionException) -> None:
     key = getattr(cause, "full_key", None)
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key and "." not in key:
         raise SystemExit(f"error: {describe_unknown([key], schema())}") from None
-
-
-def check_server_first(cfg: DictConfig) -> None:
-    """A tracking server that does not answer fails the sweep in seconds, before slower checks."""
-    from pnn.io.storeguard import StoreError, check_server
-
-    uri = str(cfg.tracking.uri or "")
-    if uri.startswith(("http://", "https://")):
-        try:
-            check_server(uri)
-        except StoreError as err:
-            raise SystemExit(f"error: {err}") from None
 
 
 def check_sweeper_keys(max_batch_size: object) -> None:
