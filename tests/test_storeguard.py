@@ -7,9 +7,14 @@ stops writing to a deleted file; an inherited pin does not refuse other stores.
 
 from __future__ import annotations
 
+import http.server
 import os
 import pickle
+import socket
+import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -114,3 +119,131 @@ def test_an_inherited_pin_never_refuses_another_store(
     storeguard.check_same()
     storeguard.pin("http://127.0.0.1:5000")
     assert storeguard.ENV_STORE_ID not in os.environ
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """A server that answers as MLflow's REST API to a request with the token ``secret`` (401
+    without it), or, for ``/web``, as a web site that is no MLflow server (404 HTML)."""
+
+    def do_GET(self) -> None:
+        if self.server.base == "/web":  # type: ignore[attr-defined]
+            code, body, kind = 404, b"<html>Not Found</html>", "text/html"
+        elif self.headers.get("Authorization") != "Bearer secret":
+            code, body, kind = 401, b"You are not authenticated.", "text/plain"
+        else:
+            code, body, kind = 200, b'{"experiments": []}', "application/json"
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_answer() -> Iterator[Callable[[str], str]]:
+    """A factory: the URI of a local server that answers as :class:`_Answer` (``base``: '' for
+    MLflow's API, '/web' for a web site); stopped when the test ends."""
+    servers: list[http.server.HTTPServer] = []
+
+    def start(base: str) -> str:
+        server = http.server.HTTPServer(("127.0.0.1", 0), _Answer)
+        server.base = base  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}{base}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("base", "env", "needle"),
+    [
+        ("", {"MLFLOW_TRACKING_TOKEN": "secret"}, None),
+        ("", {}, "the server refused access. Set MLFLOW_TRACKING_TOKEN"),
+        ("", {"MLFLOW_TRACKING_TOKEN": "wrong"}, "the server refused access"),
+        ("/web", {}, "does not answer as an MLflow tracking server. Check tracking.uri"),
+    ],
+    ids=["token", "no-token", "wrong-token", "not-mlflow"],
+)
+def test_the_server_check_sends_mlflows_credentials_and_names_a_refusal(
+    http_answer: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    base: str,
+    env: dict[str, str],
+    needle: str | None,
+) -> None:
+    for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    uri = http_answer(base)
+    if needle is None:
+        storeguard.check_server(uri)
+        return
+    with pytest.raises(storeguard.StoreError) as caught:
+        storeguard.check_server(uri)
+    assert str(caught.value).startswith(f"MLflow store {uri}: ")
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_server_that_does_not_answer_fails_within_the_timeout() -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(storeguard.StoreError, match="did not answer in time"):
+            storeguard.check_server(uri, timeout=0.5)
+        assert time.monotonic() - start < 30  # one try, not MLflow's minutes of retries
+
+
+def _sqlite(path: Path, *statements: str) -> None:
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+def _tables(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return sorted(row[0] for row in db.execute("SELECT name FROM sqlite_master"))
+    finally:
+        db.close()
+
+
+def test_prepare_refuses_a_file_mlflow_cannot_use_and_leaves_it_alone(tmp_path: Path) -> None:
+    """Each in one line, before MLflow opens the file: MLflow would add its tables to another
+    SQLite database, and a half-migrated store needs its leftover tables dropped first."""
+    foreign = tmp_path / "foreign.db"
+    _sqlite(foreign, "CREATE TABLE samples (x)")
+    half = tmp_path / "half.db"
+    storeguard.prepare(f"sqlite:///{half}")
+    _sqlite(half, "CREATE TABLE _alembic_tmp_runs (x)")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database, " * 256)
+    folder = tmp_path / "folder.db"
+    folder.mkdir()
+    for path, needle in (
+        (foreign, f"{foreign} is an SQLite database but not an MLflow store"),
+        (
+            half,
+            f"{half} is half-migrated. Its creation or migration was interrupted. Repair it "
+            f"with: sqlite3 {half} 'DROP TABLE _alembic_tmp_runs' && mlflow db upgrade",
+        ),
+        (junk, "the file is not an SQLite database"),
+        (folder, f"{folder} is a folder"),
+    ):
+        before = _tables(path) if path in (foreign, half) else None
+        with pytest.raises(storeguard.StoreError) as caught:
+            storeguard.prepare(f"sqlite:///{path}")
+        assert needle in str(caught.value) and "\n" not in str(caught.value)
+        if before is not None:
+            assert _tables(path) == before
