@@ -236,17 +236,12 @@ _KNOWN = (
 )  # fmt: skip
 
 
-def is_store_error(err: BaseException) -> bool:
-    """Raised by the store (MLflow, SQLAlchemy, SQLite, HTTP), not by our own code."""
-    if isinstance(err, StoreError):
-        return True
-    module = type(err).__module__ or ""
-    return module.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")
-
-
 def as_store_error(uri: str, err: BaseException) -> StoreError | None:
-    """``err`` in one line if the store raised it, else None (a bug: the caller raises it)."""
-    return explain(uri, err) if is_store_error(err) else None
+    """``err`` in one line if the store (MLflow, SQLAlchemy, SQLite, HTTP) raised it, else None:
+    our own code's error is a bug, which the caller raises."""
+    library = (type(err).__module__ or "").split(".")[0]
+    store = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")
+    return explain(uri, err) if isinstance(err, StoreError) or library in store else None
 
 
 def explain(uri: str, err: BaseException) -> StoreError:
