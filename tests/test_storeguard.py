@@ -2,7 +2,10 @@
 
 A job's StoreError survives pickling into the sweep's process; a store deleted during a write is
 reported in one line, not as MLflow's pages of SQL about a 'readonly database'; the heartbeat
-stops writing to a deleted file; an inherited pin does not refuse other stores.
+stops writing to a deleted file; an inherited pin does not refuse other stores. The server check
+sends MLflow's credentials and names a refusal, a server that is not MLflow's and one that does not
+answer; the jobs give up on a dead server after a few tries; prepare refuses, before MLflow opens
+them, the files MLflow would damage or cannot use.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pnn.io import storeguard, tracking
@@ -247,3 +251,35 @@ def test_prepare_refuses_a_file_mlflow_cannot_use_and_leaves_it_alone(tmp_path: 
         assert needle in str(caught.value) and "\n" not in str(caught.value)
         if before is not None:
             assert _tables(path) == before
+
+
+def test_a_sweep_on_a_server_gives_up_after_a_few_tries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare() sets the MLflow HTTP retries that the sweep's jobs inherit: a server that dies
+    during a sweep fails a write after 3 retries, not after MLflow's default 7 (minutes)."""
+    for key in storeguard.HTTP_ENV_DEFAULTS:
+        monkeypatch.setenv(key, "")  # so that the test's end restores the variable's absence
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # count the tries, not wait
+    tries = 0
+
+    def hang_up(server: socket.socket) -> None:
+        nonlocal tries
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return  # closed: the test is over
+            tries += 1
+            connection.close()
+
+    with socket.socket() as server:  # a dying server: it closes each connection at once
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        threading.Thread(target=hang_up, args=(server,), daemon=True).start()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(storeguard.StoreError, match="cannot reach the tracking server"):
+            storeguard.prepare(uri)
+        assert tries == 1, "the server check tried more than once"
+        with pytest.raises(MlflowException, match="Max retries exceeded"):
+            MlflowClient(uri).search_experiments()
+        assert tries == 1 + 1 + 3
