@@ -43,21 +43,6 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(unquote(path)) if path and path != ":memory:" else None
 
 
-def is_file_store(uri: str) -> bool:
-    """A ``file:`` URI or a bare path: MLflow 3's removed file store."""
-    scheme = urlparse(uri).scheme
-    return scheme == "file" or scheme == "" or len(scheme) == 1  # "" or a Windows drive
-
-
-def _file_store_error(uri: str) -> StoreError:
-    return StoreError(
-        uri,
-        "MLflow 3 no longer supports file: (folder) stores",
-        "Use an SQLite file, e.g. tracking.uri=sqlite:///mlflow.db, or a server, "
-        "tracking.uri=http://HOST:PORT",
-    )
-
-
 def check_sqlite_file(uri: str, path: Path) -> None:
     """An existing SQLite file, before MLflow opens it: MLflow would add its tables to any other
     database, and cannot use a half-migrated store. SQLite's errors go through :func:`explain`."""
@@ -126,8 +111,14 @@ def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
 
 def prepare(uri: str, create: bool = True) -> None:
     """Refuse a store MLflow cannot use; create a missing SQLite store (if ``create``)."""
-    if is_file_store(uri):
-        raise _file_store_error(uri)
+    scheme = urlparse(uri).scheme
+    if scheme in ("file", "") or len(scheme) == 1:  # a file: URI, a bare path, a Windows drive
+        raise StoreError(
+            uri,
+            "MLflow 3 no longer supports file: (folder) stores",
+            "Use an SQLite file, e.g. tracking.uri=sqlite:///mlflow.db, or a server, "
+            "tracking.uri=http://HOST:PORT",
+        )
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)  # the job processes inherit them
@@ -249,8 +240,6 @@ def explain(uri: str, err: BaseException) -> StoreError:
         return err
     text = str(err)
     lower = text.lower()
-    if is_file_store(uri):
-        return _file_store_error(uri)
     for needles, what, todo in _KNOWN:
         if any(n in lower for n in needles):
             return StoreError(uri, what, todo)
