@@ -5,7 +5,7 @@ reported in one line, not as MLflow's pages of SQL about a 'readonly database'; 
 stops writing to a deleted file; an inherited pin does not refuse other stores. The server check
 sends MLflow's credentials and names a refusal, a server that is not MLflow's and one that does not
 answer; the jobs give up on a dead server after a few tries; prepare refuses, before MLflow opens
-them, the files MLflow would damage or cannot use.
+them, the files MLflow would damage or cannot use, and makes an empty file a store.
 """
 
 from __future__ import annotations
@@ -283,3 +283,23 @@ def test_a_sweep_on_a_server_gives_up_after_a_few_tries(monkeypatch: pytest.Monk
         with pytest.raises(MlflowException, match="Max retries exceeded"):
             MlflowClient(uri).search_experiments()
         assert tries == 1 + 1 + 3
+
+
+def test_a_store_replaced_by_a_copy_is_named_as_replaced(
+    pinned_run: tuple[Path, MlflowClient, str],
+) -> None:
+    db, _, _ = pinned_run
+    copy = db.with_name("copy.db")
+    copy.write_bytes(db.read_bytes())
+    copy.replace(db)  # the same name and content, another file: not the sweep's store
+    with pytest.raises(storeguard.StoreError, match="was replaced by another file"):
+        storeguard.check_same()
+
+
+def test_prepare_makes_an_empty_file_a_store(tmp_path: Path) -> None:
+    """A zero-byte file is no store yet: prepare creates the store in its place, as for a missing
+    file (linking the new store into place would fail on it, leaving it empty)."""
+    empty = tmp_path / "mlflow.db"
+    empty.touch()
+    storeguard.prepare(f"sqlite:///{empty}")
+    assert "experiments" in _tables(empty)
