@@ -2,18 +2,27 @@
 
 A job's StoreError survives pickling into the sweep's process; a store deleted during a write is
 reported in one line, not as MLflow's pages of SQL about a 'readonly database'; the heartbeat
-stops writing to a deleted file; an inherited pin does not refuse other stores.
+stops writing to a deleted file; an inherited pin does not refuse other stores. The server check
+sends MLflow's credentials and names a refusal, a server that is not MLflow's and one that does not
+answer; the jobs give up on a dead server after a few tries; prepare refuses, before MLflow opens
+them, the files MLflow would damage or cannot use, and makes an empty file a store.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import pickle
+import socket
+import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pnn.io import storeguard, tracking
@@ -114,3 +123,183 @@ def test_an_inherited_pin_never_refuses_another_store(
     storeguard.check_same()
     storeguard.pin("http://127.0.0.1:5000")
     assert storeguard.ENV_STORE_ID not in os.environ
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """A server that answers as MLflow's REST API to a request with the token ``secret`` (401
+    without it), or, for ``/web``, as a web site that is no MLflow server (404 HTML)."""
+
+    def do_GET(self) -> None:
+        if self.server.base == "/web":  # type: ignore[attr-defined]
+            code, body, kind = 404, b"<html>Not Found</html>", "text/html"
+        elif self.headers.get("Authorization") != "Bearer secret":
+            code, body, kind = 401, b"You are not authenticated.", "text/plain"
+        else:
+            code, body, kind = 200, b'{"experiments": []}', "application/json"
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_answer() -> Iterator[Callable[[str], str]]:
+    """A factory: the URI of a local server that answers as :class:`_Answer` (``base``: '' for
+    MLflow's API, '/web' for a web site); stopped when the test ends."""
+    servers: list[http.server.HTTPServer] = []
+
+    def start(base: str) -> str:
+        server = http.server.HTTPServer(("127.0.0.1", 0), _Answer)
+        server.base = base  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}{base}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("base", "env", "needle"),
+    [
+        ("", {"MLFLOW_TRACKING_TOKEN": "secret"}, None),
+        ("", {}, "the server refused access. Set MLFLOW_TRACKING_TOKEN"),
+        ("", {"MLFLOW_TRACKING_TOKEN": "wrong"}, "the server refused access"),
+        ("/web", {}, "does not answer as an MLflow tracking server. Check tracking.uri"),
+    ],
+    ids=["token", "no-token", "wrong-token", "not-mlflow"],
+)
+def test_the_server_check_sends_mlflows_credentials_and_names_a_refusal(
+    http_answer: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    base: str,
+    env: dict[str, str],
+    needle: str | None,
+) -> None:
+    for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    uri = http_answer(base)
+    if needle is None:
+        storeguard.check_server(uri)
+        return
+    with pytest.raises(storeguard.StoreError) as caught:
+        storeguard.check_server(uri)
+    assert str(caught.value).startswith(f"MLflow store {uri}: ")
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_server_that_does_not_answer_fails_within_the_timeout() -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(storeguard.StoreError, match="did not answer in time"):
+            storeguard.check_server(uri, timeout=0.5)
+        assert time.monotonic() - start < 30  # one try, not MLflow's minutes of retries
+
+
+def _sqlite(path: Path, *statements: str) -> None:
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+def _tables(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return sorted(row[0] for row in db.execute("SELECT name FROM sqlite_master"))
+    finally:
+        db.close()
+
+
+def test_prepare_refuses_a_file_mlflow_cannot_use_and_leaves_it_alone(tmp_path: Path) -> None:
+    """Each in one line, before MLflow opens the file: MLflow would add its tables to another
+    SQLite database, and a half-migrated store needs its leftover tables dropped first."""
+    foreign = tmp_path / "foreign.db"
+    _sqlite(foreign, "CREATE TABLE samples (x)")
+    half = tmp_path / "half.db"
+    storeguard.prepare(f"sqlite:///{half}")
+    _sqlite(half, "CREATE TABLE _alembic_tmp_runs (x)")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database, " * 256)
+    folder = tmp_path / "folder.db"
+    folder.mkdir()
+    for path, needle in (
+        (foreign, f"{foreign} is an SQLite database but not an MLflow store"),
+        (
+            half,
+            f"{half} is half-migrated. Its creation or migration was interrupted. Repair it "
+            f"with: sqlite3 {half} 'DROP TABLE _alembic_tmp_runs' && mlflow db upgrade",
+        ),
+        (junk, "the file is not an SQLite database"),
+        (folder, f"{folder} is a folder"),
+    ):
+        before = _tables(path) if path in (foreign, half) else None
+        with pytest.raises(storeguard.StoreError) as caught:
+            storeguard.prepare(f"sqlite:///{path}")
+        assert needle in str(caught.value) and "\n" not in str(caught.value)
+        if before is not None:
+            assert _tables(path) == before
+
+
+def test_a_sweep_on_a_server_gives_up_after_a_few_tries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare() sets the MLflow HTTP retries that the sweep's jobs inherit: a server that dies
+    during a sweep fails a write after 3 retries, not after MLflow's default 7 (minutes)."""
+    for key in storeguard.HTTP_ENV_DEFAULTS:
+        monkeypatch.setenv(key, "")  # so that the test's end restores the variable's absence
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # count the tries, not wait
+    tries = 0
+
+    def hang_up(server: socket.socket) -> None:
+        nonlocal tries
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return  # closed: the test is over
+            tries += 1
+            connection.close()
+
+    with socket.socket() as server:  # a dying server: it closes each connection at once
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        threading.Thread(target=hang_up, args=(server,), daemon=True).start()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(storeguard.StoreError, match="cannot reach the tracking server"):
+            storeguard.prepare(uri)
+        assert tries == 1, "the server check tried more than once"
+        with pytest.raises(MlflowException, match="Max retries exceeded"):
+            MlflowClient(uri).search_experiments()
+        assert tries == 1 + 1 + 3
+
+
+def test_a_store_replaced_by_a_copy_is_named_as_replaced(
+    pinned_run: tuple[Path, MlflowClient, str],
+) -> None:
+    db, _, _ = pinned_run
+    copy = db.with_name("copy.db")
+    copy.write_bytes(db.read_bytes())
+    copy.replace(db)  # the same name and content, another file: not the sweep's store
+    with pytest.raises(storeguard.StoreError, match="was replaced by another file"):
+        storeguard.check_same()
+
+
+def test_prepare_makes_an_empty_file_a_store(tmp_path: Path) -> None:
+    """A zero-byte file is no store yet: prepare creates the store in its place, as for a missing
+    file (linking the new store into place would fail on it, leaving it empty)."""
+    empty = tmp_path / "mlflow.db"
+    empty.touch()
+    storeguard.prepare(f"sqlite:///{empty}")
+    assert "experiments" in _tables(empty)

@@ -6,13 +6,9 @@ what MLflow, SQLAlchemy or SQLite raised in one line. Imports no torch or MLflow
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
-import socket
 import sqlite3
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -21,7 +17,6 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 ENV_STORE_ID = "PNN_STORE_ID"
-SQLITE_HEADER = b"SQLite format 3\x00"
 # An unreachable server fails in seconds, not after MLflow's minutes of HTTP retries.
 REACH_TIMEOUT_S = 5.0
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -48,64 +43,31 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(unquote(path)) if path and path != ":memory:" else None
 
 
-def is_file_store(uri: str) -> bool:
-    """A ``file:`` URI or a bare path: MLflow 3's removed file store."""
-    scheme = urlparse(uri).scheme
-    return scheme == "file" or scheme == "" or len(scheme) == 1  # "" or a Windows drive
-
-
-def _file_store_error(uri: str) -> StoreError:
-    return StoreError(
-        uri,
-        "MLflow 3 no longer supports file: (folder) stores",
-        "Use an SQLite file, e.g. tracking.uri=sqlite:///mlflow.db, or a server, "
-        "tracking.uri=http://HOST:PORT",
-    )
-
-
-def _repair_hint(path: Path, tables: list[str]) -> str:
-    drops = "; ".join(f"DROP TABLE {t}" for t in tables)
-    return (
-        f"Its creation or migration was interrupted. Repair it with: sqlite3 {path} "
-        f"'{drops}' && mlflow db upgrade sqlite:///{path} (or move the file aside to start a "
-        "new store)"
-    )
-
-
 def check_sqlite_file(uri: str, path: Path) -> None:
-    """An existing SQLite store: a database, MLflow's, not half-migrated."""
-    if path.is_dir():
+    """An existing SQLite file, before MLflow opens it: MLflow would add its tables to any other
+    database, and cannot use a half-migrated store. SQLite's errors go through :func:`explain`."""
+    if path.is_dir():  # SQLite would call it a disk I/O error
         raise StoreError(uri, f"{path} is a folder, not an SQLite file", "Name a .db file")
-    with open(path, "rb") as handle:
-        header = handle.read(len(SQLITE_HEADER))
-    if header != SQLITE_HEADER:
-        raise StoreError(
-            uri,
-            f"{path} is not an SQLite database",
-            "Point tracking.uri (analyze.py: --tracking-uri) at the sweep's mlflow.db",
-        )
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
             tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
-    except sqlite3.DatabaseError as err:
-        raise StoreError(uri, f"{path} cannot be read ({err})", "Check the file") from None
-    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    except sqlite3.Error as err:
+        raise explain(uri, err) from None
+    leftovers = "; ".join(
+        f"DROP TABLE {t}" for t in sorted(tables) if t.startswith("_alembic_tmp_")
+    )
     if leftovers:
-        raise StoreError(uri, f"{path} is half-migrated", _repair_hint(path, leftovers))
+        raise StoreError(
+            uri,
+            f"{path} is half-migrated",
+            f"Its creation or migration was interrupted. Repair it with: sqlite3 {path} "
+            f"'{leftovers}' && mlflow db upgrade sqlite:///{path} (or move the file aside to start "
+            "a new store)",
+        )
     if tables and "experiments" not in tables:
         raise StoreError(
             uri, f"{path} is an SQLite database but not an MLflow store", "Name another file"
         )
-
-
-def check_writable(uri: str, path: Path) -> None:
-    for target, what in ((path, "file"), (path.parent, "folder")):
-        if target.exists() and not os.access(target, os.W_OK):
-            raise StoreError(
-                uri,
-                f"the database {what} {target} is read-only",
-                "Make it writable (chmod u+w), or point tracking.uri at another store",
-            )
 
 
 def _create_sqlite(uri: str, path: Path) -> None:
@@ -128,47 +90,35 @@ def _create_sqlite(uri: str, path: Path) -> None:
 
 
 def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
-    """One REST call with a short timeout: is an MLflow server answering at ``uri``?"""
-    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
-    request = urllib.request.Request(url)
-    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
-    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:"
-        pair += os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
-        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    """Is an MLflow server answering at ``uri``? One call through MLflow's REST client, with its
+    credentials (MLFLOW_TRACKING_TOKEN, or _USERNAME and _PASSWORD), no retries, a short timeout."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request_safe
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            raise StoreError(
-                uri,
-                f"the server refused access (HTTP {err.code})",
-                "Set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and _PASSWORD",
-            ) from None
-        raise StoreError(
-            uri,
-            f"the server answered HTTP {err.code} {err.reason} to the MLflow REST API",
-            "Is this an MLflow tracking server? Check tracking.uri",
-        ) from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        if isinstance(reason, socket.timeout | TimeoutError):
-            reason = f"no answer within {timeout:.0f} s"
-        elif isinstance(reason, ConnectionRefusedError):
-            reason = "connection refused"
-        raise StoreError(
-            uri,
-            f"cannot reach the tracking server ({reason})",
-            "Start it (mlflow server --host HOST --port PORT), or fix tracking.uri",
-        ) from None
+        http_request_safe(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=timeout,
+        )
+    except MlflowException as err:
+        raise explain(uri, err) from None
 
 
 def prepare(uri: str, create: bool = True) -> None:
     """Refuse a store MLflow cannot use; create a missing SQLite store (if ``create``)."""
-    if is_file_store(uri):
-        raise _file_store_error(uri)
+    scheme = urlparse(uri).scheme
+    if scheme in ("file", "") or len(scheme) == 1:  # a file: URI, a bare path, a Windows drive
+        raise StoreError(
+            uri,
+            "MLflow 3 no longer supports file: (folder) stores",
+            "Use an SQLite file, e.g. tracking.uri=sqlite:///mlflow.db, or a server, "
+            "tracking.uri=http://HOST:PORT",
+        )
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)  # the job processes inherit them
@@ -183,9 +133,7 @@ def prepare(uri: str, create: bool = True) -> None:
         )
     if path.exists() and path.stat().st_size > 0:
         check_sqlite_file(uri, path)
-        check_writable(uri, path)
     elif create:
-        check_writable(uri, path)
         path.unlink(missing_ok=True)  # an empty file is no store yet
         _create_sqlite(uri, path)
     else:
@@ -265,22 +213,26 @@ _KNOWN = (
      "Point tracking.uri at the sweep's mlflow.db"),
     (("database is locked",), "the database stayed locked for minutes",
      "Too many writers on one SQLite file: use an mlflow server (README)"),
-    (("connection refused", "max retries exceeded", "failed to establish"),
-     "cannot reach the tracking server", "Start it, or fix tracking.uri"),
+    (("connection refused",), "cannot reach the tracking server (connection refused)",
+     "Start it (mlflow server --host HOST --port PORT), or fix tracking.uri"),
+    (("timed out", "timeout exception"), "the tracking server did not answer in time",
+     "Start it, or fix tracking.uri"),
+    (("max retries exceeded", "failed to establish"), "cannot reach the tracking server",
+     "Start it, or fix tracking.uri"),
+    (("error code 401", "error code 403", "unauthenticated", "permission_denied"),
+     "the server refused access",
+     "Set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and _PASSWORD"),
+    (("failed with error code", "not in a valid json format"),
+     "the server does not answer as an MLflow tracking server", "Check tracking.uri"),
 )  # fmt: skip
 
 
-def is_store_error(err: BaseException) -> bool:
-    """Raised by the store (MLflow, SQLAlchemy, SQLite, HTTP), not by our own code."""
-    if isinstance(err, StoreError):
-        return True
-    module = type(err).__module__ or ""
-    return module.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")
-
-
 def as_store_error(uri: str, err: BaseException) -> StoreError | None:
-    """``err`` in one line if the store raised it, else None (a bug: the caller raises it)."""
-    return explain(uri, err) if is_store_error(err) else None
+    """``err`` in one line if the store (MLflow, SQLAlchemy, SQLite, HTTP) raised it, else None:
+    our own code's error is a bug, which the caller raises."""
+    library = (type(err).__module__ or "").split(".")[0]
+    store = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")
+    return explain(uri, err) if isinstance(err, StoreError) or library in store else None
 
 
 def explain(uri: str, err: BaseException) -> StoreError:
@@ -288,11 +240,6 @@ def explain(uri: str, err: BaseException) -> StoreError:
         return err
     text = str(err)
     lower = text.lower()
-    if "_alembic_tmp_" in lower and (path := sqlite_path(uri)) is not None:
-        tables = sorted({w.strip("'\"`,()") for w in text.split() if "_alembic_tmp_" in w})
-        return StoreError(uri, f"{path} is half-migrated", _repair_hint(path, tables))
-    if is_file_store(uri) or "file:" in lower and "not supported" in lower:
-        return _file_store_error(uri)
     for needles, what, todo in _KNOWN:
         if any(n in lower for n in needles):
             return StoreError(uri, what, todo)
