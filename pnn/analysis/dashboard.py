@@ -27,7 +27,7 @@ NOTE_LIMIT = 8000  # MLflow's longest tag value
 
 
 def publish(experiment_name: str, sweep_dir: Path) -> None:
-    """Analyse the sweep whose parent run ``tracking.start_sweep`` made; never raises."""
+    """Analyse the sweep whose parent run ``sweep_run.start_sweep`` made; never raises."""
     uri, parent = os.environ.get(tracking.ENV_URI), os.environ.get(tracking.ENV_PARENT)
     if not uri or not parent:
         return

@@ -100,7 +100,7 @@ _sweep_view: dict[str, Any] = {}  # this process's sweep: experiment id, key, st
 
 
 def open_sweep_view(jobs: Sequence[Sequence[str]], configs: Sequence[DictConfig]) -> None:
-    """At the start of a sweep (after ``tracking.start_sweep``): write its saved view, and link
+    """At the start of a sweep (after ``sweep_run.start_sweep``): write its saved view, and link
     it from the parent run's description. Never raises: a sweep without a view still has the
     plain runs link."""
     uri, parent = os.environ.get(tracking.ENV_URI), os.environ.get(tracking.ENV_PARENT)

@@ -146,27 +146,16 @@ def config_hash(cfg: DictConfig) -> str:
 RUNNING_SWEEPS = "attributes.status = 'RUNNING' and tags.`pnn.role` = 'sweep'"
 
 
-def start_sweep(
-    cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int, lease: dict[str, str]
+def create_sweep_run(
+    client: MlflowClient,
+    experiment_id: str,
+    sweep_dir: Path,
+    command: str,
+    n_jobs: int,
+    lease: dict[str, str],
 ) -> str:
-    """Check (and create) the store, then create the parent run with the sweep's ``lease`` tags."""
-    uri = resolve_uri(cfg, Path.cwd())
-    storeguard.prepare(uri)
-    storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
-    try:
-        return _start_sweep(cfg, uri, sweep_dir, command, n_jobs, lease)
-    except Exception as err:
-        problem = storeguard.as_store_error(uri, err)
-        if problem is None:
-            raise
-        raise problem from None
-
-
-def _start_sweep(
-    cfg: DictConfig, uri: str, sweep_dir: Path, command: str, n_jobs: int, lease: dict[str, str]
-) -> str:
-    client = storeguard.client(uri)
-    experiment_id = get_experiment_id(client, cfg.tracking.experiment_name, uri)
+    """The sweep's parent run, with its ``lease`` tags; its id, uri and sweep id go into the
+    environment its job processes inherit."""
     sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
     tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
     tags.update(lease)
@@ -178,7 +167,7 @@ def _start_sweep(
     log_run_context(client, run.info.run_id)
     os.environ.update(
         {
-            ENV_URI: uri,
+            ENV_URI: client.tracking_uri,
             ENV_PARENT: run.info.run_id,
             ENV_SWEEP: sweep_id,
             ENV_JOBS: str(n_jobs),

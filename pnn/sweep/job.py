@@ -8,8 +8,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +37,6 @@ def launch_dir() -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.cwd)
     return Path.cwd()
-
-
-@contextmanager
-def exclusive(directory: Path) -> Iterator[bool]:
-    """A lock per job identity on this machine: the same job started twice at once runs once."""
-    from filelock import FileLock, Timeout
-
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(directory / "lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lock.release()
 
 
 def resolve_device(name: str) -> Any:
@@ -96,18 +76,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if interrupt.received():  # a signal came during the previous job of this process
         return {"status": "killed", "name": name, "reason": _not_started()}
     job = locate(cfg, name)
-    # The lock guards the checkpoint folder here; the lease in the store, across machines.
-    with exclusive(job.ckpt_dir) as owned:
-        if not owned:
-            return job.skip(f"running in another process (lock held on {job.ckpt_dir})")
-        if interrupt.received():
-            return job.outcome("killed", _not_started())
-        opened = _open(job)
-        if isinstance(opened, dict):
-            return opened  # skipped, failed to set up, or leased by another process first
-        run_id, state = opened
-        with lease.Heartbeat(job.client, run_id):
-            return train_and_finish(job, run_id, state)
+    # The same job started twice at once, here or on another machine, runs once: the lease.
+    opened = _open(job)
+    if isinstance(opened, dict):
+        return opened  # skipped, failed to set up, or leased by another process first
+    run_id, state = opened
+    with lease.Heartbeat(job.client, run_id):
+        return train_and_finish(job, run_id, state)
 
 
 def _not_started() -> str:
@@ -254,7 +229,7 @@ def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
     tracking.finish_job_run(client, run_id)
     if cfg.tracking.log_checkpoint:  # the artifact store holds it now
         job.ckpt_path.unlink(missing_ok=True)
-        lease.remove_folder_if_only_lock(job)
+        lease.remove_empty_folder(job)
     log.info(
         f"[{job.name}] finished: best test_acc {result.best_test_acc:.2f}% at epoch "
         f"{result.best_epoch}, reported {result.best_test_acc_reported:.2f}%"

@@ -8,6 +8,7 @@ wins. A checkpoint is never deleted: it is resumed, or moved aside (unreadable, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,12 +105,10 @@ class Heartbeat:
 
 def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
     """Skip a job FINISHED here or live elsewhere (the outcome), else None and its open runs, oldest
-    first. Asked under the job's lock: a twin job may have just finished."""
+    first."""
     runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished and not job.cfg.sweep.rerun:
-        if not job.ckpt_path.exists():
-            remove_folder_if_only_lock(job)
         return job.skip(
             f"already FINISHED as run {finished[-1].info.run_id} (sweep.rerun=true to redo)"
         ), []
@@ -224,15 +223,13 @@ def _create_run(job: Job) -> str:
     return run_id
 
 
-def remove_folder_if_only_lock(job: Job) -> None:
-    """Remove the job's checkpoint folder if only our lock is left in it, and only inside
+def remove_empty_folder(job: Job) -> None:
+    """Remove the job's checkpoint folder if it is empty, and only inside
     ``train.checkpoint_dir``."""
     folder = job.ckpt_dir.resolve()
-    if folder.parent != job.ckpt_root.resolve() or not folder.is_dir():
-        return
-    if {p.name for p in folder.iterdir()} <= {"lock"}:
-        (folder / "lock").unlink(missing_ok=True)
-        folder.rmdir()
+    if folder.parent == job.ckpt_root.resolve():
+        with contextlib.suppress(OSError):  # absent, or it holds other files
+            folder.rmdir()
 
 
 def _overrides() -> str:

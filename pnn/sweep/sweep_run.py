@@ -22,13 +22,23 @@ log = logging.getLogger("pnn")
 
 
 def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> Heartbeat:
-    """Create the parent run, leased by this process, then close the experiment's stale sweeps; the
-    parent's heartbeat, for the sweeper to run. Raises StoreError if the run cannot be created."""
-    run_id = tracking.start_sweep(cfg, sweep_dir, command, n_jobs, lease_tags(owner_id()))
-    uri = os.environ[tracking.ENV_URI]
-    client = storeguard.client(uri)
+    """Check (and create) the store, create the parent run leased by this process, then close the
+    experiment's stale sweeps; the parent's heartbeat, for the sweeper to run. Raises StoreError
+    if the store cannot be used."""
+    uri = tracking.resolve_uri(cfg, Path.cwd())
+    storeguard.prepare(uri)
+    storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
     try:
-        experiment_id = tracking.retry(lambda: client.get_run(run_id)).info.experiment_id
+        client = storeguard.client(uri)
+        experiment_id = tracking.get_experiment_id(client, cfg.tracking.experiment_name, uri)
+        lease = lease_tags(owner_id())
+        run_id = tracking.create_sweep_run(client, experiment_id, sweep_dir, command, n_jobs, lease)
+    except Exception as err:
+        problem = storeguard.as_store_error(uri, err)
+        if problem is None:
+            raise
+        raise problem from None
+    try:
         close_stale_sweeps(client, experiment_id, os.environ[tracking.ENV_SWEEP])
     except Exception as err:
         problem = storeguard.as_store_error(uri, err)

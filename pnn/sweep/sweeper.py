@@ -79,21 +79,6 @@ class PNNSweeper(Sweeper):
         interrupt.install()
         return self._sweep(arguments)
 
-    def _stop_if_signalled(self) -> None:
-        """Before any job ran, a signal ends the sweep here, its parent run (if any) KILLED."""
-        signame = interrupt.signal_name()
-        if signame is None:
-            return
-        from pnn.analysis import ui
-        from pnn.sweep import sweep_run
-
-        ui.close_sweep_view()  # removes it: no job ran
-        problem = sweep_run.end_sweep("KILLED", signame)
-        print(f"[sweep] interrupted by {signame} before any job started", flush=True)
-        if problem:
-            print(f"[sweep] {problem}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + interrupt.received())
-
     def _sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.hydra_context is not None
         launcher_cfg = self.config.hydra.launcher
@@ -143,7 +128,9 @@ class PNNSweeper(Sweeper):
                 dry_run(cfg)
             return []
 
-        self._stop_if_signalled()
+        if interrupt.received():  # during the checks: nothing logged yet
+            print(f"[sweep] interrupted by {interrupt.signal_name()} before any job", flush=True)
+            raise SystemExit(128 + interrupt.received())
         from pnn.io.storeguard import StoreError
         from pnn.sweep import sweep_run
 
@@ -154,8 +141,7 @@ class PNNSweeper(Sweeper):
             )
         except StoreError as err:
             raise SystemExit(f"error: {err}") from None
-        with heartbeat:  # renewed until the parent run is ended
-            self._stop_if_signalled()
+        with heartbeat:  # renewed until the parent run is ended; a signal now ends it KILLED
             return self._run_jobs(jobs, configs, sweep_dir)
 
     def _run_jobs(
