@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,7 @@ def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
             f"[{name}] epoch {epoch}/{epochs}  test_acc {metrics['test_acc']:.2f}%  "
             f"reported {metrics['test_acc_reported']:.2f}%  train_loss "
             f"{metrics['train_loss']:.4f}  {metrics['epoch_time_s']:.1f}s/epoch  "
-            f"ETA {_duration(left)}"
+            f"ETA {timedelta(seconds=round(left))}"
         )
 
     seed_everything(cfg.train.seed)
@@ -240,12 +241,3 @@ def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:
 def _absolute(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else launch_dir() / p
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
