@@ -1,8 +1,8 @@
 """``hydra/launcher=slurm`` on a real single-node SLURM (:mod:`slurm_cluster`), without accounting.
 
 Without accounting ``sacct`` fails, so submitit cannot tell that a job has ended: the harder case,
-where a job that died without a result must still be found (``squeue``, its lease). With
-accounting the same code reads the same ``squeue``. The jobs are tiny models of a few seconds.
+where a job that died without a result must still be found, through ``squeue``. With accounting
+the same code reads the same ``squeue``. The jobs are tiny models of a few seconds.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ The submission is hydra-submitit-launcher's (one array, submitit's pickles and r
   releases its lease (:func:`pnn.sweep.lease.release`) so that the requeued job adopts the run
   at once; it writes ``<run id> <owner>`` into its submitit folder, for the sweep;
 - **in the sweep**, every job is waited for and reported with its own outcome. A job has ended
-  when ``squeue`` says so (no accounting needed), or when its lease is stale while SLURM shows it
-  running; one without a result is lost, its run marked KILLED for the rerun. Ctrl-C or SIGTERM
-  cancels the jobs; ``sweep.detach=true`` returns once they are submitted. hydra-submitit's
-  ``launch`` raises at the first job without a result, so submitit's executor is wrapped for the
-  time of one launch and its jobs' ``results()`` wait as described here and never raise.
+  when ``squeue`` says so (no accounting needed); one without a result is lost, its run marked
+  KILLED for the rerun. Ctrl-C or SIGTERM cancels the jobs; ``sweep.detach=true`` returns once
+  they are submitted. hydra-submitit's ``launch`` raises at the first job without a result, so
+  submitit's executor is wrapped for the time of one launch and its jobs' ``results()`` wait as
+  described here and never raise.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +42,6 @@ ACTIVE = frozenset(
     "PENDING RUNNING REQUEUED REQUEUE_HOLD REQUEUE_FED CONFIGURING COMPLETING SUSPENDED STOPPED "
     "RESIZING SIGNALING STAGE_OUT RESV_DEL_HOLD PREEMPTED".split()
 )
-# States in which the job's process is on a node, so that a stale lease means it is gone.
-ON_NODE = frozenset({"RUNNING", "COMPLETING"})
 CANCEL_WAIT_S = 300.0
 
 
@@ -54,7 +50,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         super().__init__(**params)
         self.poll_s = float(poll_s)
         self.result_wait_s = float(result_wait_s)
-        self._states: dict[str, tuple[str, float]] = {}  # job id -> (state, start time)
+        self._states: dict[str, str] = {}  # job id -> SLURM state
         self._squeue_failed = False
         self._polled = 0.0
 
@@ -82,12 +78,6 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         except SystemExit:  # submitit's requeue (preemption, time limit) ends this process
             release_leases(run_file)
             raise
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Called by submitit's USR2 handler before it requeues the job. The SIGTERM that SLURM
-        sends a requeued job is not a kill: the run stays open for the requeued job."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return super().checkpoint(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # In the sweep
@@ -154,23 +144,20 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         return self._lost(job, overrides)
 
     def _ended(self, job: Any) -> bool:
-        """Whether the job has a result, or SLURM says it is over, or its lease is stale while
-        SLURM shows it running."""
+        """Whether the job has a result, or SLURM says it is over."""
         if job.paths.result_pickle.exists():
             return True
         if time.monotonic() - self._polled >= self.poll_s:
             self._poll()
-        state, started = self._states.get(job.job_id, ("", 0.0))
+        state = self._states.get(job.job_id, "")
         if self._squeue_failed:  # submitit's own watcher (sacct)
             return bool(job.done())
-        if state not in ACTIVE:
-            return True
-        return state in ON_NODE and lease_lost(job.paths.folder / RUN_FILE, started)
+        return state not in ACTIVE
 
     def _poll(self) -> None:
-        """One ``squeue`` for every job of this launch: state and start time of each."""
+        """One ``squeue`` for every job of this launch: the state of each."""
         self._polled = time.monotonic()
-        cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%S"]
+        cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
@@ -178,10 +165,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         self._squeue_failed = proc is None or proc.returncode != 0
         if self._squeue_failed:
             return
-        states: dict[str, tuple[str, float]] = {}
+        states: dict[str, str] = {}
         for line in proc.stdout.splitlines():
-            job_id, state, start = (line.split("|") + ["", ""])[:3]
-            states[job_id.strip()] = (state.strip(), _timestamp(start))
+            job_id, _, state = line.partition("|")
+            states[job_id.strip()] = state.strip()
         self._states = states
 
     def _result(self, job: Any, overrides: list[str]) -> JobReturn | None:
@@ -206,7 +193,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         """A job that ended without a result: killed outright, out of memory, its node gone."""
         from pnn.sweep.launcher import mark_runs_killed
 
-        state = self._states.get(job.job_id, ("no longer known to SLURM", 0.0))[0]
+        state = self._states.get(job.job_id, "no longer known to SLURM")
         reason = (
             f"lost: SLURM job {job.job_id} ended ({state or 'no longer known to SLURM'}) without "
             f"a result (killed outright, out of memory, or its node failed?); log: "
@@ -265,43 +252,12 @@ def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
         setattr(module, name, saved)
 
 
-def _timestamp(text: str) -> float:
-    """squeue's start time (local ISO time, or N/A before the job starts) as Unix time."""
-    try:
-        return datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
-        return 0.0
-
-
 def _run_lines(run_file: Path) -> list[tuple[str, str]]:
     try:
         lines = run_file.read_text().splitlines()
     except OSError:
         return []
     return [(run_id, owner) for run_id, _, owner in (line.partition(" ") for line in lines)]
-
-
-def lease_lost(run_file: Path, started: float) -> bool:
-    """Whether the run this incarnation of the job claimed (``run_file``, written after the
-    job's SLURM start time ``started``) is RUNNING under its lease, and that lease is stale: its
-    process is gone though SLURM shows it running. A released lease is not lost."""
-    from pnn.io import storeguard
-    from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, lease_status
-    from pnn.io.tracking import ENV_URI
-
-    lines = _run_lines(run_file)
-    uri = os.environ.get(ENV_URI)
-    if not lines or not uri or run_file.stat().st_mtime < started:
-        return False
-    run_id, owner = lines[-1]
-    try:
-        run = storeguard.client(uri).get_run(run_id)
-    except Exception:  # noqa: BLE001 - the store may be away; ask again at the next poll
-        return False
-    tags = run.data.tags
-    if run.info.status != "RUNNING" or tags.get(TAG_OWNER) != owner:
-        return False
-    return TAG_HEARTBEAT in tags and not lease_status(run)[0]
 
 
 def release_leases(run_file: Path) -> None:
