@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -75,6 +76,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         except SystemExit:  # submitit's requeue (preemption, time limit) ends this process
             release_leases(run_file)
             raise
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit's USR2 handler before it runs ``scontrol requeue``. The SIGTERM
+        that SLURM then sends the job is not a kill: ignored here and by ``scontrol`` (which
+        inherits SIG_IGN), so the requeue completes and the run stays open for the requeued job."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return super().checkpoint(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # In the sweep
