@@ -93,7 +93,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     ) -> Sequence[JobReturn]:
         import submitit
 
-        self._states, self._polled = {}, 0.0
+        self._states, self._polled = {}, 0.0  # each launch (batch) polls squeue afresh
         jobs: list[Any] = []
 
         class Executor(submitit.AutoExecutor):
