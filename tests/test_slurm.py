@@ -1,8 +1,8 @@
 """``hydra/launcher=slurm`` on a real single-node SLURM (:mod:`slurm_cluster`), without accounting.
 
 Without accounting ``sacct`` fails, so submitit cannot tell that a job has ended: the harder case,
-where a job that died without a result must still be found (``squeue``, its lease). With
-accounting the same code reads the same ``squeue``. The jobs are tiny models of a few seconds.
+where a job that died without a result must still be found, through ``squeue``. With accounting
+the same code reads the same ``squeue``. The jobs are tiny models of a few seconds.
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def test_scancel_of_one_job_kills_its_run_and_the_sweep_reports_each_job(
 @pytest.mark.usefixtures("existing_store")
 def test_sigterm_to_the_sweep_cancels_its_slurm_jobs(slurm: SlurmCluster, tmp_path: Path) -> None:
     log = tmp_path / "sweep.log"
-    proc = start_sweep([*SLURM, *JOB, "train.epochs=30"], tmp_path, sweep_env(slurm), log)
+    # One job at a time: the second is still pending when the sweep gets the signal.
+    args = [*SLURM, *JOB, "train.epochs=30", "train.seed=1,2", "hydra.launcher.array_parallelism=1"]
+    proc = start_sweep(args, tmp_path, sweep_env(slurm), log)
     try:
         wait_for(lambda: checkpoints(tmp_path), proc, "the job's first checkpoint", WAIT_S)
         os.kill(proc.pid, signal.SIGTERM)
@@ -139,8 +141,9 @@ def test_sigterm_to_the_sweep_cancels_its_slurm_jobs(slurm: SlurmCluster, tmp_pa
     finally:
         stop(proc)
     out = log.read_text()
-    assert "0 finished, 0 skipped, 0 failed, 1 killed" in out, out[-3000:]
+    assert "0 finished, 0 skipped, 0 failed, 2 killed" in out, out[-3000:]
     assert "not started" not in out, out[-3000:]
+    assert "cancelled by the sweep (SIGTERM) before it started" in out, out[-3000:]
     run = job_run(tmp_path)
     assert run.info.status == "KILLED" and run.data.tags["pnn.killed_by"] == "SIGTERM"
     assert parent(tmp_path).info.status == "KILLED"
@@ -179,6 +182,21 @@ def test_a_job_killed_outright_is_lost_not_waited_for_and_the_rerun_adopts_its_r
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     resumed = job_run(tmp_path)  # the same run, adopted: no second one
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("existing_store")
+def test_a_running_job_is_not_lost_when_squeue_fails(slurm: SlurmCluster, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"  # an squeue that fails, first on the sweep's PATH
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error' >&2\nexit 1\n")
+    (bin_dir / "squeue").chmod(0o755)
+    env = sweep_env(slurm)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    proc = run_sweep([*SLURM, *JOB, "train.epochs=2"], tmp_path, env=env, timeout=WAIT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "1 finished, 0 skipped, 0 failed" in proc.stdout
+    assert job_run(tmp_path).info.status == "FINISHED"
 
 
 @pytest.mark.slow

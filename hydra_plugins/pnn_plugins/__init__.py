@@ -65,7 +65,7 @@ class SlurmLauncherConf(SlurmQueueConf):
     """``hydra/launcher=pnn_slurm``: submitit's SLURM keys, and how the sweep watches its jobs."""
 
     _target_: str = "hydra_plugins.pnn_plugins.SlurmLauncher"
-    # Seconds between two looks at the jobs (one squeue for all, and the leases of running ones).
+    # Seconds between two looks at the jobs (one squeue for all).
     poll_s: float = 10.0
     # Seconds to wait for the result file of a job SLURM says has ended (a shared file system
     # may show it late), before the job counts as lost.

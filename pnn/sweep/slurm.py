@@ -7,25 +7,23 @@ The submission is hydra-submitit-launcher's (one array, submitit's pickles and r
   releases its lease (:func:`pnn.sweep.lease.release`) so that the requeued job adopts the run
   at once; it writes ``<run id> <owner>`` into its submitit folder, for the sweep;
 - **in the sweep**, every job is waited for and reported with its own outcome. A job has ended
-  when ``squeue`` says so (no accounting needed), or when its lease is stale while SLURM shows it
-  running; one without a result is lost, its run marked KILLED for the rerun. Ctrl-C or SIGTERM
-  cancels the jobs; ``sweep.detach=true`` returns once they are submitted. hydra-submitit's
-  ``launch`` raises at the first job without a result, so submitit's executor is wrapped for the
-  time of one launch and its jobs' ``results()`` wait as described here and never raise.
+  when ``squeue`` says so (no accounting needed); one without a result is lost, its run marked
+  KILLED for the rerun. Ctrl-C or SIGTERM cancels the jobs; ``sweep.detach=true`` returns once
+  they are submitted. hydra-submitit's ``launch`` submits the jobs but would raise at the first
+  without a result, so the executor it builds hands it none to wait on: they are waited for here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -44,9 +42,6 @@ ACTIVE = frozenset(
     "PENDING RUNNING REQUEUED REQUEUE_HOLD REQUEUE_FED CONFIGURING COMPLETING SUSPENDED STOPPED "
     "RESIZING SIGNALING STAGE_OUT RESV_DEL_HOLD PREEMPTED".split()
 )
-# States in which the job's process is on a node, so that a stale lease means it is gone.
-ON_NODE = frozenset({"RUNNING", "COMPLETING"})
-CANCEL_WAIT_S = 300.0
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
@@ -54,8 +49,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         super().__init__(**params)
         self.poll_s = float(poll_s)
         self.result_wait_s = float(result_wait_s)
-        self._states: dict[str, tuple[str, float]] = {}  # job id -> (state, start time)
-        self._squeue_failed = False
+        self._states: dict[str, str] | None = {}  # job id -> SLURM state; None: squeue failed
         self._polled = 0.0
 
     # ------------------------------------------------------------------------------------------
@@ -84,8 +78,9 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             raise
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Called by submitit's USR2 handler before it requeues the job. The SIGTERM that SLURM
-        sends a requeued job is not a kill: the run stays open for the requeued job."""
+        """Called by submitit's USR2 handler before it runs ``scontrol requeue``. The SIGTERM
+        that SLURM then sends the job is not a kill: ignored here and by ``scontrol`` (which
+        inherits SIG_IGN), so the requeue completes and the run stays open for the requeued job."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return super().checkpoint(*args, **kwargs)
 
@@ -98,91 +93,61 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     ) -> Sequence[JobReturn]:
         import submitit
 
-        assert self.config is not None
-        self._states, self._polled = {}, 0.0
+        self._states, self._polled = {}, 0.0  # each launch (batch) polls squeue afresh
         jobs: list[Any] = []
-        detach = bool(OmegaConf.select(self.config, "sweep.detach", default=False))
-        launcher = self
 
         class Executor(submitit.AutoExecutor):
             def map_array(self, fn: Any, *iterable: Any) -> list[Any]:
                 jobs.extend(super().map_array(fn, *iterable))
-                if detach:
-                    return [_Submitted(launcher, job) for job in jobs]
-                return [_Watched(launcher, job) for job in jobs]
+                return []  # nothing for hydra-submitit's launch to wait on
 
-        try:
-            with _replaced(submitit, "AutoExecutor", Executor):
-                return super().launch(job_overrides, initial_job_idx)
-        except _Signalled:
-            return self._cancel(jobs, job_overrides, interrupt.signal_name() or "SIGINT")
+        with mock.patch.object(submitit, "AutoExecutor", Executor):
+            super().launch(job_overrides, initial_job_idx)
+        if OmegaConf.select(self.config, "sweep.detach", default=False):
+            return [_submitted(job) for job in jobs]
+        return self._wait(jobs)
 
-    def _cancel(
-        self, jobs: list[Any], job_overrides: Sequence[Sequence[str]], signal_name: str
-    ) -> list[JobReturn]:
-        """Cancel the jobs, wait for each to end (a running one marks its run KILLED), report."""
-        pnn_jobs = is_pnn_sweep(self.config)
-        if not jobs:
-            why = f"not submitted: the sweep got {signal_name}"
-            return [stopped_return(list(o), why, pnn_jobs) for o in job_overrides]
-        ids = [job.job_id for job in jobs]
-        log.info(f"[sweep] {signal_name}: cancelling SLURM job(s) {' '.join(ids)}")
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
-        deadline = time.monotonic() + CANCEL_WAIT_S
-        returns = []
-        for job, overrides in zip(jobs, job_overrides, strict=True):
-            while not self._ended(job) and time.monotonic() < deadline:
+    def _wait(self, jobs: list[Any]) -> list[JobReturn]:
+        """Wait for each job to end and report it. Ctrl-C or SIGTERM cancels them all; each is
+        still waited for (a running one marks its run KILLED; SLURM kills it after KillWait)."""
+        returns: list[JobReturn] = []
+        cancelled = False
+        for job in jobs:
+            overrides = list(job.submission().args[0])
+            while not self._ended(job):
+                if interrupt.received() and not cancelled:
+                    ids = " ".join(j.job_id for j in jobs)
+                    log.info(f"[sweep] {interrupt.signal_name()}: cancelling SLURM job(s) {ids}")
+                    subprocess.run(["scancel", *ids.split()], capture_output=True, timeout=60)
+                    cancelled = True
                 time.sleep(min(self.poll_s, 1.0))
-            ret = self._result(job, list(overrides))
-            if ret is None and (job.paths.folder / RUN_FILE).exists():
-                ret = self._lost(job, list(overrides))
-            if ret is None:
-                why = f"cancelled by the sweep ({signal_name}) before it started"
-                ret = stopped_return(list(overrides), why, pnn_jobs)
-            returns.append(ret)
+            ret = self._result(job, overrides)
+            if ret is None and cancelled and not (job.paths.folder / RUN_FILE).exists():
+                why = f"cancelled by the sweep ({interrupt.signal_name()}) before it started"
+                ret = stopped_return(overrides, why, is_pnn_sweep(self.config))
+            returns.append(ret or self._lost(job, overrides))
         return returns
 
-    def _wait(self, job: Any) -> JobReturn:
-        overrides = list(job.submission().args[0])
-        while not self._ended(job):
-            if interrupt.received():  # Ctrl-C or SIGTERM to the sweep: cancel the jobs
-                raise _Signalled
-            time.sleep(min(self.poll_s, 1.0))
-        ret = self._result(job, overrides)
-        if ret is not None:
-            return ret
-        return self._lost(job, overrides)
-
     def _ended(self, job: Any) -> bool:
-        """Whether the job has a result, or SLURM says it is over, or its lease is stale while
-        SLURM shows it running."""
+        """Whether the job has a result, or SLURM says it is over."""
         if job.paths.result_pickle.exists():
             return True
         if time.monotonic() - self._polled >= self.poll_s:
             self._poll()
-        state, started = self._states.get(job.job_id, ("", 0.0))
-        if self._squeue_failed:  # submitit's own watcher (sacct)
+        if self._states is None:  # squeue failed: submitit's own watcher (sacct)
             return bool(job.done())
-        if state not in ACTIVE:
-            return True
-        return state in ON_NODE and lease_lost(job.paths.folder / RUN_FILE, started)
+        return self._states.get(job.job_id) not in ACTIVE
 
     def _poll(self) -> None:
-        """One ``squeue`` for every job of this launch: state and start time of each."""
+        """One ``squeue`` for every job of this launch."""
         self._polled = time.monotonic()
-        cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%S"]
+        cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T"]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            proc = None
-        self._squeue_failed = proc is None or proc.returncode != 0
-        if self._squeue_failed:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+        except (OSError, subprocess.SubprocessError):
+            self._states = None
             return
-        states: dict[str, tuple[str, float]] = {}
-        for line in proc.stdout.splitlines():
-            job_id, state, start = (line.split("|") + ["", ""])[:3]
-            states[job_id.strip()] = (state.strip(), _timestamp(start))
-        self._states = states
+        self._states = dict(line.split() for line in proc.stdout.splitlines())
 
     def _result(self, job: Any, overrides: list[str]) -> JobReturn | None:
         """The job's result, waiting up to ``result_wait_s`` for a shared file system; a job
@@ -206,11 +171,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         """A job that ended without a result: killed outright, out of memory, its node gone."""
         from pnn.sweep.launcher import mark_runs_killed
 
-        state = self._states.get(job.job_id, ("no longer known to SLURM", 0.0))[0]
+        state = (self._states or {}).get(job.job_id) or "no longer known to SLURM"
         reason = (
-            f"lost: SLURM job {job.job_id} ended ({state or 'no longer known to SLURM'}) without "
-            f"a result (killed outright, out of memory, or its node failed?); log: "
-            f"{job.paths.stderr}"
+            f"lost: SLURM job {job.job_id} ended ({state}) without a result (killed outright, "
+            f"out of memory, or its node failed?); log: {job.paths.stderr}"
         )
         if not is_pnn_sweep(self.config):
             return failed_return(overrides, RuntimeError(reason))
@@ -226,96 +190,32 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         return ret
 
 
-class _Signalled(Exception):
-    """The sweep got SIGTERM or SIGINT while it waited for its jobs (pnn.sweep.interrupt)."""
-
-
-class _Watched:
-    """A submitit job whose ``results()`` waits as :class:`SlurmLauncher` does and never raises."""
-
-    def __init__(self, launcher: SlurmLauncher, job: Any) -> None:
-        self.launcher, self.job = launcher, job
-
-    def results(self) -> list[JobReturn]:
-        return [self.launcher._wait(self.job)]
-
-
-class _Submitted(_Watched):
+def _submitted(job: Any) -> JobReturn:
     """``sweep.detach=true``: the job is reported as submitted, not waited for."""
-
-    def results(self) -> list[JobReturn]:
-        overrides = list(self.job.submission().args[0])
-        ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
-        ret._return_value = {
-            "status": "submitted",
-            "name": " ".join(filter_overrides(overrides)),
-            "reason": f"SLURM job {self.job.job_id}",
-            "slurm_job_id": self.job.job_id,
-        }
-        return [ret]
-
-
-@contextlib.contextmanager
-def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
-def _timestamp(text: str) -> float:
-    """squeue's start time (local ISO time, or N/A before the job starts) as Unix time."""
-    try:
-        return datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
-        return 0.0
-
-
-def _run_lines(run_file: Path) -> list[tuple[str, str]]:
-    try:
-        lines = run_file.read_text().splitlines()
-    except OSError:
-        return []
-    return [(run_id, owner) for run_id, _, owner in (line.partition(" ") for line in lines)]
-
-
-def lease_lost(run_file: Path, started: float) -> bool:
-    """Whether the run this incarnation of the job claimed (``run_file``, written after the
-    job's SLURM start time ``started``) is RUNNING under its lease, and that lease is stale: its
-    process is gone though SLURM shows it running. A released lease is not lost."""
-    from pnn.io import storeguard
-    from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, lease_status
-    from pnn.io.tracking import ENV_URI
-
-    lines = _run_lines(run_file)
-    uri = os.environ.get(ENV_URI)
-    if not lines or not uri or run_file.stat().st_mtime < started:
-        return False
-    run_id, owner = lines[-1]
-    try:
-        run = storeguard.client(uri).get_run(run_id)
-    except Exception:  # noqa: BLE001 - the store may be away; ask again at the next poll
-        return False
-    tags = run.data.tags
-    if run.info.status != "RUNNING" or tags.get(TAG_OWNER) != owner:
-        return False
-    return TAG_HEARTBEAT in tags and not lease_status(run)[0]
+    overrides = list(job.submission().args[0])
+    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+    ret._return_value = {
+        "status": "submitted",
+        "name": " ".join(filter_overrides(overrides)),
+        "reason": f"SLURM job {job.job_id}",
+        "slurm_job_id": job.job_id,
+    }
+    return ret
 
 
 def release_leases(run_file: Path) -> None:
-    """Release the lease on the run this job claimed (the last line of ``run_file``)."""
+    """Release the job's leases on the runs in ``run_file`` (each line ``<run id> <owner>``;
+    those of earlier incarnations are no longer held and stay as they are)."""
     from pnn.io import storeguard
     from pnn.io.tracking import ENV_URI
     from pnn.sweep.lease import release
 
-    lines = _run_lines(run_file)
     uri = os.environ.get(ENV_URI)
-    if not lines or not uri:
+    if not uri or not run_file.exists():
         return
-    run_id, owner = lines[-1]
-    try:
-        release(storeguard.client(uri), run_id, owner)
-    except Exception as err:  # noqa: BLE001 - the lease then goes stale on its own
-        log.warning(f"could not release the lease on run {run_id}: {err}")
+    for line in run_file.read_text().splitlines():
+        run_id, _, owner = line.partition(" ")
+        try:
+            release(storeguard.client(uri), run_id, owner)
+        except Exception as err:  # noqa: BLE001 - the lease then goes stale on its own
+            log.warning(f"could not release the lease on run {run_id}: {err}")
