@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from omegaconf import DictConfig
-
 from pnn.io import storeguard, tracking
 
 TAG_DETACHED = "pnn.detached"
 
 
-def end_detached(outcomes: list[dict[str, Any]], cfg: DictConfig) -> list:
+def end_detached(outcomes: list[dict[str, Any]]) -> list:
     """Print the submitted jobs and where to follow them; end the parent run FINISHED."""
     from pnn.analysis import ui
 

@@ -184,7 +184,7 @@ class PNNSweeper(Sweeper):
         if not signame and outcomes and all(o["status"] == "submitted" for o in outcomes):
             from pnn.sweep.detach import end_detached
 
-            return end_detached(outcomes, configs[0])
+            return end_detached(outcomes)
         failed = print_summary(outcomes, time.monotonic() - tic)
         ui.close_sweep_view()  # kept, or removed if no job ever ran
         if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
