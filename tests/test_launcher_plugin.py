@@ -188,6 +188,18 @@ def test_pnn_parts_apply_to_the_jobs_of_pnn_sweeps_only(overrides: list[str], pn
             ret.return_value  # noqa: B018 - reading it raises, as Hydra's sweepers do
 
 
+def test_jobs_run_under_a_tmpdir_too_long_for_a_socket(tmp_path: Path) -> None:
+    """multiprocessing puts the forkserver's socket in the temp folder, and a socket path has at
+    most 107 bytes: under a long TMPDIR (a cluster job's, say) no job could start."""
+    tmpdir = tmp_path / ("t" * 90)
+    tmpdir.mkdir()
+    app = write_app(tmp_path, "hydra.launcher.cpu_workers=1", "x=1,2")
+    app["env"]["TMPDIR"] = str(tmpdir)
+    proc = subprocess.run(**app, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [j["x"] for j in records_of(tmp_path)] == [1, 2]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "workers, slot_key, slot_values",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import reprlib
 import signal
@@ -262,11 +263,23 @@ JOB_PRELOAD = [
 ]
 
 
+# The forkserver listens on a socket in multiprocessing's temp folder, and a socket's path has at
+# most 107 bytes: under a longer TMPDIR than this (a cluster job's, say) every job would fail.
+# Python 3.13 falls back to /tmp by itself; 3.10 to 3.12 do not.
+LONGEST_TMPDIR = 60
+
+
 def job_context(pnn_jobs: bool) -> Any:
     """The stdlib forkserver context the job processes start from. Its server ignores SIGTERM and
     dies with this process (:mod:`pnn.sweep.forkserver_preload`); for pnn-sweep's jobs it has
     imported :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
     context = multiprocessing.get_context("forkserver")
+    if len(tempfile.gettempdir()) > LONGEST_TMPDIR:
+        saved, tempfile.tempdir = tempfile.tempdir, "/tmp"
+        try:
+            multiprocessing.util.get_temp_dir()  # made once per process, then reused
+        finally:
+            tempfile.tempdir = saved
     preload = ["pnn.sweep.forkserver_preload", *(JOB_PRELOAD if pnn_jobs else [])]
     context.set_forkserver_preload(preload)
     return context
