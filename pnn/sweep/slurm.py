@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -91,6 +90,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        from unittest import mock  # here, not at import: Hydra imports plugins in every app
+
         import submitit
 
         self._states, self._polled = {}, 0.0  # each launch (batch) polls squeue afresh
