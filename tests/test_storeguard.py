@@ -196,6 +196,16 @@ def test_the_server_check_sends_mlflows_credentials_and_names_a_refusal(
     assert needle in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_server_error_is_not_taken_for_a_server_that_is_not_mlflows() -> None:
+    """An MLflow server's own failure (HTTP 500) mid-sweep is told as it is, not as a wrong URI."""
+    from mlflow.exceptions import MlflowException
+
+    uri = "http://127.0.0.1:5000"
+    text = "API request to endpoint /api/2.0/mlflow/runs/get failed with error code 500 != 200"
+    problem = str(storeguard.explain(uri, MlflowException(text)))
+    assert "error code 500" in problem and "does not answer as" not in problem, problem
+
+
 def test_a_server_that_does_not_answer_fails_within_the_timeout() -> None:
     with socket.socket() as silent:  # accepts connections (the backlog), never answers
         silent.bind(("127.0.0.1", 0))

@@ -222,7 +222,7 @@ _KNOWN = (
     (("error code 401", "error code 403", "unauthenticated", "permission_denied"),
      "the server refused access",
      "Set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and _PASSWORD"),
-    (("failed with error code", "not in a valid json format"),
+    (("error code 404", "not in a valid json format"),
      "the server does not answer as an MLflow tracking server", "Check tracking.uri"),
 )  # fmt: skip
 
