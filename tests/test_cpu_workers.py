@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pnn.config import ConfigError
 from pnn.sweep.launcher import GpuPoolLauncher
-from pnn.sweep.outcomes import killed_return
+from pnn.sweep.outcomes import outcome_return
 from pnn.sweep.slots import auto_cpu_workers, check_launcher_keys, make_slots
 
 pytestmark = pytest.mark.skipif(
@@ -75,7 +75,7 @@ class _Recording(GpuPoolLauncher):
         return proc
 
     def _collect(self, proc, jobs, workdir):  # noqa: ANN001, ANN202 - the parent's
-        return [killed_return(overrides, "recorded only") for overrides, _ in jobs]
+        return [outcome_return(overrides, "killed", "recorded only") for overrides, _ in jobs]
 
 
 @pytest.mark.parametrize(

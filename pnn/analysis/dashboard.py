@@ -53,9 +53,7 @@ def publish(experiment_name: str, sweep_dir: Path) -> None:
         except Exception as tag_err:  # the store itself may be what failed
             log.warning(f"[sweep] could not tag the parent run either: {tag_err}")
     try:
-        experiment_id = tracking.retry(lambda: client.get_run(parent)).info.experiment_id
-        links = ui.how_to_open(uri, experiment_id, parent, ui.sweep_view_key())
-        print(f"[sweep] compare the runs in the MLflow UI:\n{links}", flush=True)
+        print(f"[sweep] compare the runs in the MLflow UI:\n{ui.sweep_links()}", flush=True)
     except Exception as err:  # a link is a convenience
         log.warning(f"[sweep] could not look up the parent run for the UI link: {err}")
 

@@ -92,6 +92,15 @@ def how_to_open(
     return "\n".join(lines)
 
 
+def sweep_links() -> str:
+    """:func:`how_to_open` for this process's sweep, whose parent run is in the environment."""
+    uri, parent = os.environ[tracking.ENV_URI], os.environ[tracking.ENV_PARENT]
+    experiment_id = tracking.retry(
+        lambda: storeguard.client(uri).get_run(parent)
+    ).info.experiment_id
+    return how_to_open(uri, experiment_id, parent, sweep_view_key())
+
+
 # --------------------------------------------------------------------------------------------
 # A sweep's saved view: written when it starts, kept or removed when it ends
 # --------------------------------------------------------------------------------------------

@@ -10,13 +10,15 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from pnn.config import ConfigError, validate
 from pnn.sweep import interrupt
-from pnn.sweep.job_identity import Job
+
+if TYPE_CHECKING:
+    from pnn.sweep.lease import Job
 
 log = logging.getLogger("pnn")
 
@@ -123,7 +125,7 @@ def locate(cfg: DictConfig, name: str) -> Job:
     ckpt_root = Path(cfg.train.checkpoint_dir)
     ckpt_root = ckpt_root if ckpt_root.is_absolute() else root / ckpt_root
     owner = lease.owner_id(os.urandom(4).hex())
-    return Job(
+    return lease.Job(
         cfg, name, client, experiment_id, chash, ckpt_root, ckpt_root / f"{name}-{chash}", owner
     )
 

@@ -303,27 +303,11 @@ def job_process(payload: str, result: str, env: dict[str, str], cwd: str, pnn_jo
 def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
     """Mark KILLED the runs a dead job process had leased (listed in ``run_ids``), unless another
     process has adopted them since; the ids of those marked."""
-    from pnn.io.tracking import ENV_URI
+    from pnn.sweep.lease import end_leases, mark_killed
 
-    if not run_ids.exists() or not os.environ.get(ENV_URI):
-        return []
-
-    from pnn.io import storeguard
-    from pnn.sweep.lease import mark_killed
-
-    try:
-        client = storeguard.client(os.environ[ENV_URI])
-    except storeguard.StoreError as err:
-        log.warning(f"[sweep] could not mark the dead job's runs KILLED: {err}")
-        return []
-    marked = []
-    for line in run_ids.read_text().splitlines():
-        run_id, _, owner = line.partition(" ")
-        try:
-            if mark_killed(client, run_id, reason, owner=owner or None):
-                marked.append(run_id)
-        except Exception as err:  # noqa: BLE001 - the store may be what failed
-            log.warning(f"[sweep] could not mark run {run_id} KILLED: {err}")
+    marked = end_leases(
+        run_ids, lambda client, run_id, owner: mark_killed(client, run_id, reason, owner)
+    )
     run_ids.unlink(missing_ok=True)
     return marked
 

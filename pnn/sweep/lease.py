@@ -15,15 +15,46 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pnn.io import storeguard, tracking
 from pnn.io.liveness import HEARTBEAT_S, TAG_HEARTBEAT, TAG_OWNER, lease_status
-from pnn.sweep.job_identity import Job
 
 log = logging.getLogger("pnn")
+
+
+@dataclass
+class Job:
+    """One job's identity and where its things live: its store, its hash, its checkpoint."""
+
+    cfg: DictConfig
+    name: str
+    client: Any
+    experiment_id: str
+    chash: str
+    ckpt_root: Path  # train.checkpoint_dir: nothing outside it is ever removed
+    ckpt_dir: Path
+    owner: str  # this job's lease on its run
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    def skip(self, reason: str) -> dict[str, Any]:
+        log.info(f"[{self.name}] skipped: {reason}")
+        return self.outcome("skipped", reason)
+
+    def outcome(self, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        """What the job reports to the sweeper (:mod:`pnn.sweep.outcomes`)."""
+        out: dict[str, Any] = {"status": status, "name": self.name}
+        if reason is not None:
+            out["reason"] = reason
+        return {**out, **extra}
 
 
 _TOKEN = os.urandom(4).hex()
@@ -132,9 +163,30 @@ def open_run(job: Job, open_runs: list[Any]) -> tuple[str, dict[str, Any] | None
     ckpt_run = (state or {}).get("extra_state", {}).get("mlflow_run_id")
     mine = [r for r in open_runs if r.info.run_id == ckpt_run]
     target = (mine or open_runs or [None])[-1]
+    done = len((state or {}).get("history", []))
     if target is None:
-        return _new_run(job, state, ckpt_run)
-    return _adopt_run(job, target, state, ckpt_run)
+        run_id = _create_run(job)
+        first = first_live_run(job.client, job.experiment_id, job.chash)
+        if first is not None and first.info.run_id != run_id:  # two created at once: oldest wins
+            tracking.retry(lambda: job.client.delete_run(run_id))
+            return job.skip(f"running elsewhere as run {first.info.run_id} (leased first)")
+        fresh = f"new MLflow run {run_id}"
+        resumed = (
+            f"{fresh} continues from checkpoint {job.ckpt_path} after epoch {done} (its run "
+            f"{ckpt_run} is not open in this store); epochs 1-{done} logged from the checkpoint's "
+            "history"
+        )
+    else:
+        run_id, was = target.info.run_id, target.info.status
+        if not adopt_job_run(job.client, target, job.owner):
+            return job.skip(f"running elsewhere as run {run_id} (leased at the same moment)")
+        fresh = f"adopting MLflow run {run_id} ({was}, no checkpoint): from epoch 1"
+        source = "" if ckpt_run == run_id else f" (the checkpoint was written for run {ckpt_run})"
+        resumed = f"resuming MLflow run {run_id} ({was}) after epoch {done}{source}"
+    if state is not None:
+        _log_missing_epochs(job.client, run_id, state["history"])
+    log.info(f"[{job.name}] {resumed if state is not None else fresh}")
+    return run_id, state
 
 
 def _usable_checkpoint(job: Job) -> dict[str, Any] | None:
@@ -156,51 +208,30 @@ def _usable_checkpoint(job: Job) -> dict[str, Any] | None:
         return None
 
 
-def _new_run(
-    job: Job, state: dict[str, Any] | None, ckpt_run: str | None
-) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
-    run_id = _create_run(job)
-    first = first_live_run(job.client, job.experiment_id, job.chash)
-    if first is not None and first.info.run_id != run_id:  # two created at once: oldest wins
-        tracking.retry(lambda: job.client.delete_run(run_id))
-        return job.skip(f"running elsewhere as run {first.info.run_id} (leased first)")
-    if state is None:
-        log.info(f"[{job.name}] new MLflow run {run_id}")
-        return run_id, None
-    history = state["history"]
-    _log_missing_epochs(job.client, run_id, history)
-    log.info(
-        f"[{job.name}] new MLflow run {run_id} continues from checkpoint {job.ckpt_path} after "
-        f"epoch {len(history)} (its run {ckpt_run} is not open in this store); epochs "
-        f"1-{len(history)} logged from the checkpoint's history"
-    )
-    return run_id, state
-
-
-def _adopt_run(
-    job: Job, run: Any, state: dict[str, Any] | None, ckpt_run: str | None
-) -> tuple[str, dict[str, Any] | None] | dict[str, Any]:
-    run_id, was = run.info.run_id, run.info.status
-    if not adopt_job_run(job.client, run, job.owner):
-        return job.skip(f"running elsewhere as run {run_id} (leased at the same moment)")
-    if state is None:
-        log.info(f"[{job.name}] adopting MLflow run {run_id} ({was}, no checkpoint): from epoch 1")
-        return run_id, None
-    history = state["history"]
-    _log_missing_epochs(job.client, run_id, history)
-    source = "" if ckpt_run == run_id else f" (the checkpoint was written for run {ckpt_run})"
-    log.info(
-        f"[{job.name}] resuming MLflow run {run_id} ({was}) after epoch {len(history)}{source}"
-    )
-    return run_id, state
-
-
 def report_run_id(run_id: str, owner: str) -> None:
-    """Tell the launcher which run this process trains, to mark it KILLED if the process dies."""
+    """List the run in this job process's run file, for whoever outlives the process to end it
+    (:func:`end_leases`): the launcher if the process dies, SLURM's job before a requeue."""
     path = os.environ.get(tracking.ENV_RUN_ID_FILE)
     if path:
         with open(path, "a") as file:
             file.write(f"{run_id} {owner}\n")
+
+
+def end_leases(run_file: Path, end: Callable[[Any, str, str], bool]) -> list[str]:
+    """``end(client, run id, owner)`` for each run listed in ``run_file``; the ids it returned
+    True for. An error is logged, not raised: the store may be what failed."""
+    uri = os.environ.get(tracking.ENV_URI)
+    if not uri or not run_file.exists():
+        return []
+    ended = []
+    for line in run_file.read_text().splitlines():
+        run_id, _, owner = line.partition(" ")
+        try:
+            if end(storeguard.client(uri), run_id, owner):
+                ended.append(run_id)
+        except Exception as err:  # noqa: BLE001
+            log.warning(f"[sweep] could not end the lease on run {run_id}: {err}")
+    return ended
 
 
 def _create_run(job: Job) -> str:
@@ -217,9 +248,10 @@ def _create_run(job: Job) -> str:
         job.client, job.experiment_id, cfg, job.chash, overrides, lease_tags(job.owner)
     )
     tracking.log_metrics(job.client, run_id, {k: float(v) for k, v in counts.items()}, step=0)
-    _log_text(job.client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    config = OmegaConf.to_yaml(cfg, resolve=True)
+    tracking.retry(lambda: job.client.log_text(run_id, config, "config.yaml"))
     summary = f"{model}\n\n{json.dumps(counts, indent=2)}\n"
-    _log_text(job.client, run_id, summary, "model_summary.txt")
+    tracking.retry(lambda: job.client.log_text(run_id, summary, "model_summary.txt"))
     return run_id
 
 
@@ -247,10 +279,6 @@ def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]
         missing = {k: metrics[k] for k in tracking.EPOCH_METRICS if epoch not in logged[k]}
         if missing:
             tracking.log_metrics(client, run_id, missing, step=epoch)
-
-
-def _log_text(client: Any, run_id: str, text: str, filename: str) -> None:
-    tracking.retry(lambda: client.log_text(run_id, text, filename))
 
 
 def release(client: Any, run_id: str, owner: str) -> bool:

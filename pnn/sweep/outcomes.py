@@ -35,18 +35,18 @@ def failed_return(overrides: list[str], error: BaseException) -> JobReturn:
     return ret
 
 
-def killed_return(overrides: list[str], reason: str) -> JobReturn:
-    """What a pnn-sweep job that a signal stopped (or kept from starting) reports."""
+def outcome_return(overrides: list[str], status: str, reason: str, **extra: Any) -> JobReturn:
+    """A pnn-sweep job's outcome as the JobReturn its job would have reported."""
     ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
     name = " ".join(filter_overrides(overrides))
-    ret._return_value = {"status": "killed", "name": name, "reason": reason}
+    ret._return_value = {"status": status, "name": name, "reason": reason, **extra}
     return ret
 
 
 def stopped_return(overrides: list[str], reason: str, pnn_jobs: bool) -> JobReturn:
     """A job stopped by a signal: KILLED for pnn-sweep's sweeper, else FAILED, as Hydra expects."""
     if pnn_jobs:
-        return killed_return(overrides, reason)
+        return outcome_return(overrides, "killed", reason)
     return failed_return(overrides, JobInterrupted(f"job interrupted ({reason})"))
 
 

@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import OmegaConf
 
 from pnn.sweep import interrupt
-from pnn.sweep.outcomes import failed_return, is_pnn_sweep, stopped_return
+from pnn.sweep.outcomes import failed_return, is_pnn_sweep, outcome_return, stopped_return
 
 log = logging.getLogger(__name__)
 
@@ -182,41 +182,20 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         reason += "; rerun the same command to resume it"
         marked = mark_runs_killed(job.paths.folder / RUN_FILE, reason)
         reason += "".join(f"; run {r} marked KILLED" for r in marked)
-        ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
-        ret._return_value = {
-            "status": "lost",
-            "name": " ".join(filter_overrides(overrides)),
-            "reason": reason,
-        }
-        return ret
+        return outcome_return(overrides, "lost", reason)
 
 
 def _submitted(job: Any) -> JobReturn:
     """``sweep.detach=true``: the job is reported as submitted, not waited for."""
     overrides = list(job.submission().args[0])
-    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
-    ret._return_value = {
-        "status": "submitted",
-        "name": " ".join(filter_overrides(overrides)),
-        "reason": f"SLURM job {job.job_id}",
-        "slurm_job_id": job.job_id,
-    }
-    return ret
+    return outcome_return(
+        overrides, "submitted", f"SLURM job {job.job_id}", slurm_job_id=job.job_id
+    )
 
 
 def release_leases(run_file: Path) -> None:
-    """Release the job's leases on the runs in ``run_file`` (each line ``<run id> <owner>``;
-    those of earlier incarnations are no longer held and stay as they are)."""
-    from pnn.io import storeguard
-    from pnn.io.tracking import ENV_URI
-    from pnn.sweep.lease import release
+    """Release the job's leases on the runs in ``run_file`` (those of earlier incarnations are no
+    longer held and stay as they are)."""
+    from pnn.sweep.lease import end_leases, release
 
-    uri = os.environ.get(ENV_URI)
-    if not uri or not run_file.exists():
-        return
-    for line in run_file.read_text().splitlines():
-        run_id, _, owner = line.partition(" ")
-        try:
-            release(storeguard.client(uri), run_id, owner)
-        except Exception as err:  # noqa: BLE001 - the lease then goes stale on its own
-            log.warning(f"could not release the lease on run {run_id}: {err}")
+    end_leases(run_file, release)

@@ -84,17 +84,16 @@ def _last_beat(run: Any) -> str:
         return ""
 
 
-def end_sweep(status: str, signal_name: str | None = None) -> str | None:
-    """End the parent run with ``status`` (tagged with the signal, if one ended the sweep); a
-    one-line error instead of raising when the store cannot be written. Each job ends its own run
+def end_sweep(status: str, tags: dict[str, str]) -> str | None:
+    """End the parent run with ``status`` and ``tags``; a one-line error instead of raising when
+    the store cannot be written. Each job ends its own run
     (:mod:`pnn.sweep.job`), and the launcher those of a job process that died."""
     run_id, uri = os.environ.get(tracking.ENV_PARENT), os.environ.get(tracking.ENV_URI)
     if not (run_id and uri):
         return None
     try:
         client = storeguard.client(uri)
-        if signal_name:
-            tracking.set_tags(client, run_id, {"pnn.killed_by": signal_name})
+        tracking.set_tags(client, run_id, tags)
         tracking.retry(lambda: client.set_terminated(run_id, status))
     except Exception as err:
         problem = storeguard.as_store_error(uri, err)

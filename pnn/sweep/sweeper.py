@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -182,9 +183,7 @@ class PNNSweeper(Sweeper):
                 reason = f"not started: the sweep got {signame}" if signame else crash
                 outcomes.append({"status": status, "name": " ".join(overrides), "reason": reason})
         if not signame and outcomes and all(o["status"] == "submitted" for o in outcomes):
-            from pnn.sweep.detach import end_detached
-
-            return end_detached(outcomes)
+            return self._detached(outcomes)
         failed = print_summary(outcomes, time.monotonic() - tic)
         ui.close_sweep_view()  # kept, or removed if no job ever ran
         if not signame:  # a signalled sweep ends at once; `analyze.py --sweep` can follow
@@ -193,7 +192,7 @@ class PNNSweeper(Sweeper):
         # job's own error fails the parent run. Each still makes the exit status 1.
         errors = sum(o["status"] not in ("finished", "skipped", "killed", "lost") for o in outcomes)
         status = "KILLED" if signame else "FAILED" if errors else "FINISHED"
-        problem = sweep_run.end_sweep(status, signame)
+        problem = sweep_run.end_sweep(status, {"pnn.killed_by": signame} if signame else {})
         if problem:
             print(f"[sweep] {problem}", file=sys.stderr, flush=True)
         if signame:
@@ -201,6 +200,27 @@ class PNNSweeper(Sweeper):
         if failed or problem:
             raise SystemExit(1)
         return [returns]
+
+    def _detached(self, outcomes: list[dict[str, Any]]) -> Any:
+        """``sweep.detach=true``: SLURM has the jobs, which log to MLflow on their own (the
+        parent run's id goes with them), so the parent run ends FINISHED now, never left RUNNING
+        for a sweep process that is gone."""
+        from pnn.analysis import ui
+        from pnn.io.tracking import ENV_PARENT
+        from pnn.sweep import sweep_run
+
+        ids = " ".join(o["slurm_job_id"] for o in outcomes)
+        problem = sweep_run.end_sweep("FINISHED", {"pnn.detached": ids})
+        print(f"[sweep] detached: {len(outcomes)} job(s) submitted to SLURM: {ids}")
+        for outcome in outcomes:
+            print(f"  {outcome['slurm_job_id']}  {outcome['name']}")
+        print("[sweep] squeue --me shows them; rerun the same command to resume any that fail")
+        if problem:
+            raise SystemExit(f"[sweep] {problem}")
+        print(f"[sweep] the jobs log to MLflow as they run:\n{ui.sweep_links()}")
+        parent = os.environ[ENV_PARENT]
+        print(f"[sweep] once they are done: python analyze.py --sweep {parent}", flush=True)
+        return []
 
     def _launcher(self) -> Any:
         from hydra.core.plugins import Plugins
