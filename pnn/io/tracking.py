@@ -237,9 +237,7 @@ def create_job_run(
     run = retry(lambda: client.create_run(experiment_id, tags=tags, run_name=name))
     run_id = run.info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        chunk = params[start : start + 100]
-        retry(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
+    retry(lambda: client.log_batch(run_id, params=params))  # MLflow sends them 100 at a time
     log_run_context(client, run_id, cfg)
     return run_id
 

@@ -4,7 +4,7 @@ The handler only records the first signal (:func:`received`); nothing is raised 
 lands in (an MLflow or SQLAlchemy call, say). The engine checks the flag at each step, the job
 between its store calls and the launcher before it starts a job; the run is marked KILLED and
 the process exits with 128 + the signal. In the sweep the first signal is forwarded to the job
-processes (:func:`register`) and a second kills them, or ends the sweep if none runs. A job
+processes (:data:`job_pids`) and a second kills them, or ends the sweep if none runs. A job
 process ignores later signals: a Ctrl-C reaches it from the terminal and from the sweep."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-_state: dict = {"signum": None, "role": "sweep", "pids": set()}
+_state: dict = {"signum": None, "role": "sweep"}
+job_pids: set[int] = set()  # the sweep's running job processes: signals are forwarded to them
 
 
 def received() -> int | None:
@@ -28,22 +29,13 @@ def signal_name() -> str | None:
     return None if signum is None else signal.Signals(signum).name
 
 
-def register(pid: int) -> None:
-    """Forward signals to job process ``pid`` until :func:`unregister`."""
-    _state["pids"].add(pid)
-
-
-def unregister(pid: int) -> None:
-    _state["pids"].discard(pid)
-
-
 def _handler(signum: int, frame: object) -> None:
     first = _state["signum"] is None
     if first:
         _state["signum"] = signum
     elif _state["role"] == "job":
         return
-    pids = list(_state["pids"])
+    pids = list(job_pids)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum if first else signal.SIGKILL)
@@ -54,6 +46,7 @@ def _handler(signum: int, frame: object) -> None:
 
 def install(role: str = "sweep") -> None:
     """Record SIGTERM and SIGINT in this process from now on."""
-    _state.update(signum=None, role=role, pids=set())
+    _state.update(signum=None, role=role)
+    job_pids.clear()
     for sig in SIGNALS:
         signal.signal(sig, _handler)

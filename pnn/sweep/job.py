@@ -133,24 +133,32 @@ def locate(cfg: DictConfig, name: str) -> Job:
 def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
     """Train in ``run_id``; mark it FINISHED, FAILED or KILLED (``tracking.mark_run`` never raises
     a store error: the store may be what failed)."""
-    from pnn.io import run_context, storeguard
+    from pnn.io import run_context, storeguard, tracking
     from pnn.train.engine import NonFiniteLossError, TrainingStopped
 
     monitor = run_context.start_system_metrics(job.cfg, job.client.tracking_uri, run_id)
     try:
         result = _train(job, run_id, state)
     except TrainingStopped:  # SIGTERM or SIGINT (pnn.sweep.interrupt); the run opened meanwhile
-        return _mark_killed(job, run_id)
+        result, signal_name = None, interrupt.signal_name() or "SIGINT"
+        status, reason, tags = "KILLED", f"by {signal_name}", {"pnn.killed_by": signal_name}
+        log.info(f"[{job.name}] stopped by {signal_name}: run {run_id} marked KILLED")
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
         if isinstance(err, NonFiniteLossError):
             reason = str(err)
         else:  # a store error in one line, not MLflow's pages of SQL
             problem = storeguard.as_store_error(job.client.tracking_uri, err)
             reason = str(problem) if problem else f"{type(err).__name__}: {err}"
-        return _mark_failed(job, run_id, reason)
+        result, status, tags = None, "FAILED", {"pnn.failure": reason[:5000]}
+        log.error(f"[{job.name}] FAILED: {reason}")
     finally:
         run_context.stop_system_metrics(monitor)
-    return _finish(job, run_id, result)  # trained: a signal now leaves the run FINISHED
+    if result is not None:
+        return _finish(job, run_id, result)  # trained: a signal now leaves the run FINISHED
+    problem = tracking.mark_run(job.client, run_id, status, tags)
+    if problem:
+        log.warning(f"[{job.name}] {problem}")
+    return job.outcome(status.lower(), reason, run_id=run_id)
 
 
 def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
@@ -190,28 +198,6 @@ def _train(job: Job, run_id: str, state: dict[str, Any] | None) -> Any:
         progress=show_progress(cfg),
         should_stop=lambda: interrupt.received() is not None,
     )
-
-
-def _end_run(job: Job, run_id: str, status: str, tags: dict[str, str]) -> None:
-    """Mark the run ``status`` with ``tags``; a store error is logged, never raised."""
-    from pnn.io import tracking
-
-    problem = tracking.mark_run(job.client, run_id, status, tags)
-    if problem:
-        log.warning(f"[{job.name}] {problem}")
-
-
-def _mark_killed(job: Job, run_id: str) -> dict[str, Any]:
-    signal_name = interrupt.signal_name() or "SIGINT"
-    _end_run(job, run_id, "KILLED", {"pnn.killed_by": signal_name})
-    log.info(f"[{job.name}] stopped by {signal_name}: run {run_id} marked KILLED")
-    return job.outcome("killed", f"by {signal_name}", run_id=run_id)
-
-
-def _mark_failed(job: Job, run_id: str, reason: str) -> dict[str, Any]:
-    _end_run(job, run_id, "FAILED", {"pnn.failure": reason[:5000]})
-    log.error(f"[{job.name}] FAILED: {reason}")
-    return job.outcome("failed", reason, run_id=run_id)
 
 
 def _finish(job: Job, run_id: str, result: Any) -> dict[str, Any]:

@@ -121,14 +121,16 @@ class GpuPoolLauncher(Launcher):
                 for sentinel in wait(list(running)):
                     proc, group, jobs, slot = running.pop(sentinel)
                     proc.join()
-                    interrupt.unregister(proc.pid)
+                    interrupt.job_pids.discard(proc.pid)
                     self._report(group, self._collect(proc, jobs, workdir), jobs, results)
                     free.append(slot)
         signame = interrupt.signal_name()
         return [
             r
             if r is not None
-            else self._stopped(list(job_overrides[i]), f"not started: the sweep got {signame}")
+            else stopped_return(
+                list(job_overrides[i]), f"not started: the sweep got {signame}", self.pnn_jobs
+            )
             for i, r in enumerate(results)
         ]
 
@@ -171,9 +173,6 @@ class GpuPoolLauncher(Launcher):
             return f"FAILED ({type(value).__name__}: {value})"
         return f"completed, returned {reprlib.repr(value)}"
 
-    def _stopped(self, overrides: list[str], reason: str) -> JobReturn:
-        return stopped_return(overrides, reason, pnn_jobs=self.pnn_jobs)
-
     def _start(
         self, context: Any, jobs: list[tuple[list[str], int]], slot: dict, workdir: Path
     ) -> Any:
@@ -212,7 +211,7 @@ class GpuPoolLauncher(Launcher):
         )
         proc = context.Process(target=job_process, args=args, name=f"job{idx}", daemon=False)
         proc.start()
-        interrupt.register(proc.pid)
+        interrupt.job_pids.add(proc.pid)
         return proc
 
     def _collect(
@@ -226,7 +225,9 @@ class GpuPoolLauncher(Launcher):
             if interrupt.received():  # a job stopped by the forwarded signal before it reported
                 why = f"by {interrupt.signal_name()}"
                 rets = [
-                    self._stopped(r.overrides, why) if r.status == JobStatus.FAILED else r
+                    stopped_return(r.overrides, why, self.pnn_jobs)
+                    if r.status == JobStatus.FAILED
+                    else r
                     for r in rets
                 ]
             return rets
@@ -238,7 +239,7 @@ class GpuPoolLauncher(Launcher):
             why = f"by {signal.Signals(STOPPED_BY[proc.exitcode]).name}"
             if self.pnn_jobs:
                 why += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, why))
-            return [self._stopped(o, why) for o, _ in jobs]
+            return [stopped_return(o, why, self.pnn_jobs) for o, _ in jobs]
         reason = f"job process exited with code {code} before reporting (killed, or out of memory?)"
         if self.pnn_jobs:
             reason += "; rerun the same command to resume it"

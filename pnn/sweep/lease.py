@@ -69,13 +69,6 @@ def lease_tags(owner: str) -> dict[str, str]:
     return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time():.0f}"}
 
 
-def first_live_run(client: Any, experiment_id: str, chash: str) -> Any | None:
-    """The oldest live run of a job: of two processes that created one at once, its owner trains."""
-    runs = tracking.find_job_runs(client, experiment_id, chash)
-    live = [r for r in runs if r.info.status == "RUNNING" and lease_status(r)[0]]
-    return live[0] if live else None
-
-
 def adopt_job_run(client: Any, run: Any, owner: str) -> bool:
     """Lease an open run for ``owner`` and add this sweep to its TAG_SWEEPS; False if another
     process leased it at the same time."""
@@ -166,7 +159,8 @@ def open_run(job: Job, open_runs: list[Any]) -> tuple[str, dict[str, Any] | None
     done = len((state or {}).get("history", []))
     if target is None:
         run_id = _create_run(job)
-        first = first_live_run(job.client, job.experiment_id, job.chash)
+        runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
+        first = next((r for r in runs if r.info.status == "RUNNING" and lease_status(r)[0]), None)
         if first is not None and first.info.run_id != run_id:  # two created at once: oldest wins
             tracking.retry(lambda: job.client.delete_run(run_id))
             return job.skip(f"running elsewhere as run {first.info.run_id} (leased first)")
