@@ -1,10 +1,7 @@
-"""Whether a leased MLflow run is live: the lease's tags and its staleness rule.
-
-A job leases its run (:mod:`pnn.sweep.lease`) and a sweep its parent run
-(:mod:`pnn.sweep.sweep_run`): ``TAG_OWNER`` names the process (``<host>/<pid>/<token>``) and
-``TAG_HEARTBEAT`` holds the time of its last beat, renewed every ``HEARTBEAT_S``. A RUNNING run is
-live while its heartbeat is younger than ``STALE_S``, unless its owner is on this host and gone;
-a stale job run is adopted by a rerun, a stale sweep closed by the next. Nothing here writes."""
+"""Whether a leased MLflow run (a job's, :mod:`pnn.sweep.lease`, or a sweep's parent) is live:
+``TAG_OWNER`` names its process (``<host>/<pid>/<token>``), ``TAG_HEARTBEAT`` holds its last
+beat. A RUNNING run is live while its heartbeat is younger than ``STALE_S``, unless its owner is
+on this host and gone. Nothing here writes."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The tracking store before and during a sweep: there, usable, reachable, and the same one.
-
-:func:`prepare` refuses a store MLflow cannot use and creates a new SQLite store atomically;
-:func:`check_same` keeps jobs writing into their sweep's store only; :func:`as_store_error` says
-what MLflow, SQLAlchemy or SQLite raised in one line. Imports no torch or MLflow at import time."""
+"""The tracking store before and during a sweep: there, usable, reachable and the same one; and
+what MLflow, SQLAlchemy or SQLite raised, in one line. Imports no torch or MLflow at import time."""
 
 from __future__ import annotations
 

@@ -154,8 +154,7 @@ def create_sweep_run(
     n_jobs: int,
     lease: dict[str, str],
 ) -> str:
-    """The sweep's parent run, with its ``lease`` tags; its id, uri and sweep id go into the
-    environment its job processes inherit."""
+    """The sweep's parent run; its id, uri and sweep id go into the environment its jobs inherit."""
     sweep_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
     tags = {"pnn.role": "sweep", "pnn.sweep_id": sweep_id, "pnn.sweep_dir": str(sweep_dir)}
     tags.update(lease)

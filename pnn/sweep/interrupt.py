@@ -1,11 +1,9 @@
-"""SIGTERM and SIGINT as a flag: a sweep ends cleanly, its runs KILLED, never RUNNING.
-
-The handler only records the first signal (:func:`received`); nothing is raised into the code it
-lands in (an MLflow or SQLAlchemy call, say). The engine checks the flag at each step, the job
-between its store calls and the launcher before it starts a job; the run is marked KILLED and
-the process exits with 128 + the signal. In the sweep the first signal is forwarded to the job
-processes (:data:`job_pids`) and a second kills them, or ends the sweep if none runs. A job
-process ignores later signals: a Ctrl-C reaches it from the terminal and from the sweep."""
+"""SIGTERM and SIGINT as a flag: the handler only records the first signal (:func:`received`);
+nothing is raised into the code it lands in (an MLflow or SQLAlchemy call, say). The engine
+checks it at each step, the job between its store calls and the launcher before each start; the
+run ends KILLED and the process exits with 128 + the signal. The sweep forwards the first signal
+to its job processes (:data:`job_pids`); a second kills them, or ends the sweep if none runs. A
+job ignores later signals: a Ctrl-C reaches it from the terminal and from the sweep."""
 
 from __future__ import annotations
 

@@ -131,8 +131,7 @@ def locate(cfg: DictConfig, name: str) -> Job:
 
 
 def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
-    """Train in ``run_id``; mark it FINISHED, FAILED or KILLED (``tracking.mark_run`` never raises
-    a store error: the store may be what failed)."""
+    """Train in ``run_id``, then mark it FINISHED, FAILED or KILLED (a store error is logged)."""
     from pnn.io import run_context, storeguard, tracking
     from pnn.train.engine import NonFiniteLossError, TrainingStopped
 

@@ -1,12 +1,9 @@
 """``hydra/launcher=gpu_pool``: parallel jobs on one machine, one GPU (or CPU worker) slot per job.
 
-Each job runs in a process of the stdlib forkserver (:func:`job_context`), which for pnn-sweep's
-jobs has imported torch and MLflow once; with ``seeds_per_process`` K > 1, K seeds of one config
-share a process (:mod:`pnn.train.packing`). The launching thread waits for every job itself, so
-a signal is seen before another job starts (:mod:`pnn.sweep.interrupt`). A job process that dies
-is a FAILED job, and asks the kernel to end it if the sweep dies. Any Hydra app can use it
-(docs/launchers.md); it imports neither torch nor MLflow, as Hydra imports every plugin.
-"""
+Each job runs in a process of the stdlib forkserver (:func:`job_context`), which has imported
+torch and MLflow once for pnn-sweep's jobs; with ``seeds_per_process`` K seeds of one config
+share a process (:mod:`pnn.train.packing`). A job process that dies is a FAILED job. Any Hydra
+app can use it (docs/launchers.md), so it imports neither torch nor MLflow itself."""
 
 from __future__ import annotations
 
@@ -59,6 +56,8 @@ class GpuPoolLauncher(Launcher):
         seeds_per_process: int = 1,
     ) -> None:
         check_launcher_keys(gpus, jobs_per_gpu, cpu_workers, seeds_per_process)
+        if gpus:
+            check_gpus_visible(gpus)
         self.gpus = list(gpus) if gpus is not None else None
         self.jobs_per_gpu = jobs_per_gpu
         self.cpu_workers = cpu_workers
@@ -82,8 +81,6 @@ class GpuPoolLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         auto = self.cpu_workers == "auto"
         threads = job_threads(self.config, job_overrides) if auto else 1
-        if self.gpus:
-            check_gpus_visible(self.gpus)
         slots = make_slots(self.gpus, self.jobs_per_gpu, self.cpu_workers, threads)
         total = len(job_overrides)
         where = "GPU" if slots[0]["CUDA_VISIBLE_DEVICES"] else "CPU"
@@ -271,9 +268,8 @@ LONGEST_TMPDIR = 60
 
 
 def job_context(pnn_jobs: bool) -> Any:
-    """The stdlib forkserver context the job processes start from. Its server ignores SIGTERM and
-    dies with this process (:mod:`pnn.sweep.forkserver_preload`); for pnn-sweep's jobs it has
-    imported :data:`JOB_PRELOAD` (set before the server's first start in this process)."""
+    """The stdlib forkserver context of the job processes (:mod:`pnn.sweep.forkserver_preload`);
+    for pnn-sweep's jobs its server has imported :data:`JOB_PRELOAD` once."""
     context = multiprocessing.get_context("forkserver")
     if len(tempfile.gettempdir()) > LONGEST_TMPDIR:
         saved, tempfile.tempdir = tempfile.tempdir, "/tmp"
@@ -363,8 +359,7 @@ def _picklable(value: object) -> bool:
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies, so that no orphan keeps
-    training."""
+    """Ask Linux to send ``sig`` to this process when its parent dies: no orphan keeps training."""
     if sys.platform != "linux":
         return
     import ctypes

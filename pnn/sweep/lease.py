@@ -1,10 +1,7 @@
-"""A job's lease on its MLflow run: skip, adopt or create the run, and with which checkpoint.
-
-The lease lives in the tracking store, so it holds across launch directories and machines
-(:mod:`pnn.io.liveness`): a live RUNNING run of the job means "running elsewhere"; a stale,
-KILLED or FAILED one is adopted; else a run is created, and of two created at once the oldest
-wins. A checkpoint is never deleted: it is resumed, or moved aside (unreadable, or
-``sweep.rerun=true``)."""
+"""A job's lease on its MLflow run, held in the tracking store, so across folders and machines:
+a live RUNNING run of the job means "running elsewhere"; a stale, KILLED or FAILED one is
+adopted; else a run is created, and of two created at once the oldest wins. A checkpoint is never
+deleted: it is resumed, or moved aside (unreadable, or ``sweep.rerun=true``)."""
 
 from __future__ import annotations
 
@@ -128,8 +125,7 @@ class Heartbeat:
 
 
 def decide(job: Job) -> tuple[dict[str, Any] | None, list[Any]]:
-    """Skip a job FINISHED here or live elsewhere (the outcome), else None and its open runs, oldest
-    first."""
+    """Skip a job FINISHED here or live elsewhere (the outcome), else None and its open runs."""
     runs = tracking.find_job_runs(job.client, job.experiment_id, job.chash)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished and not job.cfg.sweep.rerun:
@@ -250,8 +246,7 @@ def _create_run(job: Job) -> str:
 
 
 def remove_empty_folder(job: Job) -> None:
-    """Remove the job's checkpoint folder if it is empty, and only inside
-    ``train.checkpoint_dir``."""
+    """Remove the job's checkpoint folder if it is empty (only inside ``train.checkpoint_dir``)."""
     folder = job.ckpt_dir.resolve()
     if folder.parent == job.ckpt_root.resolve():
         with contextlib.suppress(OSError):  # absent, or it holds other files
@@ -276,9 +271,8 @@ def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]
 
 
 def release(client: Any, run_id: str, owner: str) -> bool:
-    """Give up ``owner``'s lease on a RUNNING run without ending it (its job is requeued): the
-    heartbeat tag goes, so that the next job to ask, on any host, adopts the run at once.
-    False if the run is no longer RUNNING under that lease."""
+    """Give up ``owner``'s lease on a RUNNING run without ending it (its job is requeued): without
+    its heartbeat tag, the next job to ask adopts it at once. False if no longer that lease."""
     run = tracking.retry(lambda: client.get_run(run_id))
     if run.info.status != "RUNNING" or run.data.tags.get(TAG_OWNER) != owner:
         return False

@@ -1,16 +1,11 @@
 """``hydra/launcher=slurm``: hydra-submitit-launcher's SLURM launcher, with each job's own end.
 
-The submission is hydra-submitit-launcher's (one array, submitit's pickles and requeue). Around it:
-
-- **in the job**, SIGTERM (``scancel``) reaches our handler, installed after submitit's (which
-  only logs it), so the run ends KILLED within KillWait; before a preemption requeue the job
-  releases its lease (:func:`pnn.sweep.lease.release`) so that the requeued job adopts the run
-  at once; it writes ``<run id> <owner>`` into its submitit folder, for the sweep;
-- **in the sweep**, every job is waited for and reported with its own outcome. A job has ended
-  when ``squeue`` says so (no accounting needed); one without a result is lost, its run marked
-  KILLED for the rerun. Ctrl-C or SIGTERM cancels the jobs; ``sweep.detach=true`` returns once
-  they are submitted. hydra-submitit's ``launch`` submits the jobs but would raise at the first
-  without a result, so the executor it builds hands it none to wait on: they are waited for here.
+hydra-submitit submits the jobs (one array, submitit's pickles and requeue). In the job, SIGTERM
+(``scancel``) reaches our handler, so the run ends KILLED within KillWait; before a preemption
+requeue the job releases its lease, for the requeued job to adopt. The sweep waits for each job
+itself, as ``squeue`` sees it (no accounting needed), since hydra-submitit's ``launch`` would
+raise at the first job without a result. A job that ended without one is lost, its run marked
+KILLED. Ctrl-C or SIGTERM cancels the jobs; ``sweep.detach=true`` returns once they are submitted.
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import OmegaConf
 
+from pnn.config import ConfigError
 from pnn.sweep import interrupt
 from pnn.sweep.outcomes import failed_return, is_pnn_sweep, outcome_return, stopped_return
 
@@ -45,6 +41,12 @@ ACTIVE = frozenset(
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def __init__(self, poll_s: float = 10.0, result_wait_s: float = 15.0, **params: Any) -> None:
+        for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
+            value = params.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(
+                    f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})"
+                )
         super().__init__(**params)
         self.poll_s = float(poll_s)
         self.result_wait_s = float(result_wait_s)
@@ -194,8 +196,7 @@ def _submitted(job: Any) -> JobReturn:
 
 
 def release_leases(run_file: Path) -> None:
-    """Release the job's leases on the runs in ``run_file`` (those of earlier incarnations are no
-    longer held and stay as they are)."""
+    """Release the job's leases on the runs in ``run_file`` (earlier incarnations' are not held)."""
     from pnn.sweep.lease import end_leases, release
 
     end_leases(run_file, release)

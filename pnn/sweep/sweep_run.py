@@ -1,13 +1,10 @@
-"""The sweep's parent run, leased like a job's run (:mod:`pnn.sweep.lease`), so that no sweep stays
-RUNNING for ever: a sweep killed outright leaves a stale lease, and the next sweep on the
-experiment marks its parent KILLED (:func:`close_stale_sweeps`); a live sweep is never touched.
-After a signal, it ends its parent run KILLED (:func:`end_sweep`)."""
+"""The sweep's parent run, leased like a job's (:mod:`pnn.sweep.lease`): a sweep killed outright
+leaves a stale lease, and the next sweep of the experiment marks its parent run KILLED."""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,16 +12,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pnn.io import storeguard, tracking
-from pnn.io.liveness import TAG_HEARTBEAT, TAG_OWNER, lease_status
+from pnn.io.liveness import TAG_OWNER, lease_status
 from pnn.sweep.lease import Heartbeat, lease_tags, mark_killed, owner_id
 
 log = logging.getLogger("pnn")
 
 
 def start_sweep(cfg: DictConfig, sweep_dir: Path, command: str, n_jobs: int) -> Heartbeat:
-    """Check (and create) the store, create the parent run leased by this process, then close the
-    experiment's stale sweeps; the parent's heartbeat, for the sweeper to run. Raises StoreError
-    if the store cannot be used."""
+    """Check (or create) the store, create the parent run leased by this process, close the
+    experiment's stale sweeps; the parent's heartbeat. StoreError if the store cannot be used."""
     uri = tracking.resolve_uri(cfg, Path.cwd())
     storeguard.prepare(uri)
     storeguard.pin(uri)  # from here on, this is the store (and not one this process inherited)
@@ -59,10 +55,8 @@ def close_stale_sweeps(client: Any, experiment_id: str, closer: str) -> list[str
         live, why = lease_status(run)
         if live:
             continue
-        reason = (
-            f"stale sweep: {why}{_last_beat(run)}; marked KILLED at {_stamp(time.time())} "
-            f"by sweep {closer}"
-        )
+        now = datetime.now().astimezone().isoformat(timespec="seconds")
+        reason = f"stale sweep: {why}; marked KILLED at {now} by sweep {closer}"
         # Only under the same lease: never a sweep that came back.
         if mark_killed(client, run.info.run_id, reason, owner=run.data.tags.get(TAG_OWNER)):
             closed.append(run.info.run_id)
@@ -73,21 +67,9 @@ def close_stale_sweeps(client: Any, experiment_id: str, closer: str) -> list[str
     return closed
 
 
-def _stamp(unix: float) -> str:
-    return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds")
-
-
-def _last_beat(run: Any) -> str:
-    try:
-        return f" (last heartbeat {_stamp(float(run.data.tags[TAG_HEARTBEAT]))})"
-    except (KeyError, ValueError):
-        return ""
-
-
 def end_sweep(status: str, tags: dict[str, str]) -> str | None:
     """End the parent run with ``status`` and ``tags``; a one-line error instead of raising when
-    the store cannot be written. Each job ends its own run
-    (:mod:`pnn.sweep.job`), and the launcher those of a job process that died."""
+    the store cannot be written. Each job ends its own run."""
     run_id, uri = os.environ.get(tracking.ENV_PARENT), os.environ.get(tracking.ENV_URI)
     if not (run_id and uri):
         return None

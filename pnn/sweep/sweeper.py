@@ -1,9 +1,6 @@
-"""The sweeper behind every ``sweep.py``: Hydra's basic sweeper (same grid, same job numbers) plus
-checks of every job's config, launcher keys, memory and store before anything runs; dry runs in
-process; one leased MLflow parent run per invocation (:mod:`pnn.sweep.sweep_run`); a summary of
-the jobs' outcomes and a non-zero exit on failures; signals as in :mod:`pnn.sweep.interrupt`.
-See docs/sweeps.md. ``hydra_plugins.pnn_plugins`` subclasses it, as Hydra finds plugins only there.
-"""
+"""The sweeper behind every ``sweep.py``: Hydra's basic grid, plus checks of every job's config,
+launcher keys, memory and store before anything runs; one leased MLflow parent run per sweep
+(:mod:`pnn.sweep.sweep_run`); a summary, and a non-zero exit on failures (docs/sweeps.md)."""
 
 from __future__ import annotations
 
@@ -17,16 +14,18 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn.config import ConfigError, schema, validate, warnings_for
 from pnn.schema_keys import describe_unknown
 from pnn.sweep import interrupt
+from pnn.sweep.launcher import GpuPoolLauncher
 from pnn.sweep.outcomes import outcome_of
-from pnn.sweep.slots import check_gpus_visible, check_launcher_keys, visible_gpus
+from pnn.sweep.slots import visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +81,19 @@ class PNNSweeper(Sweeper):
 
     def _sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.hydra_context is not None
-        launcher_cfg = self.config.hydra.launcher
         try:
             check_sweeper_keys(self.max_batch_size)
-            gpus_visible = check_launcher_config(launcher_cfg)
-        except ConfigError as err:
-            raise SystemExit(f"error: {err}") from None
+            launcher = self._launcher()  # it checks its own keys
+        except (ConfigError, InstantiationException) as err:
+            cause = err.__cause__ if isinstance(err, InstantiationException) else err
+            if not isinstance(cause, ConfigError):
+                raise
+            raise SystemExit(f"error: {cause}") from None
+        gpus_visible = jobs_see_a_gpu(launcher)
         jobs = self._job_overrides(arguments)
         configs = [self._compose(overrides, idx) for idx, overrides in enumerate(jobs)]
         try:
-            check_detach(configs, launcher_cfg)
+            check_detach(configs, self.config.hydra.launcher)
         except ConfigError as err:
             raise SystemExit(f"error: {err}") from None
 
@@ -143,10 +145,11 @@ class PNNSweeper(Sweeper):
         except StoreError as err:
             raise SystemExit(f"error: {err}") from None
         with heartbeat:  # renewed until the parent run is ended; a signal now ends it KILLED
-            return self._run_jobs(jobs, configs, sweep_dir)
+            return self._run_jobs(launcher, jobs, configs, sweep_dir)
 
     def _run_jobs(
         self,
+        launcher: Any,
         jobs: list[list[str]],
         configs: list[DictConfig],
         sweep_dir: Path,
@@ -159,7 +162,6 @@ class PNNSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         ui.open_sweep_view(jobs, configs)  # the MLflow UI's saved view of this sweep's runs
 
-        launcher = self._launcher()
         log.info(f"[sweep] {len(jobs)} job(s); outputs in {sweep_dir}")
         tic = time.monotonic()
         returns: list[JobReturn] = []
@@ -202,9 +204,8 @@ class PNNSweeper(Sweeper):
         return [returns]
 
     def _detached(self, outcomes: list[dict[str, Any]]) -> Any:
-        """``sweep.detach=true``: SLURM has the jobs, which log to MLflow on their own (the
-        parent run's id goes with them), so the parent run ends FINISHED now, never left RUNNING
-        for a sweep process that is gone."""
+        """``sweep.detach=true``: SLURM has the jobs, which log to MLflow on their own, so the
+        parent run ends FINISHED now, not left RUNNING for a sweep process that is gone."""
         from pnn.analysis import ui
         from pnn.io.tracking import ENV_PARENT
         from pnn.sweep import sweep_run
@@ -252,31 +253,12 @@ def check_sweeper_keys(max_batch_size: object) -> None:
         )
 
 
-def check_launcher_config(launcher: DictConfig) -> bool:
-    """The launcher's keys, before anything runs. Returns whether jobs will see a GPU."""
-    target = str(launcher.get("_target_", ""))
-    if target.endswith("GpuPoolLauncher"):
-        gpus = launcher.get("gpus")
-        gpus = list(gpus) if gpus is not None and not isinstance(gpus, int | str) else gpus
-        check_launcher_keys(
-            gpus,
-            launcher.get("jobs_per_gpu"),
-            launcher.get("cpu_workers"),
-            launcher.get("seeds_per_process", 1),
-        )
-        if gpus is not None:
-            ids = [gpus] if isinstance(gpus, int | str) else gpus
-            check_gpus_visible(ids)
-            return bool(ids)
-        return bool(visible_gpus())
-    if "submitit" in target or target.endswith("SlurmLauncher"):
-        for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
-            value = launcher.get(key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(
-                    f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})"
-                )
-        return bool(launcher.get("gpus_per_task") or launcher.get("gpus_per_node"))
+def jobs_see_a_gpu(launcher: Any) -> bool:
+    """Whether the jobs will see a GPU: the gpu_pool's slots, SLURM's GPUs, else this machine's."""
+    if isinstance(launcher, GpuPoolLauncher) and launcher.gpus is not None:
+        return bool(launcher.gpus)  # null: every visible GPU
+    if isinstance(launcher, BaseSubmititLauncher):  # SLURM's, or submitit's local executor
+        return bool(launcher.params.get("gpus_per_task") or launcher.params.get("gpus_per_node"))
     return bool(visible_gpus())  # the jobs run here
 
 
