@@ -23,12 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from pnn.io import run_context, storeguard
 
 T = TypeVar("T")
-ENV_URI, ENV_PARENT, ENV_SWEEP, ENV_JOBS = (
-    "PNN_TRACKING_URI",
-    "PNN_PARENT_RUN_ID",
-    "PNN_SWEEP_ID",
-    "PNN_SWEEP_JOBS",
-)
+ENV_URI = "PNN_TRACKING_URI"
+ENV_PARENT = "PNN_PARENT_RUN_ID"
+ENV_SWEEP = "PNN_SWEEP_ID"
+ENV_JOBS = "PNN_SWEEP_JOBS"
 # This process, as no other one: pids are reused.
 PROCESS_GROUP = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 EPOCH_METRICS = (
@@ -73,7 +71,7 @@ def _transient(err: BaseException) -> bool:
     return "locked" in text or "busy" in text or "connection refused" in text
 
 
-def retry(fn: Callable[[], T], what: str = "MLflow write", timeout: float = 120.0) -> T:
+def retry(fn: Callable[[], T], timeout: float = 120.0) -> T:
     """Call ``fn`` until the store stops answering 'database is locked' (or ``timeout``), checking
     first each time that the sweep's SQLite file is still its own (``storeguard.check_same``)."""
     retrying = tenacity.Retrying(
@@ -101,10 +99,8 @@ def get_experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     experiment = retry(lambda: client.get_experiment_by_name(name))
     if experiment is not None:
         return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        # Artifacts beside the database, not wherever the process started.
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    path = storeguard.sqlite_path(uri)  # artifacts beside it, not wherever the process started
+    location = (path.parent / "mlartifacts").resolve().as_uri() if path else None
     try:
         return retry(lambda: client.create_experiment(name, artifact_location=location))
     except Exception:  # another process created it first
@@ -241,9 +237,6 @@ def create_job_run(
     return run_id
 
 
-DATASET_ATTEMPTS = 5
-
-
 def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = None) -> None:
     """MLflow's standard tags and, for a job, its datasets as run inputs (the UI's columns)."""
     set_tags(client, run_id, run_context.standard_tags())
@@ -255,7 +248,7 @@ def log_run_context(client: MlflowClient, run_id: str, cfg: DictConfig | None = 
         )
         tenacity.Retrying(
             retry=lost,
-            stop=tenacity.stop_after_attempt(DATASET_ATTEMPTS),
+            stop=tenacity.stop_after_attempt(5),
             wait=tenacity.wait_random(0.05, 0.1),
             reraise=True,
         )(lambda: retry(lambda: client.log_inputs(run_id, datasets=inputs)))

@@ -59,13 +59,9 @@ def show_progress(cfg: DictConfig) -> bool:
     return sys.stderr.isatty() and os.environ.get("PNN_SWEEP_JOBS", "1") == "1"
 
 
-def job_name(cfg: DictConfig) -> str:
-    return f"{cfg.experiment}-seed{cfg.train.seed}"
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One job: check, decide, open its run, train, finish."""
-    name = job_name(cfg)
+    name = f"{cfg.experiment}-seed{cfg.train.seed}"
     try:
         validate(cfg)
     except ConfigError as err:
@@ -124,7 +120,7 @@ def locate(cfg: DictConfig, name: str) -> Job:
     chash = tracking.config_hash(cfg)
     ckpt_root = Path(cfg.train.checkpoint_dir)
     ckpt_root = ckpt_root if ckpt_root.is_absolute() else root / ckpt_root
-    owner = lease.owner_id(os.urandom(4).hex())
+    owner = lease.owner_id()
     return lease.Job(
         cfg, name, client, experiment_id, chash, ckpt_root, ckpt_root / f"{name}-{chash}", owner
     )

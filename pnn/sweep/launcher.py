@@ -261,9 +261,8 @@ JOB_PRELOAD = [
 ]
 
 
-# The forkserver listens on a socket in multiprocessing's temp folder, and a socket's path has at
-# most 107 bytes: under a longer TMPDIR than this (a cluster job's, say) every job would fail.
-# Python 3.13 falls back to /tmp by itself; 3.10 to 3.12 do not.
+# The forkserver's socket is in multiprocessing's temp folder, and a socket's path has at most 107
+# bytes: under a longer TMPDIR (a cluster job's, say) Python < 3.13 would fail every job.
 LONGEST_TMPDIR = 60
 
 

@@ -54,12 +54,9 @@ class Job:
         return {**out, **extra}
 
 
-_TOKEN = os.urandom(4).hex()
-
-
-def owner_id(token: str = _TOKEN) -> str:
+def owner_id() -> str:
     """Who leases a run: this host, this process and a token (several jobs per process)."""
-    return f"{socket.gethostname()}/{os.getpid()}/{token}"
+    return f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}"
 
 
 def lease_tags(owner: str) -> dict[str, str]:

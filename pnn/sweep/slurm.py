@@ -53,10 +53,6 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         self._states: dict[str, str] | None = {}  # job id -> SLURM state; None: squeue failed
         self._polled = 0.0
 
-    # ------------------------------------------------------------------------------------------
-    # In the job
-    # ------------------------------------------------------------------------------------------
-
     def __call__(
         self,
         sweep_overrides: list[str],
@@ -84,10 +80,6 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         inherits SIG_IGN), so the requeue completes and the run stays open for the requeued job."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return super().checkpoint(*args, **kwargs)
-
-    # ------------------------------------------------------------------------------------------
-    # In the sweep
-    # ------------------------------------------------------------------------------------------
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int

@@ -26,6 +26,7 @@ from pnn.sweep import interrupt
 from pnn.sweep.launcher import GpuPoolLauncher
 from pnn.sweep.outcomes import outcome_of
 from pnn.sweep.slots import visible_gpus
+from pnn.sweep.slurm import SlurmLauncher
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,6 @@ class PNNSweeper(Sweeper):
         gpus_visible = jobs_see_a_gpu(launcher)
         jobs = self._job_overrides(arguments)
         configs = [self._compose(overrides, idx) for idx, overrides in enumerate(jobs)]
-        try:
-            check_detach(configs, self.config.hydra.launcher)
-        except ConfigError as err:
-            raise SystemExit(f"error: {err}") from None
 
         from pnn.train.resources import check_fits
 
@@ -107,6 +104,11 @@ class PNNSweeper(Sweeper):
                     raise ConfigError(
                         "train.device=cuda but the jobs run on CPU slots (no GPU visible, or "
                         "hydra.launcher.gpus=[]); use train.device=auto or cpu"
+                    )
+                if cfg.sweep.detach and not cfg.dry_run and not isinstance(launcher, SlurmLauncher):
+                    raise ConfigError(
+                        f"sweep.detach=true needs hydra/launcher=slurm (got "
+                        f"{type(launcher).__name__}): other launchers' jobs end with the sweep"
                     )
                 check_model_builds(cfg)
                 if not cfg.dry_run:
@@ -260,18 +262,6 @@ def jobs_see_a_gpu(launcher: Any) -> bool:
     if isinstance(launcher, BaseSubmititLauncher):  # SLURM's, or submitit's local executor
         return bool(launcher.params.get("gpus_per_task") or launcher.params.get("gpus_per_node"))
     return bool(visible_gpus())  # the jobs run here
-
-
-def check_detach(configs: list[DictConfig], launcher: DictConfig) -> None:
-    """``sweep.detach=true`` needs a launcher that can leave its jobs running: SLURM's."""
-    if any(cfg.sweep.detach for cfg in configs if not cfg.dry_run):
-        target = str(launcher.get("_target_", ""))
-        if not target.endswith("pnn_plugins.SlurmLauncher"):
-            name = target.rsplit(".", 1)[-1]
-            raise ConfigError(
-                f"sweep.detach=true needs hydra/launcher=slurm (got {name}): other launchers' "
-                "jobs end with the sweep"
-            )
 
 
 def check_model_builds(cfg: DictConfig) -> None:
