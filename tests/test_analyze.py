@@ -134,7 +134,7 @@ class FakeSweep:
         from pnn.sweep import sweep_run
 
         os.environ.update(self.env)
-        assert sweep_run.end_sweep("FINISHED") is None
+        assert sweep_run.end_sweep("FINISHED", {}) is None
 
 
 @pytest.fixture(scope="module")
