@@ -100,11 +100,23 @@ def test_a_gpu_slot_needs_a_gpu(tmp_path: Path, args: list[str], needle: str) ->
 
 
 @pytest.mark.slow
-def test_bad_launcher_key_refused_before_the_parent_run(tmp_path: Path) -> None:
-    proc = run_sweep(
-        ["experiment=e4_conv1x1_no_noise", *TINY, "hydra.launcher.cpu_workers=0"], tmp_path
-    )
-    _refused(proc, tmp_path, "hydra.launcher.cpu_workers must be >= 1")
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["hydra.launcher.cpu_workers=0"], "hydra.launcher.cpu_workers must be >= 1"),
+        (["hydra.sweeper.max_batch_size=0"], "hydra.sweeper.max_batch_size must be null"),
+        (
+            ["hydra/launcher=slurm", "hydra.launcher.timeout_min=0"],
+            "hydra.launcher.timeout_min must be a whole number >= 1 (got 0)",
+        ),
+    ],
+    ids=["gpu_pool", "sweeper", "slurm"],
+)
+def test_bad_launcher_key_refused_before_the_parent_run(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    proc = run_sweep(["experiment=e4_conv1x1_no_noise", *TINY, *args], tmp_path)
+    _refused(proc, tmp_path, needle)
 
 
 @pytest.mark.slow

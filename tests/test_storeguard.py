@@ -11,6 +11,7 @@ them, the files MLflow would damage or cannot use, and makes an empty file a sto
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import pickle
 import socket
@@ -313,3 +314,27 @@ def test_prepare_makes_an_empty_file_a_store(tmp_path: Path) -> None:
     empty.touch()
     storeguard.prepare(f"sqlite:///{empty}")
     assert "experiments" in _tables(empty)
+
+
+def test_mlflows_sql_tracebacks_stay_out_of_the_log(tmp_path: Path) -> None:
+    """MLflow logs every SQLite error with its traceback before raising it; a client from
+    ``storeguard.client`` keeps that record out (the error is retried or told in one line)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storeguard.prepare(uri)
+    client = storeguard.client(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("DROP TABLE tags")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    sql_logger = logging.getLogger(storeguard.MLFLOW_SQL_LOGGER)
+    sql_logger.addHandler(handler)
+    try:
+        with pytest.raises(Exception) as raised:
+            client.set_tag(run_id, "k", "v")
+    finally:
+        sql_logger.removeHandler(handler)
+    assert "no such table" in str(raised.value)
+    assert "not (or no longer) an MLflow store" in str(storeguard.explain(uri, raised.value))
+    assert not [r for r in records if storeguard.MLFLOW_SQL_ERROR in str(r.msg)]

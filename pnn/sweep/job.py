@@ -73,7 +73,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from pnn.sweep import lease
 
     if interrupt.received():  # a signal came during the previous job of this process
-        return {"status": "killed", "name": name, "reason": _not_started()}
+        reason = f"not started: got {interrupt.signal_name()}"
+        return {"status": "killed", "name": name, "reason": reason}
     job = locate(cfg, name)
     # The same job started twice at once, here or on another machine, runs once: the lease.
     opened = _open(job)
@@ -82,10 +83,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_id, state = opened
     with lease.Heartbeat(job.client, run_id):
         return train_and_finish(job, run_id, state)
-
-
-def _not_started() -> str:
-    return f"not started: got {interrupt.signal_name()}"
 
 
 def _open(job: Job) -> dict[str, Any] | tuple[str, dict[str, Any] | None]:

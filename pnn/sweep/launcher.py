@@ -228,19 +228,19 @@ class GpuPoolLauncher(Launcher):
                     for r in rets
                 ]
             return rets
-        code: int | str = proc.exitcode
-        if proc.exitcode < 0 and -proc.exitcode in signal.valid_signals():
-            code = f"{proc.exitcode} ({signal.Signals(-proc.exitcode).name})"
-        run_ids = workdir / f"job{idx}.run"
-        if proc.exitcode in STOPPED_BY:  # SIGTERM or SIGINT ended it before it reported
-            why = f"by {signal.Signals(STOPPED_BY[proc.exitcode]).name}"
-            if self.pnn_jobs:
-                why += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, why))
-            return [stopped_return(o, why, self.pnn_jobs) for o, _ in jobs]
-        reason = f"job process exited with code {code} before reporting (killed, or out of memory?)"
+        code, stopped_by = proc.exitcode, STOPPED_BY.get(proc.exitcode)
+        if stopped_by:  # SIGTERM or SIGINT ended it before it reported
+            reason = f"by {signal.Signals(stopped_by).name}"
+        else:
+            name = f" ({signal.Signals(-code).name})" if -code in signal.valid_signals() else ""
+            reason = f"job process exited with code {code}{name} before reporting"
+            reason += " (killed, or out of memory?)"
         if self.pnn_jobs:
-            reason += "; rerun the same command to resume it"
-            reason += "".join(f"; run {r} marked KILLED" for r in mark_runs_killed(run_ids, reason))
+            reason += "" if stopped_by else "; rerun the same command to resume it"
+            marked = mark_runs_killed(workdir / f"job{idx}.run", reason)
+            reason += "".join(f"; run {r} marked KILLED" for r in marked)
+        if stopped_by:
+            return [stopped_return(o, reason, self.pnn_jobs) for o, _ in jobs]
         return [failed_return(o, RuntimeError(reason)) for o, _ in jobs]
 
 
