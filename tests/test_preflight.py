@@ -109,8 +109,12 @@ def test_a_gpu_slot_needs_a_gpu(tmp_path: Path, args: list[str], needle: str) ->
             ["hydra/launcher=slurm", "hydra.launcher.timeout_min=0"],
             "hydra.launcher.timeout_min must be a whole number >= 1 (got 0)",
         ),
+        (
+            ["hydra/launcher=slurm_local", "hydra.launcher.cpus_per_task=0"],
+            "hydra.launcher.cpus_per_task must be a whole number >= 1 (got 0)",
+        ),
     ],
-    ids=["gpu_pool", "sweeper", "slurm"],
+    ids=["gpu_pool", "sweeper", "slurm", "slurm_local"],
 )
 def test_bad_launcher_key_refused_before_the_parent_run(
     tmp_path: Path, args: list[str], needle: str

@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -271,13 +271,6 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     retry(lambda: client.log_batch(run_id, metrics=batch))
-
-
-def logged_steps(client: MlflowClient, run_id: str, keys: Iterable[str]) -> dict[str, set[int]]:
-    return {
-        key: {m.step for m in retry(lambda key=key: client.get_metric_history(run_id, key))}
-        for key in keys
-    }
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:

@@ -124,30 +124,35 @@ def locate(cfg: DictConfig, name: str) -> Job:
 
 
 def train_and_finish(job: Job, run_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
-    """Train in ``run_id``, then mark it FINISHED, FAILED or KILLED (a store error is logged)."""
-    from pnn.io import run_context, storeguard, tracking
+    """Train in ``run_id``, then mark it FINISHED, FAILED or KILLED."""
+    from pnn.io import run_context, storeguard
     from pnn.train.engine import NonFiniteLossError, TrainingStopped
 
     monitor = run_context.start_system_metrics(job.cfg, job.client.tracking_uri, run_id)
     try:
         result = _train(job, run_id, state)
     except TrainingStopped:  # SIGTERM or SIGINT (pnn.sweep.interrupt); the run opened meanwhile
-        result, signal_name = None, interrupt.signal_name() or "SIGINT"
-        status, reason, tags = "KILLED", f"by {signal_name}", {"pnn.killed_by": signal_name}
-        log.info(f"[{job.name}] stopped by {signal_name}: run {run_id} marked KILLED")
+        signal_name = interrupt.signal_name() or "SIGINT"
+        return _end(job, run_id, "KILLED", f"by {signal_name}", {"pnn.killed_by": signal_name})
     except (NonFiniteLossError, Exception) as err:  # noqa: B014 - named for the reader
         if isinstance(err, NonFiniteLossError):
             reason = str(err)
         else:  # a store error in one line, not MLflow's pages of SQL
             problem = storeguard.as_store_error(job.client.tracking_uri, err)
             reason = str(problem) if problem else f"{type(err).__name__}: {err}"
-        result, status, tags = None, "FAILED", {"pnn.failure": reason[:5000]}
-        log.error(f"[{job.name}] FAILED: {reason}")
+        return _end(job, run_id, "FAILED", reason, {"pnn.failure": reason[:5000]})
     finally:
         run_context.stop_system_metrics(monitor)
-    if result is not None:
-        return _finish(job, run_id, result)  # trained: a signal now leaves the run FINISHED
+    return _finish(job, run_id, result)  # trained: a signal now leaves the run FINISHED
+
+
+def _end(job: Job, run_id: str, status: str, reason: str, tags: dict[str, str]) -> dict[str, Any]:
+    """Mark the run KILLED or FAILED with ``tags`` (a store error is logged, never raised)."""
+    from pnn.io import tracking
+
     problem = tracking.mark_run(job.client, run_id, status, tags)
+    level = logging.INFO if status == "KILLED" else logging.ERROR
+    log.log(level, f"[{job.name}] {status}: {reason}")
     if problem:
         log.warning(f"[{job.name}] {problem}")
     return job.outcome(status.lower(), reason, run_id=run_id)

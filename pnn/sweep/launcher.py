@@ -302,7 +302,7 @@ def mark_runs_killed(run_ids: Path, reason: str) -> list[str]:
     from pnn.sweep.lease import end_leases, mark_killed
 
     marked = end_leases(
-        run_ids, lambda client, run_id, owner: mark_killed(client, run_id, reason, owner)
+        run_ids, lambda client, run_id, owner: mark_killed(client, run_id, reason, owner or None)
     )
     run_ids.unlink(missing_ok=True)
     return marked

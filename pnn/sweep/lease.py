@@ -217,12 +217,14 @@ def end_leases(run_file: Path, end: Callable[[Any, str, str], bool]) -> list[str
             if end(storeguard.client(uri), run_id, owner):
                 ended.append(run_id)
         except Exception as err:  # noqa: BLE001
-            log.warning(f"[sweep] could not end the lease on run {run_id}: {err}")
+            log.warning(f"could not end the lease on run {run_id}: {err}")
     return ended
 
 
 def _create_run(job: Job) -> str:
     """A new child run with the job's config, parameter counts and model summary."""
+    from hydra.core.hydra_config import HydraConfig
+
     from pnn.model.models import build_model, count_parameters
     from pnn.train.engine import seed_everything
 
@@ -230,7 +232,7 @@ def _create_run(job: Job) -> str:
     seed_everything(cfg.train.seed)
     model = build_model(cfg)
     counts = count_parameters(model)
-    overrides = _overrides()
+    overrides = " ".join(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
     run_id = tracking.create_job_run(
         job.client, job.experiment_id, cfg, job.chash, overrides, lease_tags(job.owner)
     )
@@ -250,17 +252,13 @@ def remove_empty_folder(job: Job) -> None:
             folder.rmdir()
 
 
-def _overrides() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return " ".join(HydraConfig.get().overrides.task)
-    return ""
-
-
 def _log_missing_epochs(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
     """Log the epochs a checkpoint holds but MLflow missed (killed between the two writes)."""
-    logged = tracking.logged_steps(client, run_id, tracking.EPOCH_METRICS)
+
+    def steps(key: str) -> set[int]:
+        return {m.step for m in tracking.retry(lambda: client.get_metric_history(run_id, key))}
+
+    logged = {key: steps(key) for key in tracking.EPOCH_METRICS}
     for epoch, metrics in enumerate(history, start=1):
         missing = {k: metrics[k] for k in tracking.EPOCH_METRICS if epoch not in logged[k]}
         if missing:

@@ -1,6 +1,6 @@
 """What a job reports back, for the launcher and the sweeper (below both). A pnn-sweep job returns
-an outcome dict (``status``: finished, skipped, failed or killed; ``name``; ``reason``); any other
-Hydra task a ``JobReturn``, COMPLETED or FAILED, as Hydra's sweepers expect."""
+an outcome dict (``status``: finished, skipped, failed, killed; on SLURM also lost or submitted);
+any other Hydra task a ``JobReturn``, COMPLETED or FAILED, as Hydra's sweepers expect."""
 
 from __future__ import annotations
 

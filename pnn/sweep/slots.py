@@ -75,7 +75,7 @@ def make_slots(
 def check_launcher_keys(
     gpus: object, jobs_per_gpu: object, cpu_workers: object, seeds_per_process: object = 1
 ) -> None:
-    """The gpu_pool keys, checked by the sweeper before the parent run exists."""
+    """The gpu_pool keys, checked as the launcher is built (in a sweep, before its parent run)."""
     counts = (
         ("jobs_per_gpu", jobs_per_gpu),
         ("cpu_workers", cpu_workers),

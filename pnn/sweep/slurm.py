@@ -23,7 +23,6 @@ from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import OmegaConf
 
-from pnn.config import ConfigError
 from pnn.sweep import interrupt
 from pnn.sweep.outcomes import failed_return, is_pnn_sweep, outcome_return, stopped_return
 
@@ -41,12 +40,6 @@ ACTIVE = frozenset(
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def __init__(self, poll_s: float = 10.0, result_wait_s: float = 15.0, **params: Any) -> None:
-        for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
-            value = params.get(key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(
-                    f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})"
-                )
         super().__init__(**params)
         self.poll_s = float(poll_s)
         self.result_wait_s = float(result_wait_s)

@@ -84,7 +84,9 @@ class PNNSweeper(Sweeper):
         assert self.config is not None and self.hydra_context is not None
         try:
             check_sweeper_keys(self.max_batch_size)
-            launcher = self._launcher()  # it checks its own keys
+            launcher = self._launcher()  # gpu_pool checks its own keys
+            if isinstance(launcher, BaseSubmititLauncher):
+                check_submitit_keys(launcher.params)
         except (ConfigError, InstantiationException) as err:
             cause = err.__cause__ if isinstance(err, InstantiationException) else err
             if not isinstance(cause, ConfigError):
@@ -253,6 +255,13 @@ def check_sweeper_keys(max_batch_size: object) -> None:
             "hydra.sweeper.max_batch_size must be null (all jobs at once) or a whole number "
             f">= 1 (got {max_batch_size!r})"
         )
+
+
+def check_submitit_keys(params: dict[str, Any]) -> None:
+    for key in ("timeout_min", "array_parallelism", "cpus_per_task", "tasks_per_node"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})")
 
 
 def jobs_see_a_gpu(launcher: Any) -> bool:
