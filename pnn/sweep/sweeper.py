@@ -17,7 +17,6 @@ from hydra.core.utils import JobReturn
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pnn.config import ConfigError, schema, validate, warnings_for
@@ -85,14 +84,16 @@ class PNNSweeper(Sweeper):
         try:
             check_sweeper_keys(self.max_batch_size)
             launcher = self._launcher()  # gpu_pool checks its own keys
-            if isinstance(launcher, BaseSubmititLauncher):
+            # hydra-submitit's, by module: Hydra's plugin scan reruns plugin modules (new classes)
+            submitit = any("submitit" in cls.__module__ for cls in type(launcher).__mro__)
+            if submitit:
                 check_submitit_keys(launcher.params)
         except (ConfigError, InstantiationException) as err:
             cause = err.__cause__ if isinstance(err, InstantiationException) else err
             if not isinstance(cause, ConfigError):
                 raise
             raise SystemExit(f"error: {cause}") from None
-        gpus_visible = jobs_see_a_gpu(launcher)
+        gpus_visible = jobs_see_a_gpu(launcher, submitit)
         jobs = self._job_overrides(arguments)
         configs = [self._compose(overrides, idx) for idx, overrides in enumerate(jobs)]
 
@@ -264,11 +265,11 @@ def check_submitit_keys(params: dict[str, Any]) -> None:
             raise ConfigError(f"hydra.launcher.{key} must be a whole number >= 1 (got {value!r})")
 
 
-def jobs_see_a_gpu(launcher: Any) -> bool:
+def jobs_see_a_gpu(launcher: Any, submitit: bool) -> bool:
     """Whether the jobs will see a GPU: the gpu_pool's slots, SLURM's GPUs, else this machine's."""
     if isinstance(launcher, GpuPoolLauncher) and launcher.gpus is not None:
         return bool(launcher.gpus)  # null: every visible GPU
-    if isinstance(launcher, BaseSubmititLauncher):  # SLURM's, or submitit's local executor
+    if submitit:  # SLURM's, or submitit's local executor
         return bool(launcher.params.get("gpus_per_task") or launcher.params.get("gpus_per_node"))
     return bool(visible_gpus())  # the jobs run here
 
